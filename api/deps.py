@@ -1,0 +1,61 @@
+"""Typed dependencies: routes declare what they need (`SessionDep`, `TenantDep`, ...) and never build it."""
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header
+from sqlalchemy.orm import Session
+
+from core.db.models import Tenant
+from core.db.repositories import Artifacts, Jobs, Models, Tenants
+from core.db.session import session_factory
+from core.errors import Unauthorized
+from core.settings import Settings, get_settings
+from core.storage import ArtifactStore, get_store
+
+
+def get_session() -> Iterator[Session]:
+    session = session_factory()()
+    try:
+        yield session
+    finally:
+        session.rollback()
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+
+
+def current_tenant(
+    session: SessionDep,
+    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
+) -> Tenant:
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("missing API key: send `Authorization: Bearer <key>` (create one with `mcs keys create`)")
+    tenant = Tenants(session).for_api_key(key.strip())
+    if tenant is None:
+        raise Unauthorized("the API key is unknown or revoked")
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
+
+
+def models_repo(session: SessionDep, tenant: TenantDep) -> Models:
+    return Models(session, tenant.id)
+
+
+def jobs_repo(session: SessionDep, tenant: TenantDep) -> Jobs:
+    return Jobs(session, tenant.id)
+
+
+def artifacts_repo(session: SessionDep, tenant: TenantDep) -> Artifacts:
+    return Artifacts(session, tenant.id)
+
+
+ModelsDep = Annotated[Models, Depends(models_repo)]
+JobsDep = Annotated[Jobs, Depends(jobs_repo)]
+ArtifactsDep = Annotated[Artifacts, Depends(artifacts_repo)]

@@ -1,0 +1,28 @@
+"""Enqueue jobs by task name, so the API process never imports torch-heavy worker code."""
+
+import logging
+
+from core.db.models import Job
+from worker.celery_app import RUN_JOB_TASK, app
+
+log = logging.getLogger(__name__)
+
+
+def enqueue(job: Job) -> bool:
+    """Send the job id to its queue. Called only after the job row is committed; if the broker is down the job
+    stays `queued` in the database and the worker's reconciler sends it later, so it is never lost."""
+    try:
+        app.send_task(RUN_JOB_TASK, args=[job.id], queue=job.queue)
+        return True
+    except Exception as exc:  # broker unreachable: the reconciler covers it
+        log.warning("could not enqueue job %s (it stays queued): %s", job.id, exc)
+        return False
+
+
+def broker_reachable() -> bool:
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return True
+    except Exception:
+        return False

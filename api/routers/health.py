@@ -1,0 +1,31 @@
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from api import queue
+from api.deps import SessionDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(session: SessionDep) -> JSONResponse:
+    """The database and the broker are reachable (503 otherwise, naming which is not)."""
+    checks = {"database": _database_ok(session), "broker": queue.broker_reachable()}
+    ready = all(checks.values())
+    body = {"status": "ready" if ready else "unavailable", "checks": checks}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+def _database_ok(session: SessionDep) -> bool:
+    try:
+        session.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False

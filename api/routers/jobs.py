@@ -1,0 +1,87 @@
+import hashlib
+import json
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy.exc import IntegrityError
+
+from api import queue
+from api.deps import JobsDep, ModelsDep, SessionDep, SettingsDep
+from api.schemas import JobCreate, JobOut, Page
+from core.db.models import Job, JobStatus
+from core.errors import Conflict
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post("", status_code=202, response_model=JobOut)
+def create_job(
+    body: JobCreate,
+    request: Request,
+    response: Response,
+    jobs: JobsDep,
+    models: ModelsDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobOut:
+    """Submit a compression job. The recipe is validated here; the job runs on a worker of its queue."""
+    request_hash = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    if idempotency_key and (existing := jobs.by_idempotency_key(idempotency_key)):
+        return _replay(existing, request_hash, request, response)
+    models.get(body.model_id)
+    spec = body.model_dump(mode="json", exclude={"model_id", "queue"})
+    try:
+        job = jobs.add(body.model_id, spec, body.queue or settings.default_queue, idempotency_key, request_hash)
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race
+        session.rollback()
+        return _replay(jobs.by_idempotency_key(idempotency_key or ""), request_hash, request, response)
+    queue.enqueue(job)  # only after the commit: the worker must find the row
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_out(job, request)
+
+
+@router.get("", response_model=Page[JobOut])
+def list_jobs(
+    jobs: JobsDep,
+    request: Request,
+    status: JobStatus | None = None,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Page[JobOut]:
+    filters = [Job.status == status] if status else []
+    rows, total = jobs.page(page, page_size, *filters)
+    return Page(items=[job_out(j, request) for j in rows], page=page, page_size=page_size, total=total)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, jobs: JobsDep, request: Request) -> JobOut:
+    return job_out(jobs.get(job_id), request)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, jobs: JobsDep, session: SessionDep, request: Request) -> JobOut:
+    """Cancel: a queued job never starts; a running one stops at the next step boundary at the latest."""
+    job = jobs.cancel(jobs.get(job_id))
+    session.commit()
+    return job_out(job, request)
+
+
+def job_out(job: Job, request: Request) -> JobOut:
+    out = JobOut.model_validate(job)
+    for artifact in out.artifacts:
+        artifact.url = str(request.url_for("download_artifact", artifact_id=artifact.id))
+    return out
+
+
+def _replay(job: Job | None, request_hash: str, request: Request, response: Response) -> JobOut:
+    if job is None:
+        raise Conflict("a job with this Idempotency-Key is being created; retry")
+    if job.request_hash != request_hash:
+        raise Conflict("Idempotency-Key was already used with a different request body", {"job_id": job.id})
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_out(job, request)
+
+
+

@@ -1,0 +1,77 @@
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+
+from api.deps import ModelsDep, SessionDep, SettingsDep, StoreDep
+from api.schemas import ModelOut, Page
+from core.db.models import new_id
+from core.db.repositories import Jobs
+from core.errors import Conflict
+from core.uploads import store_model_upload
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+log = logging.getLogger(__name__)
+
+
+@router.post("", status_code=201, response_model=ModelOut)
+def upload_model(
+    models: ModelsDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    file: Annotated[UploadFile, File(description="a .zip or .tar.gz of a Hugging Face model folder")],
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> ModelOut:
+    """Upload a model folder (config.json + *.safetensors + optional tokenizer files) as an archive."""
+    model_id = new_id("mdl")
+    stored = store_model_upload(file.file, model_id, settings, store)
+    try:
+        row = models.add(
+            id=model_id,
+            name=name or _default_name(file.filename),
+            architecture=stored.info.architecture,
+            model_type=stored.info.model_type,
+            num_parameters=stored.info.num_parameters,
+            size_bytes=stored.info.weight_bytes,
+            sha256=stored.sha256,
+            storage_key=stored.storage_key,
+        )
+        session.commit()
+    except BaseException:
+        store.delete(stored.storage_key)  # nothing half-written: no stored folder without its row
+        raise
+    return ModelOut.model_validate(row)
+
+
+@router.get("", response_model=Page[ModelOut])
+def list_models(
+    models: ModelsDep,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Page[ModelOut]:
+    rows, total = models.page(page, page_size)
+    return Page(items=[ModelOut.model_validate(r) for r in rows], page=page, page_size=page_size, total=total)
+
+
+@router.get("/{model_id}", response_model=ModelOut)
+def get_model(model_id: str, models: ModelsDep) -> ModelOut:
+    return ModelOut.model_validate(models.get(model_id))
+
+
+@router.delete("/{model_id}", status_code=204)
+def delete_model(model_id: str, models: ModelsDep, session: SessionDep, store: StoreDep) -> Response:
+    model = models.get(model_id)
+    if Jobs(session, models.tenant_id).active_for_model(model_id):
+        raise Conflict(f"model {model_id!r} has queued or running jobs; cancel them first")
+    models.delete(model)
+    session.commit()
+    store.delete(model.storage_key)
+    return Response(status_code=204)
+
+
+def _default_name(filename: str | None) -> str:
+    base = (filename or "model").rsplit("/", 1)[-1]
+    for suffix in (".tar.gz", ".tgz", ".zip"):
+        base = base.removesuffix(suffix)
+    return base[:200] or "model"

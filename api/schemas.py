@@ -1,0 +1,83 @@
+"""Response and request bodies of the REST API v1 (the contract)."""
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.compression.spec import JobSpec
+
+
+class ModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    architecture: str
+    model_type: str
+    num_parameters: int
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class JobCreate(JobSpec):
+    """A job: the uploaded model to compress and the recipe (ordered steps) to run on it."""
+
+    model_id: str = Field(min_length=1, max_length=40)
+    queue: Literal["cpu", "gpu"] | None = Field(None, description="worker pool; default from MCS_DEFAULT_QUEUE")
+
+
+class StepOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    index: int
+    type: str
+    config: dict[str, Any]
+    status: str
+    started_at: datetime | None
+    finished_at: datetime | None
+    metrics: dict[str, Any] | None
+    notes: list[str] | None
+
+
+class ArtifactOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    size_bytes: int
+    sha256: str
+    url: str = ""
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    model_id: str | None
+    status: str
+    queue: str
+    progress: float
+    current_step: int | None
+    message: str | None
+    steps: list[StepOut]
+    metrics: dict[str, Any] | None
+    error: dict[str, Any] | None
+    attempts: int
+    artifacts: list[ArtifactOut]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    page: int
+    page_size: int
+    total: int
+
+

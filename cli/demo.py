@@ -1,0 +1,132 @@
+"""`mcs demo`: the main job end to end, as a user would run it.
+
+Starts the embedded stack (SQLite database, SQLite broker, local artifacts: no server to install) unless an API
+URL is given, uploads the real all-MiniLM-L6-v2, runs an int8 job on a real Celery worker, downloads the artifact,
+loads it with `core.load_compressed` and prints a before/after table measured here on real review sentences.
+"""
+
+import hashlib
+import sys
+import tempfile
+import time
+import zipfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cli.stack import local_stack
+from core.settings import get_settings
+
+RECIPE = {"steps": [{"type": "quantize", "method": "rtn", "bits": 8, "granularity": "per_channel",
+                     "symmetric": True, "exclude": []}]}
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+               "special_tokens_map.json")
+
+
+def run_demo(api_url: str | None, api_key: str | None) -> int:
+    with ExitStack() as stack:
+        if api_url is None:
+            api_url = stack.enter_context(_embedded_stack())
+        client = stack.enter_context(httpx.Client(base_url=api_url, timeout=120))
+        client.headers["Authorization"] = f"Bearer {api_key or _create_key()}"
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcs-demo-")))
+        source = _minilm_folder()
+        job = _submit(client, _zip_model(source, work / "all-MiniLM-L6-v2.zip"))
+        if job["status"] != "succeeded":
+            print(f"job {job['id']} ended {job['status']}: {job['error']}", file=sys.stderr)
+            return 1
+        artifact = _download(client, job["artifacts"][0], work / "artifact.zip")
+        _print_table(source, artifact, job)
+    return 0
+
+
+def _embedded_stack():
+    """Migrate, then run the API and a Celery worker as child processes on the embedded default."""
+    from cli.main import main as mcs
+
+    mcs(["migrate"])
+    log_dir = get_settings().var_dir / "logs"
+    print(f"starting the API and a Celery worker (logs in {log_dir})", flush=True)
+    return local_stack({}, log_dir)
+
+
+def _create_key() -> str:
+    from core.db.repositories import Tenants
+    from core.db.session import session_scope
+
+    with session_scope() as session:
+        tenants = Tenants(session)
+        return tenants.create_api_key(tenants.get_or_create("demo"))
+
+
+def _minilm_folder() -> Path:
+    from bench.data import minilm_folder
+
+    return minilm_folder()
+
+
+def _zip_model(folder: Path, target: Path) -> Path:
+    with zipfile.ZipFile(target, "w") as zf:
+        for name in MODEL_FILES:
+            if (folder / name).exists():
+                zf.write(folder / name, f"all-MiniLM-L6-v2/{name}")
+    return target
+
+
+def _submit(client: httpx.Client, archive: Path) -> dict[str, Any]:
+    with archive.open("rb") as handle:
+        response = client.post("/v1/models", files={"file": (archive.name, handle, "application/zip")},
+                               data={"name": "all-MiniLM-L6-v2"})
+    model = _ok(response)
+    print(f"uploaded {model['name']}: {model['architecture']}, {model['num_parameters']:,} parameters, "
+          f"{model['size_bytes'] / 1e6:.1f} MB of weights (id {model['id']})")
+    job = _ok(client.post("/v1/jobs", json={"model_id": model["id"], **RECIPE}))
+    print(f"job {job['id']} queued: {RECIPE['steps'][0]}")
+    return _follow(client, job["id"])
+
+
+def _follow(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    last = None
+    while True:
+        job = _ok(client.get(f"/v1/jobs/{job_id}"))
+        line = f"  {job['status']:<9} {job['progress'] * 100:5.1f}%  {job['message'] or ''}"
+        if line != last:
+            print(line, flush=True)
+            last = line
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+
+
+def _download(client: httpx.Client, artifact: dict[str, Any], target: Path) -> Path:
+    digest = hashlib.sha256()
+    with client.stream("GET", f"/v1/artifacts/{artifact['id']}") as response, target.open("wb") as out:
+        response.raise_for_status()
+        for chunk in response.iter_bytes():
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != artifact["sha256"]:
+        raise RuntimeError("downloaded artifact does not match its sha256")
+    print(f"downloaded {artifact['name']} ({target.stat().st_size / 1e6:.1f} MB, sha256 verified)")
+    return target
+
+
+def _ok(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code >= 400:
+        raise RuntimeError(f"{response.request.method} {response.request.url} -> {response.status_code}: "
+                           f"{response.text}")
+    return response.json()
+
+
+def _print_table(source: Path, artifact: Path, job: dict[str, Any]) -> None:
+    from bench.minilm import compare_minilm
+
+    rows = compare_minilm(source, artifact)
+    print("\nall-MiniLM-L6-v2, before → after (measured here on the downloaded artifact)")
+    print(f"{'':<28}{'original':>14}{'int8 artifact':>16}{'ratio':>10}")
+    for label, before, after, fmt in rows:
+        ratio = after / before if before else float("nan")
+        print(f"{label:<28}{format(before, fmt):>14}{format(after, fmt):>16}{ratio:>10.3f}")
+    print(f"\njob metrics from the service: {job['metrics']['after']}")

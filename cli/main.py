@@ -1,0 +1,105 @@
+"""`mcs`: the service's command line (serve, worker, migrate, keys, demo)."""
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    return int(args.run(args) or 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcs", description="Model compression service")
+    sub = parser.add_subparsers(title="commands")
+
+    serve = sub.add_parser("serve", help="run the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(run=_serve)
+
+    worker = sub.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--queues", default="cpu", help="comma-separated queues: cpu, gpu")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.set_defaults(run=_worker)
+
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(run=_migrate)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(title="keys commands")
+    create = keys.add_parser("create", help="create an API key for a tenant (printed once, last line)")
+    create.add_argument("--tenant", required=True)
+    create.set_defaults(run=_keys_create)
+
+    demo = sub.add_parser("demo", help="compress the real all-MiniLM-L6-v2 through the API and print the numbers")
+    demo.add_argument("--api-url", default=None, help="use a running API instead of starting the embedded stack")
+    demo.add_argument("--api-key", default=None, help="API key for --api-url (default: create one)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run("api.main:app", host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.celery_app import app
+
+    argv = ["worker", "-Q", args.queues, "--concurrency", str(args.concurrency), "--loglevel", "INFO",
+            "--hostname", f"mcs-{args.queues.replace(',', '-')}-{os.getpid()}@%h"]
+    app.worker_main(argv)
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from core.db.migrate import upgrade
+    from core.settings import get_settings
+
+    _ensure_sqlite_folder()
+    upgrade()
+    print(f"database at {_redacted(get_settings().database_url)} is at the latest schema")
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from core.db.repositories import Tenants
+    from core.db.session import session_scope
+
+    with session_scope() as session:
+        tenants = Tenants(session)
+        key = tenants.create_api_key(tenants.get_or_create(args.tenant))
+    print(f"API key for tenant {args.tenant!r} (shown once; only its hash is stored):", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cli.demo import run_demo
+
+    return run_demo(args.api_url, args.api_key)
+
+
+def _ensure_sqlite_folder() -> None:
+    from core.settings import get_settings
+
+    settings = get_settings()
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    if settings.artifact_dir is not None:
+        settings.artifact_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _redacted(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rsplit('@', 1)[-1]}" if "@" in rest else url
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Safe extraction of uploaded archives (.zip, .tar.gz): only regular files and folders with plain relative names,
+under caps on member count, total size and compression ratio. Sizes are counted while writing, so an archive that
+lies about its sizes is stopped at the cap, and a failed extraction leaves nothing behind."""
+
+import shutil
+import stat
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+from core.errors import InvalidRequest, PayloadTooLarge, UnsafeInput
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ExtractionLimits:
+    max_members: int
+    max_total_bytes: int
+    max_ratio: float
+
+
+def extract_archive(archive: Path, dest: Path, limits: ExtractionLimits) -> Path:
+    """Extract `archive` into the new folder `dest` and return the model root inside it (the folder holding
+    config.json: `dest` itself, or its single top-level folder)."""
+    dest.mkdir(parents=True)
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, dest, limits)
+        elif _is_tar(archive):
+            _extract_tar(archive, dest, limits)
+        else:
+            raise InvalidRequest("the upload is not a .zip or .tar.gz archive", {"field": "file"})
+    except tarfile.FilterError as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise UnsafeInput(f"unsafe archive member: {exc}") from exc
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as exc:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise InvalidRequest(f"the archive is corrupt: {exc}", {"field": "file"}) from exc
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return model_root(dest)
+
+
+def model_root(folder: Path) -> Path:
+    entries = [p for p in folder.iterdir() if not p.name.startswith("__MACOSX")]
+    if len(entries) == 1 and entries[0].is_dir() and not (folder / "config.json").exists():
+        return entries[0]
+    return folder
+
+
+def safe_member_name(name: str) -> PurePosixPath:
+    """Reject absolute paths, drive letters, backslashes, `..`, NUL and empty names."""
+    if not name or "\x00" in name or "\\" in name or (len(name) > 1 and name[1] == ":"):
+        raise UnsafeInput(f"archive member {name!r} has an unsafe name")
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts:
+        raise UnsafeInput(f"archive member {name!r} points outside the archive")
+    return path
+
+
+class _Budget:
+    def __init__(self, limits: ExtractionLimits, archive_bytes: int) -> None:
+        self.limits = limits
+        self.members = 0
+        self.total = 0
+        self.max_total = min(limits.max_total_bytes, int(max(archive_bytes, CHUNK) * limits.max_ratio))
+
+    def member(self, name: str) -> None:
+        self.members += 1
+        if self.members > self.limits.max_members:
+            raise PayloadTooLarge(f"archive has more than {self.limits.max_members} members")
+
+    def bytes(self, count: int) -> None:
+        self.total += count
+        if self.total > self.max_total:
+            raise PayloadTooLarge(
+                f"archive expands to more than {self.max_total:,} bytes (limit: {self.limits.max_total_bytes:,} "
+                f"bytes and {self.limits.max_ratio:g}x the archive size)"
+            )
+
+
+def _write_member(source: IO[bytes], target: Path, budget: _Budget) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        raise UnsafeInput(f"archive member {target.name!r} appears twice")
+    with target.open("xb") as out:
+        for chunk in iter(lambda: source.read(CHUNK), b""):
+            budget.bytes(len(chunk))
+            out.write(chunk)
+
+
+def _extract_zip(archive: Path, dest: Path, limits: ExtractionLimits) -> None:
+    budget = _Budget(limits, archive.stat().st_size)
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            budget.member(info.filename)
+            name = safe_member_name(info.filename)
+            file_type = stat.S_IFMT(info.external_attr >> 16)  # 0 when the zip records no Unix mode
+            if file_type and file_type not in (stat.S_IFREG, stat.S_IFDIR):
+                raise UnsafeInput(f"archive member {info.filename!r} is not a regular file or folder")
+            if info.is_dir():
+                (dest / name).mkdir(parents=True, exist_ok=True)
+                continue
+            with zf.open(info) as source:
+                _write_member(source, dest / name, budget)
+
+
+def _is_tar(archive: Path) -> bool:
+    try:
+        return tarfile.is_tarfile(archive)
+    except OSError:
+        return False
+
+
+def _extract_tar(archive: Path, dest: Path, limits: ExtractionLimits) -> None:
+    budget = _Budget(limits, archive.stat().st_size)
+    with tarfile.open(archive, mode="r:*") as tf:
+        for member in _tar_members(tf, budget):
+            # tarfile's "data" filter re-checks what we checked (links, devices, modes, paths) as a second guard.
+            member = tarfile.data_filter(member, str(dest))
+            if member.isdir():
+                (dest / member.name).mkdir(parents=True, exist_ok=True)
+                continue
+            source = tf.extractfile(member)
+            if source is None:
+                raise UnsafeInput(f"archive member {member.name!r} has no data")
+            with source:
+                _write_member(source, dest / member.name, budget)
+
+
+def _tar_members(tf: tarfile.TarFile, budget: _Budget) -> Iterator[tarfile.TarInfo]:
+    for member in tf:
+        budget.member(member.name)
+        safe_member_name(member.name)
+        if not (member.isfile() or member.isdir()):
+            raise UnsafeInput(f"archive member {member.name!r} is a link or special file; only files are allowed")
+        if member.mode & (stat.S_ISUID | stat.S_ISGID):
+            raise UnsafeInput(f"archive member {member.name!r} has setuid/setgid bits")
+        yield member

@@ -1,0 +1,245 @@
+"""The compressed artifact: a Hugging Face-style folder whose safetensors file holds packed weights.
+
+    config.json (+ generation_config.json)  the model config, `architectures` naming the class to rebuild
+    model.safetensors                        `<param>.qweight`, `<param>.scale`, ... for each encoded parameter,
+                                             the plain tensor for every other state_dict entry, shared ones once
+    compression.json                         the job's manifest + format_version, encodings, aliases, versions
+    tokenizer files                          copied from the original folder
+
+`load_compressed` rebuilds the transformers model from this folder (or a .zip of it) with safetensors and JSON
+only: nothing is unpickled and no code shipped with a model runs. Encoded weights are decoded to float on load.
+"""
+
+import copy
+import json
+import shutil
+import stat
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import safetensors
+import torch
+import transformers
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from core.compression.encoding import decode
+from core.compression.state import Encoding, ModelState
+from core.errors import UnsafeInput, UnsupportedModel
+from core.modelio import model_class_for, read_config
+from core.settings import get_settings
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "compression.json"
+TOKENIZER_PATTERNS = (
+    "tokenizer*.json",
+    "vocab*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "*.model",
+)
+# Never passed on even when a tokenizer pattern matches: these would be unpickled or executed by some loader.
+UNSAFE_SUFFIXES = frozenset({".bin", ".py", ".pkl", ".pickle", ".pt", ".pth", ".ckpt"})
+
+
+class _EncodingRecord(BaseModel):
+    format: str
+    meta: dict[str, Any]
+    tensors: list[str]
+
+
+class _Manifest(BaseModel):
+    """The part of compression.json the loader relies on; the job's own manifest fields ride along."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: Literal[1]
+    encodings: dict[str, _EncodingRecord]
+    aliases: dict[str, str]
+
+
+def save_compressed(
+    state: ModelState, out_dir: Path, manifest: Mapping[str, Any], source_dir: Path | None = None
+) -> Path:
+    """Write `state` as a compressed artifact folder `out_dir` and return it.
+
+    `manifest` (e.g. job id, recipe, metrics) is stored in compression.json; format keys written here win over
+    manifest keys of the same name. Tokenizer files are copied from `source_dir`, the original model folder.
+    Example: `save_compressed(state, Path("out"), {"recipe": spec.model_dump()}, source_dir=Path("minilm"))`.
+    """
+    model = state.model
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"save_compressed needs a transformers PreTrainedModel, got {type(model).__name__}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _save_configs(model, out_dir)
+    tensors, aliases = _packed_tensors(model.state_dict(), state.encodings)
+    save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    record = {
+        **manifest,
+        "format_version": FORMAT_VERSION,
+        "encodings": {name: _encoding_record(encoding) for name, encoding in state.encodings.items()},
+        "aliases": aliases,
+        "library_versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__,
+        },
+    }
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
+    if source_dir is not None:
+        _copy_tokenizer_files(source_dir, out_dir)
+    return out_dir
+
+
+def load_compressed(path: Path | str) -> PreTrainedModel:
+    """Rebuild the model saved by `save_compressed`, in eval mode, from its folder or a .zip of that folder.
+
+    Example: `model = load_compressed("job-42.zip")`, then use it like the original transformers model.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path)
+    if not zipfile.is_zipfile(path):
+        raise UnsupportedModel(f"{path.name}: expected a compressed model folder or a .zip of one")
+    with tempfile.TemporaryDirectory(prefix="mcs-artifact-") as tmp:
+        return _load_folder(_extract_zip(path, Path(tmp)))
+
+
+def _save_configs(model: PreTrainedModel, out_dir: Path) -> None:
+    config = copy.deepcopy(model.config)
+    # Configs built in code carry no architectures; without it the loader would rebuild the base model class.
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out_dir)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(out_dir)
+
+
+def _packed_tensors(
+    state_dict: dict[str, torch.Tensor], encodings: Mapping[str, Encoding]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors to write (packed where encoded) and the aliases {name: stored name} of shared tensors."""
+    unknown = sorted(set(encodings) - set(state_dict))
+    if unknown:
+        raise ValueError(f"encodings for names that are not in the model's state_dict: {unknown}")
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for group in _shared_groups(state_dict):
+        stored = next((name for name in group if name in encodings), group[0])
+        aliases.update({name: stored for name in group if name != stored})
+        if stored in encodings:
+            tensors.update(_encoded_tensors(stored, encodings[stored], state_dict[stored]))
+        else:
+            tensors[stored] = state_dict[stored].contiguous()
+    return tensors, aliases
+
+
+def _shared_groups(state_dict: dict[str, torch.Tensor]) -> list[list[str]]:
+    """state_dict names grouped by the memory they view: tied weights appear under several names."""
+    groups: dict[tuple, list[str]] = {}
+    for name, tensor in state_dict.items():
+        memory = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        groups.setdefault((*memory, tensor.shape, tensor.stride(), tensor.dtype), []).append(name)
+    return list(groups.values())
+
+
+def _encoded_tensors(name: str, encoding: Encoding, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    # A step that changed the weight after it was encoded would make the artifact compute something else.
+    if not torch.equal(decode(encoding).to(weight.dtype), weight):
+        raise ValueError(f"{name} was modified after it was encoded; the encoding is stale")
+    return {f"{name}.{key}": tensor.contiguous() for key, tensor in encoding.tensors.items()}
+
+
+def _encoding_record(encoding: Encoding) -> dict[str, Any]:
+    return {"format": encoding.format, "meta": encoding.meta, "tensors": sorted(encoding.tensors)}
+
+
+def _copy_tokenizer_files(source_dir: Path, out_dir: Path) -> None:
+    for pattern in TOKENIZER_PATTERNS:
+        for path in source_dir.glob(pattern):
+            # A symlink could point anywhere on the host, so only regular files are copied.
+            if path.is_file() and not path.is_symlink() and path.suffix not in UNSAFE_SUFFIXES:
+                shutil.copyfile(path, out_dir / path.name)
+
+
+def _load_folder(folder: Path) -> PreTrainedModel:
+    manifest = _read_manifest(folder)
+    config = read_config(folder)
+    state_dict = _read_state_dict(folder / WEIGHTS_FILE, manifest)
+    cls = model_class_for(config)
+    # Every parameter is overwritten from the file, so random initialisation would only cost time.
+    with no_init_weights():
+        model = cls(config)
+    model.tie_weights()  # what the constructor does unless weight init is skipped
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise UnsupportedModel(f"{WEIGHTS_FILE} does not match {cls.__name__}: {exc}") from exc
+    return model.eval()
+
+
+def _read_manifest(folder: Path) -> _Manifest:
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        raise UnsupportedModel(f"{MANIFEST_FILE} is missing: this is not a compressed model folder")
+    try:
+        return _Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        raise UnsupportedModel(f"{MANIFEST_FILE} is invalid: {exc}") from exc
+
+
+def _read_state_dict(path: Path, manifest: _Manifest) -> dict[str, torch.Tensor]:
+    """Decode the packed tensors back into a plain state_dict, shared tensors under each of their names."""
+    try:
+        stored = load_file(path)
+        state_dict = {name: _decode_record(name, record, stored) for name, record in manifest.encodings.items()}
+        state_dict.update(stored)
+        state_dict.update({alias: state_dict[target] for alias, target in manifest.aliases.items()})
+    except (OSError, KeyError, RuntimeError, safetensors.SafetensorError) as exc:
+        raise UnsupportedModel(f"{WEIGHTS_FILE} does not match {MANIFEST_FILE}: {exc!r}") from exc
+    return state_dict
+
+
+def _decode_record(name: str, record: _EncodingRecord, stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Decode one parameter, removing its packed tensors from `stored` so only plain tensors remain there."""
+    tensors = {key: stored.pop(f"{name}.{key}") for key in record.tensors}
+    return decode(Encoding(format=record.format, tensors=tensors, meta=record.meta))
+
+
+def _extract_zip(archive: Path, dest: Path) -> Path:
+    """Extract member by member after checking every name, type and the total size; return the artifact folder."""
+    with zipfile.ZipFile(archive) as zf:
+        members = [member for member in zf.infolist() if not member.is_dir()]
+        _check_members(members)
+        for member in members:
+            target = dest / member.filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with zf.open(member) as source, target.open("wb") as sink:
+                shutil.copyfileobj(source, sink)
+    if (dest / MANIFEST_FILE).is_file():
+        return dest
+    nested = [manifest.parent for manifest in dest.glob(f"*/{MANIFEST_FILE}")]
+    if len(nested) != 1:
+        raise UnsupportedModel(f"the archive holds no {MANIFEST_FILE} at its top level or in one top-level folder")
+    return nested[0]
+
+
+def _check_members(members: list[zipfile.ZipInfo]) -> None:
+    settings = get_settings()
+    if len(members) > settings.max_archive_members:
+        raise UnsafeInput(f"the archive has {len(members):,} files; the limit is {settings.max_archive_members:,}")
+    total = sum(member.file_size for member in members)
+    if total > settings.max_extracted_bytes:
+        raise UnsafeInput(f"the archive expands to {total:,} bytes; the limit is {settings.max_extracted_bytes:,}")
+    for member in members:
+        name = PurePosixPath(member.filename)
+        if name.is_absolute() or ".." in name.parts or stat.S_ISLNK(member.external_attr >> 16):
+            raise UnsafeInput(f"archive member {member.filename!r} is a link or points outside the archive")

@@ -1,0 +1,120 @@
+"""What a compression costs and saves, measured the same way by the worker, the tests and the benchmarks."""
+
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+Inputs = dict[str, torch.Tensor]
+
+# Fixed probe text: varied length and vocabulary, so padding and truncation are both exercised.
+PROBE_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Model compression trades a little accuracy for a much smaller and faster network.",
+    "It rained all afternoon, so the match was moved indoors.",
+    "Please send the quarterly report to the finance team before Friday.",
+    "Quantization maps floating point weights onto a small grid of integers.",
+    "She found an old map of the city in her grandfather's attic.",
+    "The service returned an error because the upload was too large.",
+    "A good cup of coffee in the morning makes the whole day better.",
+    "Transformers process every token of a sentence in parallel with attention.",
+    "The museum opens at nine and closes at five on weekdays.",
+    "Prices rose sharply after the storm damaged the harbour.",
+    "He practised the piano for hours, hoping to play the sonata without mistakes.",
+    "Short sentence.",
+    "Researchers measured the latency of the model on a laptop CPU with two threads.",
+    "The committee postponed its decision until more evidence was available.",
+    "Children laughed as the puppy chased its tail around the garden.",
+)
+
+
+def weights_size_bytes(folder: Path) -> int:
+    """Bytes of all `*.safetensors` files in a model folder: what a download of the weights costs."""
+    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Logical parameter count; a tied weight (one Parameter used by two modules) counts once."""
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def probe_inputs(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    batch: int = 8,
+    seq_len: int = 64,
+    seed: int = 0,
+) -> Inputs:
+    """The same inputs every time: the built-in sentences if a tokenizer is given, else seeded random token ids.
+
+    Random rows get decreasing lengths (masked padding after them) so masked positions are exercised too.
+    """
+    device = next(model.parameters()).device
+    if tokenizer is not None:
+        texts = [PROBE_SENTENCES[i % len(PROBE_SENTENCES)] for i in range(batch)]
+        encoded = tokenizer(texts, padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
+        return {key: value.to(device) for key, value in encoded.items()}
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=generator)
+    lengths = torch.linspace(seq_len, max(seq_len // 2, 1), batch).round().long()
+    attention_mask = (torch.arange(seq_len) < lengths[:, None]).long()
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+@torch.no_grad()
+def model_outputs(model: nn.Module, inputs: Inputs) -> torch.Tensor:
+    """What the model computes for `inputs`: logits for language models, the last hidden state for encoders."""
+    outputs = model(**inputs)
+    logits = getattr(outputs, "logits", None)
+    return logits if logits is not None else outputs.last_hidden_state
+
+
+def output_cosine(reference: torch.Tensor, candidate: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """Mean cosine similarity between per-token output vectors, over unmasked positions only."""
+    cosines = F.cosine_similarity(reference.float(), candidate.float(), dim=-1)
+    return cosines[attention_mask.bool()].mean().item()
+
+
+@torch.no_grad()
+def median_latency_ms(model: nn.Module, inputs: Inputs, warmup: int = 2, runs: int = 5) -> float:
+    """Median wall time of one forward pass in milliseconds, after `warmup` untimed passes."""
+    for _ in range(warmup):
+        model(**inputs)
+    timings = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model(**inputs)
+        timings.append((time.perf_counter() - start) * 1000)
+    return statistics.median(timings)
+
+
+@torch.no_grad()
+def sentence_embeddings(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 32
+) -> torch.Tensor:
+    """Mean of the last hidden state over real tokens, L2-normalised (sentence-transformers' MiniLM embedding)."""
+    device = next(model.parameters()).device
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True, return_tensors="pt")
+        encoded = {key: value.to(device) for key, value in encoded.items()}
+        hidden = model(**encoded).last_hidden_state
+        mask = encoded["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        batches.append(F.normalize(pooled, dim=-1))
+    return torch.cat(batches)
+
+
+def row_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of each row of `a` with the same row of `b`."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean row-wise cosine similarity, e.g. of compressed vs original sentence embeddings."""
+    return row_cosines(a, b).mean().item()

@@ -1,0 +1,73 @@
+"""One error hierarchy for the whole service.
+
+`core` raises these; the API maps each class to an HTTP status in one handler and the worker decides
+from `retryable` whether a failure is the user's (fail the job) or the infrastructure's (retry).
+"""
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base class: a stable machine-readable `code`, a human message naming the problem, optional details."""
+
+    code = "error"
+    retryable = False
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "details": self.details}
+
+
+class InvalidSpec(ServiceError):
+    code = "invalid_spec"
+
+
+class InvalidRequest(ServiceError):
+    code = "invalid_request"
+
+
+class UnsupportedModel(ServiceError):
+    code = "unsupported_model"
+
+
+class UnsafeInput(ServiceError):
+    code = "unsafe_input"
+
+
+class PayloadTooLarge(ServiceError):
+    code = "payload_too_large"
+
+
+class Unauthorized(ServiceError):
+    code = "unauthorized"
+
+
+class NotFound(ServiceError):
+    code = "not_found"
+
+
+class Conflict(ServiceError):
+    code = "conflict"
+
+
+class RangeNotSatisfiable(ServiceError):
+    code = "range_not_satisfiable"
+
+
+class StepFailed(ServiceError):
+    code = "step_failed"
+
+
+class JobCancelled(ServiceError):
+    code = "cancelled"
+
+
+class Unavailable(ServiceError):
+    """Database, broker or storage unreachable: the request or task may succeed later."""
+
+    code = "unavailable"
+    retryable = True

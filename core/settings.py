@@ -1,0 +1,59 @@
+"""Service settings, read from the environment with the prefix MCS_.
+
+The defaults are the embedded stack (SQLite database, SQLite broker, artifacts on local disk under ./var), so a
+fresh clone runs without any server; production points the same fields at PostgreSQL, Redis and a shared volume.
+"""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1024**3
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MCS_", extra="ignore")
+
+    var_dir: Path = Path("var")
+    database_url: str = ""
+    broker_url: str = ""
+    artifact_dir: Path | None = None
+    api_url: str = "http://127.0.0.1:8000"
+
+    max_upload_bytes: int = Field(2 * GiB, gt=0)
+    max_extracted_bytes: int = Field(4 * GiB, gt=0)
+    max_archive_members: int = Field(1000, gt=0)
+    max_compression_ratio: float = Field(200.0, gt=1)
+    max_model_parameters: int = Field(2_000_000_000, gt=0)
+
+    job_soft_time_limit_s: int = Field(3240, gt=0)
+    job_hard_time_limit_s: int = Field(3600, gt=0)
+    job_max_attempts: int = Field(2, ge=1)
+    default_queue: str = "cpu"
+    torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> "Settings":
+        var = self.var_dir.resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{var / 'mcs.sqlite'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{var / 'broker.sqlite'}"
+        if self.artifact_dir is None:
+            self.artifact_dir = var / "artifacts"
+        if self.job_soft_time_limit_s >= self.job_hard_time_limit_s:
+            raise ValueError("MCS_JOB_SOFT_TIME_LIMIT_S must be below MCS_JOB_HARD_TIME_LIMIT_S")
+        return self
+
+    @property
+    def work_dir(self) -> Path:
+        """Scratch space for uploads in flight and jobs in progress (same filesystem as artifacts: atomic renames)."""
+        assert self.artifact_dir is not None
+        return self.artifact_dir / "tmp"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,61 @@
+"""Turn an uploaded archive into a stored, validated model folder (used by the API, testable without it)."""
+
+import hashlib
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from core.archive import ExtractionLimits, extract_archive
+from core.errors import InvalidRequest, PayloadTooLarge
+from core.modelio import ModelInfo, inspect_model_folder
+from core.settings import Settings
+from core.storage import ArtifactStore
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StoredUpload:
+    info: ModelInfo
+    sha256: str
+    size_bytes: int
+    storage_key: str
+
+
+def model_storage_key(model_id: str) -> str:
+    return f"models/{model_id}"
+
+
+def spool_upload(source: BinaryIO, target: Path, max_bytes: int) -> tuple[str, int]:
+    """Copy the upload to `target` in chunks while hashing; stop at `max_bytes` (the upload is never in memory)."""
+    digest, size = hashlib.sha256(), 0
+    with target.open("xb") as out:
+        for chunk in iter(lambda: source.read(CHUNK), b""):
+            size += len(chunk)
+            if size > max_bytes:
+                raise PayloadTooLarge(f"the upload exceeds the limit of {max_bytes:,} bytes", {"field": "file"})
+            digest.update(chunk)
+            out.write(chunk)
+    if size == 0:
+        raise InvalidRequest("the uploaded file is empty", {"field": "file"})
+    return digest.hexdigest(), size
+
+
+def store_model_upload(source: BinaryIO, model_id: str, settings: Settings, store: ArtifactStore) -> StoredUpload:
+    """Spool, extract safely, validate and store an uploaded model archive. On any failure nothing is left."""
+    scratch = settings.work_dir / f"upload-{uuid.uuid4().hex}"
+    scratch.mkdir(parents=True)
+    try:
+        sha256, size = spool_upload(source, scratch / "upload", settings.max_upload_bytes)
+        limits = ExtractionLimits(
+            settings.max_archive_members, settings.max_extracted_bytes, settings.max_compression_ratio
+        )
+        root = extract_archive(scratch / "upload", scratch / "extracted", limits)
+        info = inspect_model_folder(root, settings.max_model_parameters)
+        key = model_storage_key(model_id)
+        store.put_tree(key, root)
+        return StoredUpload(info=info, sha256=sha256, size_bytes=size, storage_key=key)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv and install the service with its demo and test extras. Re-runs are no-ops until pyproject changes.
+# torch is installed first as the CPU build (torch==2.13.0; this machine's pip finds it as a local file), so the
+# project's own install never pulls a multi-GB CUDA build. Elsewhere set MCS_TORCH_INDEX_URL, e.g.
+# https://download.pytorch.org/whl/cpu (CPU) or .../whl/cu128 (GPU workers).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python_bin="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$python_bin" -m venv .venv
+fi
+stamp=".venv/.mcs-setup-$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    .venv/bin/python -m pip install -q ${MCS_TORCH_INDEX_URL:+--index-url "$MCS_TORCH_INDEX_URL"} "torch==${MCS_TORCH_VERSION:-2.13.0}"
+  fi
+  .venv/bin/python -m pip install -q -e ".[dev,demo]"
+  touch "$stamp"
+fi

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# README command 2: the whole suite (lint, import boundaries, tests) against real PostgreSQL and Redis on
+# 127.0.0.1 and real worker processes. Starts PostgreSQL and Redis when they are not running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/services.sh
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+.venv/bin/ruff check .
+.venv/bin/lint-imports
+exec .venv/bin/pytest "$@"

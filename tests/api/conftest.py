@@ -1,0 +1,59 @@
+import io
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from tests.models import save_model_folder, tiny_bert
+
+from core.db.repositories import Tenants
+from core.db.session import session_scope
+
+
+@pytest.fixture()
+def client(db: str) -> Iterator[TestClient]:
+    from api.main import app
+
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def api_key(tenant: str) -> str:
+    with session_scope() as session:
+        tenants = Tenants(session)
+        return tenants.create_api_key(tenants.get_or_create(tenant))
+
+
+@pytest.fixture()
+def auth(db: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key('alice')}"}
+
+
+@pytest.fixture()
+def other_auth(db: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key('mallory')}"}
+
+
+@pytest.fixture(scope="session")
+def bert_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_model_folder(tiny_bert(), tmp_path_factory.mktemp("bert"))
+
+
+def zip_folder(folder: Path, prefix: str = "model/") -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for file in sorted(folder.iterdir()):
+            zf.write(file, prefix + file.name)
+    return buffer.getvalue()
+
+
+@pytest.fixture()
+def upload(client: TestClient, auth: dict[str, str], bert_folder: Path) -> Callable[..., dict]:
+    def do_upload(headers: dict[str, str] | None = None, name: str = "tiny-bert") -> dict:
+        files = {"file": ("tiny-bert.zip", zip_folder(bert_folder), "application/zip")}
+        response = client.post("/v1/models", files=files, data={"name": name}, headers=headers or auth)
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    return do_upload

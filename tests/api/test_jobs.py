@@ -1,0 +1,88 @@
+import json
+
+import redis
+
+from tests.conftest import REDIS_URL
+
+INT8 = {"type": "quantize", "method": "rtn", "bits": 8, "granularity": "per_channel", "symmetric": True}
+
+
+def queued_job_ids(queue: str = "cpu") -> list[str]:
+    messages = redis.Redis.from_url(REDIS_URL).lrange(queue, 0, -1)
+    return [json.loads(json.loads(m)["headers"]["argsrepr"].replace("'", '"'))[0] for m in messages]
+
+
+def test_submit_returns_202_with_location_and_enqueues_after_commit(client, auth, upload):
+    model = upload()
+    response = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [INT8]}, headers=auth)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert response.headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert job["status"] == "queued" and job["progress"] == 0 and job["queue"] == "cpu"
+    assert [(s["index"], s["type"], s["status"]) for s in job["steps"]] == [(0, "quantize", "queued")]
+    assert job["steps"][0]["config"]["granularity"] == "per_channel"
+    assert queued_job_ids() == [job["id"]]
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["id"] == job["id"]
+
+
+def test_invalid_recipe_is_422_listing_every_problem(client, auth, upload):
+    model = upload()
+    body = {"model_id": model["id"], "steps": [
+        {"type": "quantize", "bits": 3},
+        {"type": "prune-everything"},
+        {"type": "quantize", "granularity": "per_atom", "surprise": 1},
+    ]}
+    response = client.post("/v1/jobs", json=body, headers=auth)
+    assert response.status_code == 422
+    fields = {p["field"] for p in response.json()["error"]["details"]}
+    assert {"body.steps.0.quantize.bits", "body.steps.1", "body.steps.2.quantize.granularity",
+            "body.steps.2.quantize.surprise"} <= fields
+    assert client.get("/v1/jobs", headers=auth).json()["total"] == 0
+    assert queued_job_ids() == []
+
+
+def test_empty_recipe_and_unknown_model(client, auth):
+    assert client.post("/v1/jobs", json={"model_id": "mdl_x", "steps": []}, headers=auth).status_code == 422
+    missing = client.post("/v1/jobs", json={"model_id": "mdl_x", "steps": [INT8]}, headers=auth)
+    assert missing.status_code == 404 and "mdl_x" in missing.json()["error"]["message"]
+
+
+def test_idempotency_key_replays_or_conflicts(client, auth, upload):
+    model = upload()
+    body = {"model_id": model["id"], "steps": [INT8]}
+    headers = {**auth, "Idempotency-Key": "retry-1"}
+    first = client.post("/v1/jobs", json=body, headers=headers).json()
+    again = client.post("/v1/jobs", json=body, headers=headers).json()
+    assert again["id"] == first["id"]
+    changed = client.post("/v1/jobs", json={**body, "steps": [{**INT8, "symmetric": False}]}, headers=headers)
+    assert changed.status_code == 409 and changed.json()["error"]["code"] == "conflict"
+    assert client.get("/v1/jobs", headers=auth).json()["total"] == 1
+
+
+def test_cancel_a_queued_job_then_cancel_again_is_409(client, auth, upload):
+    model = upload()
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [INT8]}, headers=auth).json()
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["finished_at"] is not None
+    again = client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+    assert again.status_code == 409 and "cancelled" in again.json()["error"]["message"]
+
+
+def test_list_filters_by_status_and_bounds_page_size(client, auth, upload):
+    model = upload()
+    ids = [client.post("/v1/jobs", json={"model_id": model["id"], "steps": [INT8]}, headers=auth).json()["id"]
+           for _ in range(3)]
+    client.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth)
+    queued = client.get("/v1/jobs?status=queued", headers=auth).json()
+    assert queued["total"] == 2 and {j["id"] for j in queued["items"]} == set(ids[1:])
+    assert client.get("/v1/jobs?status=cancelled", headers=auth).json()["items"][0]["id"] == ids[0]
+    assert client.get("/v1/jobs?page_size=1000000", headers=auth).status_code == 422
+    assert client.get("/v1/jobs?status=exploded", headers=auth).status_code == 422
+
+
+def test_model_with_an_active_job_cannot_be_deleted(client, auth, upload):
+    model = upload()
+    client.post("/v1/jobs", json={"model_id": model["id"], "steps": [INT8]}, headers=auth)
+    response = client.delete(f"/v1/models/{model['id']}", headers=auth)
+    assert response.status_code == 409

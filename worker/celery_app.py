@@ -1,0 +1,43 @@
+"""The Celery app: `celery -A worker.celery_app:app worker -Q cpu` (or `mcs worker`).
+
+Reliability settings follow the job model: a message is acknowledged only after the job ended (acks_late), a
+worker killed mid-job gives the message back (reject_on_worker_lost; the database caps re-runs), one job at a time
+per process (prefetch 1), JSON only (never pickle), and the broker's visibility timeout sits above the hard time
+limit so a long job is not redelivered while it is still running.
+"""
+
+from celery import Celery
+from kombu import Queue
+
+from core.settings import get_settings
+
+RUN_JOB_TASK = "worker.tasks.run_job"
+
+
+def create_celery() -> Celery:
+    settings = get_settings()
+    celery = Celery("mcs", broker=settings.broker_url, include=["worker.tasks"])
+    celery.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_soft_time_limit=settings.job_soft_time_limit_s,
+        task_time_limit=settings.job_hard_time_limit_s,
+        broker_transport_options={
+            "visibility_timeout": int(settings.job_hard_time_limit_s * 1.1),
+            "polling_interval": 0.5,
+        },
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue("cpu"), Queue("gpu")],
+        task_default_queue=settings.default_queue,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return celery
+
+
+app = create_celery()

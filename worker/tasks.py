@@ -1,0 +1,176 @@
+"""Celery tasks: they take a job id, load their state from the database, call core, and record what happened.
+
+Every transition is its own short transaction, so the API sees progress while the job runs and a crash at any
+point leaves the job in a state the next delivery (or the reconciler) can pick up.
+"""
+
+import hashlib
+import logging
+import shutil
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_ready
+from sqlalchemy.exc import OperationalError
+
+from core import __version__
+from core.compression.pipeline import StepHooks
+from core.compression.spec import JobSpec, StepConfig
+from core.compression.state import StepContext, StepReport
+from core.db.models import Job, JobStatus, utcnow
+from core.db.repositories import JobRuns
+from core.db.session import session_scope
+from core.errors import JobCancelled, ServiceError, Unavailable
+from core.jobs import execute_job
+from core.settings import Settings, get_settings
+from core.storage import get_store
+from worker.celery_app import RUN_JOB_TASK, app
+
+log = logging.getLogger(__name__)
+INFRASTRUCTURE_FAULTS = (Unavailable, OperationalError, OSError)
+
+
+@app.task(name=RUN_JOB_TASK, bind=True, max_retries=5)
+def run_job(self: Task, job_id: str) -> None:
+    settings = get_settings()
+    try:
+        job = _claim(job_id, settings)
+        if job is not None:
+            _run_claimed(job, settings)
+    except INFRASTRUCTURE_FAULTS as exc:
+        log.warning("job %s: infrastructure fault, will retry: %s", job_id, exc)
+        _release(job_id)
+        raise self.retry(exc=exc, countdown=min(5 * 2**self.request.retries, 300)) from exc
+
+
+def _claim(job_id: str, settings: Settings) -> Job | None:
+    lease = timedelta(seconds=settings.job_hard_time_limit_s)
+    with session_scope() as session:
+        runs = JobRuns(session)
+        job = runs.claim(job_id, lease, settings.job_max_attempts)
+        if job is None:
+            _end_if_abandoned(runs, job_id, settings)
+        return job
+
+
+def _end_if_abandoned(runs: JobRuns, job_id: str, settings: Settings) -> None:
+    """A redelivered job whose worker died too often ends `failed` (worker_lost) instead of staying `running`."""
+    job = runs.get(job_id)
+    if job is None:
+        log.warning("job %s does not exist; message dropped", job_id)
+    elif job.status == JobStatus.running and job.lease_expires_at and job.lease_expires_at < utcnow():
+        runs.fail(job_id, {"code": "worker_lost", "message": f"the worker died {job.attempts} times running it"})
+    elif job.status == JobStatus.queued and job.cancel_requested:
+        runs.fail(job_id, {"code": "cancelled", "message": "cancelled before it started"}, JobStatus.cancelled)
+    else:
+        log.info("job %s is %s; duplicate delivery ignored", job_id, job.status)
+
+
+def _run_claimed(job: Job, settings: Settings) -> None:
+    store = get_store()
+    work_dir = settings.work_dir / f"job-{job.id}"
+    try:
+        spec = JobSpec.model_validate(job.spec)
+        with session_scope() as session:
+            model = JobRuns(session).model_of(job)
+        outcome = execute_job(
+            store.local_tree(model.storage_key), spec, work_dir, _context(job.id), _hooks(job.id),
+            {"job_id": job.id, "input_sha256": model.sha256, "service_version": __version__},
+        )
+        key = f"artifacts/{job.id}/model.zip"  # fixed per job: a retry overwrites instead of orphaning
+        store.put_file(key, outcome.artifact)
+        artifact = {"name": f"{model.name}-compressed.zip", "storage_key": key, "sha256": _sha256(outcome.artifact),
+                    "size_bytes": outcome.artifact.stat().st_size}
+        with session_scope() as session:
+            JobRuns(session).succeed(job, outcome.metrics, artifact)
+    except INFRASTRUCTURE_FAULTS:
+        raise
+    except JobCancelled as exc:
+        _end(job.id, {"code": exc.code, "message": exc.message}, JobStatus.cancelled)
+    except ServiceError as exc:
+        _end(job.id, exc.as_dict())
+    except SoftTimeLimitExceeded:
+        _end(job.id, {"code": "time_limit", "message": f"the job ran past {settings.job_soft_time_limit_s} s"})
+    except Exception as exc:  # a bug: fail the job with its cause rather than retry it forever
+        log.exception("job %s crashed", job.id)
+        _end(job.id, {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _end(job_id: str, error: dict[str, Any], status: JobStatus = JobStatus.failed) -> None:
+    with session_scope() as session:
+        JobRuns(session).fail(job_id, error, status)
+
+
+def _release(job_id: str) -> None:
+    try:
+        with session_scope() as session:
+            JobRuns(session).release(job_id)
+    except Exception as exc:  # the database is down too: the lease expiry lets the retry claim it later
+        log.warning("job %s: could not release: %s", job_id, exc)
+
+
+def _context(job_id: str) -> StepContext:
+    """Progress goes to the database at most once a second; the cancellation flag is read at the same pace."""
+    state = {"last": 0.0, "cancel": False}
+
+    def report(fraction: float, message: str) -> None:
+        if time.monotonic() - state["last"] >= 1.0 or fraction >= 1.0:
+            with session_scope() as session:
+                state["cancel"] = JobRuns(session).progress(job_id, fraction, message)
+            state["last"] = time.monotonic()
+
+    def should_stop() -> bool:
+        if time.monotonic() - state["last"] >= 1.0:
+            with session_scope() as session:
+                state["cancel"] = JobRuns(session).cancel_requested(job_id)
+            state["last"] = time.monotonic()
+        return bool(state["cancel"])
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return StepContext(device=device, report=report, should_stop=should_stop)
+
+
+def _hooks(job_id: str) -> StepHooks:
+    def started(index: int, config: StepConfig) -> None:
+        with session_scope() as session:
+            JobRuns(session).step_started(job_id, index)
+
+    def finished(index: int, report: StepReport) -> None:
+        with session_scope() as session:
+            JobRuns(session).step_finished(job_id, index, report.metrics, report.notes)
+
+    return StepHooks(started=started, finished=finished)
+
+
+def _sha256(path: Any) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@worker_ready.connect
+def reconcile_on_start(**_: Any) -> None:
+    """Re-send jobs still queued in the database (e.g. the broker lost them in a restart); duplicates are no-ops."""
+    try:
+        resent = reconcile_queued(older_than_s=30)
+        if resent:
+            log.info("reconciler re-enqueued %d queued jobs", resent)
+    except Exception as exc:
+        log.warning("reconciler skipped: %s", exc)
+
+
+def reconcile_queued(older_than_s: int) -> int:
+    with session_scope() as session:
+        stale = JobRuns(session).stale_queued(utcnow() - timedelta(seconds=older_than_s))
+        targets = [(job.id, job.queue) for job in stale if not job.cancel_requested]
+    for job_id, queue in targets:
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+    return len(targets)
