@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import transformers
 
 from cli.stack import local_stack
 from core.settings import get_settings
@@ -26,6 +27,7 @@ MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_
 
 
 def run_demo(api_url: str | None, api_key: str | None) -> int:
+    transformers.logging.disable_progress_bar()
     with ExitStack() as stack:
         if api_url is None:
             api_url = stack.enter_context(_embedded_stack())
@@ -62,7 +64,7 @@ def _create_key() -> str:
 
 
 def _minilm_folder() -> Path:
-    from bench.data import minilm_folder
+    from bench.minilm import minilm_folder
 
     return minilm_folder()
 
@@ -121,12 +123,25 @@ def _ok(response: httpx.Response) -> dict[str, Any]:
 
 
 def _print_table(source: Path, artifact: Path, job: dict[str, Any]) -> None:
-    from bench.minilm import compare_minilm
+    from bench.minilm import measure
+    from core import load_compressed
+    from core.compression.metrics import weights_size_bytes
 
-    rows = compare_minilm(source, artifact)
-    print("\nall-MiniLM-L6-v2, before → after (measured here on the downloaded artifact)")
-    print(f"{'':<28}{'original':>14}{'int8 artifact':>16}{'ratio':>10}")
-    for label, before, after, fmt in rows:
-        ratio = after / before if before else float("nan")
-        print(f"{label:<28}{format(before, fmt):>14}{format(after, fmt):>16}{ratio:>10.3f}")
-    print(f"\njob metrics from the service: {job['metrics']['after']}")
+    with tempfile.TemporaryDirectory(prefix="mcs-demo-artifact-") as tmp:
+        with zipfile.ZipFile(artifact) as zf:
+            zf.extract("model.safetensors", tmp)
+        size = weights_size_bytes(Path(tmp))
+    print("\nmeasuring both models here (200 review sentences; batch 8 x 128 tokens, 2 threads, interleaved) ...")
+    before, after = measure(source, [("int8 artifact", load_compressed(artifact), size)])
+    rows = [("weights file (MB)", before.size_bytes / 1e6, after.size_bytes / 1e6, ".1f"),
+            ("parameters", before.parameters, after.parameters, ",d"),
+            ("embedding cosine vs fp32", before.cosine_mean, after.cosine_mean, ".4f"),
+            ("  (minimum over sentences)", before.cosine_min, after.cosine_min, ".4f"),
+            ("CPU latency (ms)", before.latency_ms, after.latency_ms, ".1f")]
+    print("\nall-MiniLM-L6-v2, before -> after (downloaded artifact loaded with core.load_compressed)")
+    print(f"{'':<30}{'original':>12}{'int8 artifact':>16}{'after/before':>14}")
+    for label, old, new, fmt in rows:
+        print(f"{label:<30}{format(old, fmt):>12}{format(new, fmt):>16}{new / old:>14.3f}")
+    service = job["metrics"]
+    print(f"\nthe service's own numbers for job {job['id']}: size ratio {service['size_ratio']}, "
+          f"output cosine {service['output_cosine']:.4f}, speedup {service['speedup']}x (probe inputs)")

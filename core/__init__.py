@@ -15,3 +15,4 @@ def load_compressed(path: Path | str) -> "PreTrainedModel":
     from core.compressed import load_compressed as load
 
     return load(path)
+__version__ = "0.1.0"

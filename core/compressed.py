@@ -13,11 +13,10 @@ only: nothing is unpickled and no code shipped with a model runs. Encoded weight
 import copy
 import json
 import shutil
-import stat
 import tempfile
 import zipfile
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Literal
 
 import safetensors
@@ -28,9 +27,10 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from core.archive import extract_archive
 from core.compression.encoding import decode
 from core.compression.state import Encoding, ModelState
-from core.errors import UnsafeInput, UnsupportedModel
+from core.errors import UnsupportedModel
 from core.modelio import model_class_for, read_config
 from core.settings import get_settings
 
@@ -109,8 +109,9 @@ def load_compressed(path: Path | str) -> PreTrainedModel:
         return _load_folder(path)
     if not zipfile.is_zipfile(path):
         raise UnsupportedModel(f"{path.name}: expected a compressed model folder or a .zip of one")
+    settings = get_settings()
     with tempfile.TemporaryDirectory(prefix="mcs-artifact-") as tmp:
-        return _load_folder(_extract_zip(path, Path(tmp)))
+        return _load_folder(extract_archive(path, Path(tmp) / "artifact", settings.extraction_limits))
 
 
 def _save_configs(model: PreTrainedModel, out_dir: Path) -> None:
@@ -212,34 +213,3 @@ def _decode_record(name: str, record: _EncodingRecord, stored: dict[str, torch.T
     """Decode one parameter, removing its packed tensors from `stored` so only plain tensors remain there."""
     tensors = {key: stored.pop(f"{name}.{key}") for key in record.tensors}
     return decode(Encoding(format=record.format, tensors=tensors, meta=record.meta))
-
-
-def _extract_zip(archive: Path, dest: Path) -> Path:
-    """Extract member by member after checking every name, type and the total size; return the artifact folder."""
-    with zipfile.ZipFile(archive) as zf:
-        members = [member for member in zf.infolist() if not member.is_dir()]
-        _check_members(members)
-        for member in members:
-            target = dest / member.filename
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(member) as source, target.open("wb") as sink:
-                shutil.copyfileobj(source, sink)
-    if (dest / MANIFEST_FILE).is_file():
-        return dest
-    nested = [manifest.parent for manifest in dest.glob(f"*/{MANIFEST_FILE}")]
-    if len(nested) != 1:
-        raise UnsupportedModel(f"the archive holds no {MANIFEST_FILE} at its top level or in one top-level folder")
-    return nested[0]
-
-
-def _check_members(members: list[zipfile.ZipInfo]) -> None:
-    settings = get_settings()
-    if len(members) > settings.max_archive_members:
-        raise UnsafeInput(f"the archive has {len(members):,} files; the limit is {settings.max_archive_members:,}")
-    total = sum(member.file_size for member in members)
-    if total > settings.max_extracted_bytes:
-        raise UnsafeInput(f"the archive expands to {total:,} bytes; the limit is {settings.max_extracted_bytes:,}")
-    for member in members:
-        name = PurePosixPath(member.filename)
-        if name.is_absolute() or ".." in name.parts or stat.S_ISLNK(member.external_attr >> 16):
-            raise UnsafeInput(f"archive member {member.filename!r} is a link or points outside the archive")

@@ -23,6 +23,7 @@ from core.compression.state import ModelState, StepContext, StepReport
 from core.modelio import load_model
 
 log = logging.getLogger(__name__)
+PIPELINE_SHARE = (0.1, 0.8)
 
 
 @dataclass
@@ -49,16 +50,27 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     model = load_model(model_dir, ctx.device)
     probe = _probe(model, _tokenizer(model_dir))
     before = _measure(model, probe, metrics.weights_size_bytes(model_dir))
-    ctx.report(0.0, "measured the original model")
+    ctx.report(PIPELINE_SHARE[0], "measured the original model")
     state = ModelState(model)
-    reports = run_pipeline(state, spec.steps, ctx, hooks, evaluate=lambda s: {"output_cosine": probe.cosine(s.model)})
+    reports = run_pipeline(state, spec.steps, _scaled(ctx, *PIPELINE_SHARE), hooks,
+                           evaluate=lambda s: {"output_cosine": probe.cosine(s.model)})
+    ctx.report(PIPELINE_SHARE[1], "saving the artifact")
     folder = work_dir / "model"
-    manifest = _manifest(spec, reports, before, provenance)
-    save_compressed(state, folder, manifest, source_dir=model_dir)
+    save_compressed(state, folder, _manifest(spec, reports, before, provenance), source_dir=model_dir)
     del state, model
+    ctx.report(0.9, "measuring the saved artifact")
     after = _measure(load_compressed(folder).to(ctx.device), probe, metrics.weights_size_bytes(folder))
     archive = _zip_folder(folder, work_dir / "model.zip")
     return JobOutcome(archive, _summary(before, after, archive, ctx))
+
+
+def _scaled(ctx: StepContext, low: float, high: float) -> StepContext:
+    """The pipeline's progress covers [low, high] of the job; loading, saving and measuring take the rest."""
+
+    def report(fraction: float, message: str) -> None:
+        ctx.report(low + (high - low) * fraction, message)
+
+    return StepContext(device=ctx.device, report=report, should_stop=ctx.should_stop)
 
 
 def _tokenizer(model_dir: Path) -> PreTrainedTokenizerBase | None:

@@ -6,9 +6,13 @@ fresh clone runs without any server; production points the same fields at Postgr
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from core.archive import ExtractionLimits
 
 GiB = 1024**3
 
@@ -46,6 +50,12 @@ class Settings(BaseSettings):
         if self.job_soft_time_limit_s >= self.job_hard_time_limit_s:
             raise ValueError("MCS_JOB_SOFT_TIME_LIMIT_S must be below MCS_JOB_HARD_TIME_LIMIT_S")
         return self
+
+    @property
+    def extraction_limits(self) -> "ExtractionLimits":
+        from core.archive import ExtractionLimits
+
+        return ExtractionLimits(self.max_archive_members, self.max_extracted_bytes, self.max_compression_ratio)
 
     @property
     def work_dir(self) -> Path:

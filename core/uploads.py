@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from core.archive import ExtractionLimits, extract_archive
+from core.archive import extract_archive
 from core.errors import InvalidRequest, PayloadTooLarge
 from core.modelio import ModelInfo, inspect_model_folder
 from core.settings import Settings
@@ -49,10 +49,7 @@ def store_model_upload(source: BinaryIO, model_id: str, settings: Settings, stor
     scratch.mkdir(parents=True)
     try:
         sha256, size = spool_upload(source, scratch / "upload", settings.max_upload_bytes)
-        limits = ExtractionLimits(
-            settings.max_archive_members, settings.max_extracted_bytes, settings.max_compression_ratio
-        )
-        root = extract_archive(scratch / "upload", scratch / "extracted", limits)
+        root = extract_archive(scratch / "upload", scratch / "extracted", settings.extraction_limits)
         info = inspect_model_folder(root, settings.max_model_parameters)
         key = model_storage_key(model_id)
         store.put_tree(key, root)

@@ -9,7 +9,7 @@ limit so a long job is not redelivered while it is still running.
 from celery import Celery
 from kombu import Queue
 
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 
 RUN_JOB_TASK = "worker.tasks.run_job"
 
@@ -27,10 +27,7 @@ def create_celery() -> Celery:
         worker_prefetch_multiplier=1,
         task_soft_time_limit=settings.job_soft_time_limit_s,
         task_time_limit=settings.job_hard_time_limit_s,
-        broker_transport_options={
-            "visibility_timeout": int(settings.job_hard_time_limit_s * 1.1),
-            "polling_interval": 0.5,
-        },
+        broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
         task_queues=[Queue("cpu"), Queue("gpu")],
         task_default_queue=settings.default_queue,
@@ -38,6 +35,13 @@ def create_celery() -> Celery:
         worker_send_task_events=False,
     )
     return celery
+
+
+def _transport_options(settings: Settings) -> dict[str, float]:
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return {"visibility_timeout": int(settings.job_hard_time_limit_s * 1.1)}
+    # kombu's SQLAlchemy transport hands its options to create_engine, which rejects queue options.
+    return {}
 
 
 app = create_celery()

@@ -57,13 +57,23 @@ def probe_inputs(
     device = next(model.parameters()).device
     if tokenizer is not None:
         texts = [PROBE_SENTENCES[i % len(PROBE_SENTENCES)] for i in range(batch)]
-        encoded = tokenizer(texts, padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
-        return {key: value.to(device) for key, value in encoded.items()}
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=generator)
-    lengths = torch.linspace(seq_len, max(seq_len // 2, 1), batch).round().long()
-    attention_mask = (torch.arange(seq_len) < lengths[:, None]).long()
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        rows = tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]
+        inputs = _right_padded(rows, tokenizer.pad_token_id or 0)
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        input_ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=generator)
+        lengths = torch.linspace(seq_len, max(seq_len // 2, 1), batch).round().long()
+        inputs = {"input_ids": input_ids, "attention_mask": (torch.arange(seq_len) < lengths[:, None]).long()}
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
+def _right_padded(rows: list[list[int]], pad_id: int) -> Inputs:
+    # Padded here rather than by the tokenizer: many causal-LM tokenizers define no pad token, and the value of a
+    # masked position does not matter.
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows])
+    attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 @torch.no_grad()
@@ -74,9 +84,13 @@ def model_outputs(model: nn.Module, inputs: Inputs) -> torch.Tensor:
     return logits if logits is not None else outputs.last_hidden_state
 
 
-def output_cosine(reference: torch.Tensor, candidate: torch.Tensor, attention_mask: torch.Tensor) -> float:
-    """Mean cosine similarity between per-token output vectors, over unmasked positions only."""
+def output_cosine(
+    reference: torch.Tensor, candidate: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> float:
+    """Mean cosine similarity between per-token output vectors, over unmasked positions only (all without a mask)."""
     cosines = F.cosine_similarity(reference.float(), candidate.float(), dim=-1)
+    if attention_mask is None:
+        return cosines.mean().item()
     return cosines[attention_mask.bool()].mean().item()
 
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from tests.models import save_model_folder, tiny_bert
 
 from core.db.repositories import Tenants
 from core.db.session import session_scope
+from tests.models import save_model_folder, tiny_bert
 
 
 @pytest.fixture()

@@ -21,7 +21,9 @@ def test_symmetric_per_channel_golden() -> None:
     encoding = quantize_rtn(WEIGHT, granularity="per_channel")
     assert encoding.format == "int8_rtn"
     assert encoding.tensors["qweight"].dtype == torch.int8
-    assert torch.equal(encoding.tensors["qweight"], torch.tensor([[0, 42, 85, 127], [73, 91, 109, 127]], dtype=torch.int8))
+    assert torch.equal(
+        encoding.tensors["qweight"], torch.tensor([[0, 42, 85, 127], [73, 91, 109, 127]], dtype=torch.int8)
+    )
     assert torch.equal(encoding.tensors["scale"], torch.tensor([[3 / 127], [7 / 127]], dtype=torch.float32))
     assert "zero_point" not in encoding.tensors
     assert_within_half_step(decode(encoding), WEIGHT, encoding.tensors["scale"])
@@ -38,7 +40,9 @@ def test_asymmetric_zero_point_golden() -> None:
     # Row 0 spans [-2, 1]: scale 3/255, zero point 42. Row 1 is all positive, so its range is widened to [0, 5].
     weight = WEIGHT - 2
     encoding = quantize_rtn(weight, granularity="per_channel", symmetric=False)
-    assert torch.equal(encoding.tensors["qweight"], torch.tensor([[-128, -43, 42, 127], [-26, 25, 76, 127]], dtype=torch.int8))
+    assert torch.equal(
+        encoding.tensors["qweight"], torch.tensor([[-128, -43, 42, 127], [-26, 25, 76, 127]], dtype=torch.int8)
+    )
     assert torch.equal(encoding.tensors["zero_point"], torch.tensor([[42], [-128]], dtype=torch.int8))
     assert torch.equal(encoding.tensors["scale"], torch.tensor([[3 / 255], [5 / 255]], dtype=torch.float32))
     assert_within_half_step(decode(encoding), weight, encoding.tensors["scale"])

@@ -1,5 +1,7 @@
 """The QuantizeRTN step on tiny BERT and Llama models: accuracy, module selection, ties, progress, cancellation."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -10,7 +12,7 @@ from core.compression.pipeline import run_pipeline
 from core.compression.spec import QuantizeRTN
 from core.compression.state import ModelState, StepContext
 from core.errors import InvalidSpec, JobCancelled
-from tests.core.conftest import Quantize
+from tests.core.helpers import quantize
 from tests.models import tiny_bert, tiny_llama
 
 MIN_OUTPUT_COSINE = 0.999
@@ -24,13 +26,13 @@ def cosine_vs_fp32(reference: nn.Module, quantized: nn.Module) -> float:
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
 @pytest.mark.parametrize("build", [tiny_bert, tiny_llama])
-def test_output_stays_close_to_fp32(quantize: Quantize, build, granularity: str, symmetric: bool) -> None:
+def test_output_stays_close_to_fp32(build: Callable[[], nn.Module], granularity: str, symmetric: bool) -> None:
     reference = build()
     state, _ = quantize(build(), granularity=granularity, symmetric=symmetric)
     assert cosine_vs_fp32(reference, state.model) >= MIN_OUTPUT_COSINE
 
 
-def test_every_linear_and_embedding_weight_is_encoded_and_decoded_in_place(quantize: Quantize) -> None:
+def test_every_linear_and_embedding_weight_is_encoded_and_decoded_in_place() -> None:
     model = tiny_bert()
     expected = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
     state, report = quantize(model)
@@ -44,7 +46,7 @@ def test_every_linear_and_embedding_weight_is_encoded_and_decoded_in_place(quant
     assert report.metrics["packed_bytes"] == sum(encoding.nbytes() for encoding in state.encodings.values())
 
 
-def test_tied_embedding_is_quantized_and_stored_once(quantize: Quantize) -> None:
+def test_tied_embedding_is_quantized_and_stored_once() -> None:
     model = tiny_llama()
     state, report = quantize(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -54,7 +56,7 @@ def test_tied_embedding_is_quantized_and_stored_once(quantize: Quantize) -> None
     assert any("shared by model.embed_tokens, lm_head" in note for note in report.notes)
 
 
-def test_targets_and_exclude_select_modules_by_name(quantize: Quantize) -> None:
+def test_targets_and_exclude_select_modules_by_name() -> None:
     state, _ = quantize(tiny_bert(), targets=["encoder.layer.0.*"], exclude=["*.output.dense"])
     assert set(state.encodings) == {
         "encoder.layer.0.attention.self.query.weight",
@@ -64,7 +66,7 @@ def test_targets_and_exclude_select_modules_by_name(quantize: Quantize) -> None:
     }
 
 
-def test_embeddings_can_be_left_in_float(quantize: Quantize) -> None:
+def test_embeddings_can_be_left_in_float() -> None:
     state, _ = quantize(tiny_bert(), include_embeddings=False)
     assert state.encodings and not any("embeddings" in name for name in state.encodings)
 

@@ -54,7 +54,8 @@ def embedded_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.C
            "MCS_ARTIFACT_DIR": str(var / "artifacts")}
     subprocess.run([sys.executable, "-m", "cli.main", "migrate"], env={**os.environ, **env}, check=True)
     with local_stack(env, var / "logs") as url, httpx.Client(base_url=url, timeout=60) as client:
-        client.headers["Authorization"] = f"Bearer {create_key(f'sqlite:///{var / 'mcs.sqlite'}', 'e2e')}"
+        key = create_key(f"sqlite:///{var / 'mcs.sqlite'}", "e2e")
+        client.headers["Authorization"] = f"Bearer {key}"
         yield client
 
 
