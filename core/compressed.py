@@ -11,6 +11,7 @@ only: nothing is unpickled and no code shipped with a model runs. Encoded weight
 """
 
 import copy
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -29,7 +30,8 @@ from transformers.initialization import no_init_weights
 
 from core.archive import extract_archive
 from core.compression.encoding import decode
-from core.compression.state import Encoding, ModelState
+from core.compression.rewrites import replay
+from core.compression.state import Encoding, ModelState, Rewrite
 from core.errors import UnsupportedModel
 from core.modelio import model_class_for, read_config
 from core.settings import get_settings
@@ -56,6 +58,12 @@ class _EncodingRecord(BaseModel):
     tensors: list[str]
 
 
+class _RewriteRecord(BaseModel):
+    kind: str
+    module: str
+    meta: dict[str, Any]
+
+
 class _Manifest(BaseModel):
     """The part of compression.json the loader relies on; the job's own manifest fields ride along."""
 
@@ -64,6 +72,7 @@ class _Manifest(BaseModel):
     format_version: Literal[1]
     encodings: dict[str, _EncodingRecord]
     aliases: dict[str, str]
+    rewrites: list[_RewriteRecord] = []
 
 
 def save_compressed(
@@ -87,6 +96,7 @@ def save_compressed(
         "format_version": FORMAT_VERSION,
         "encodings": {name: _encoding_record(encoding) for name, encoding in state.encodings.items()},
         "aliases": aliases,
+        "rewrites": [dataclasses.asdict(rewrite) for rewrite in state.rewrites],
         "library_versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -179,6 +189,8 @@ def _load_folder(folder: Path) -> PreTrainedModel:
     # Every parameter is overwritten from the file, so random initialisation would only cost time.
     with no_init_weights():
         model = cls(config)
+    for record in manifest.rewrites:  # structural changes first, so the saved weights fit the modules
+        replay(model, Rewrite(record.kind, record.module, record.meta))
     model.tie_weights()  # what the constructor does unless weight init is skipped
     try:
         model.load_state_dict(state_dict, strict=True)

@@ -12,8 +12,11 @@ import pytest
 import redis
 
 PG_ADMIN = os.environ.get("MCS_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
-TEST_DB = "mcs_test"
-REDIS_URL = "redis://127.0.0.1:6379/15"
+# Separate names let several suites run side by side on one machine (e.g. MCS_TEST_DB=mcs_test_b MCS_TEST_REDIS_DB=11).
+TEST_DB = os.environ.get("MCS_TEST_DB", "mcs_test")
+REDIS_DB = int(os.environ.get("MCS_TEST_REDIS_DB", "15"))
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+E2E_BROKER_URL = f"redis://127.0.0.1:6379/{REDIS_DB - 1}"
 ARTIFACT_ROOT = Path(tempfile.mkdtemp(prefix="mcs-test-artifacts-"))
 
 os.environ.update(

@@ -1,5 +1,7 @@
 """The one table from step config type to the handler that applies it (torchao's config registry pattern)."""
 
+import importlib
+import pkgutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -28,13 +30,16 @@ def register_step(config_type: type[C]) -> Callable[[Handler[C]], Handler[C]]:
 
 
 def handler_for(config: StepConfig) -> Handler:
-    _load_step_modules()
+    load_step_modules()
     try:
         return _HANDLERS[type(config)]
     except KeyError:
         raise InvalidSpec(f"no handler is registered for step {type(config).__name__}") from None
 
 
-def _load_step_modules() -> None:
-    # Importing the step modules runs their @register_step decorators.
-    from core.compression.steps import quantize  # noqa: F401
+def load_step_modules() -> None:
+    """Import every module of core.compression.steps once: their @register_step decorators fill the table."""
+    import core.compression.steps as steps
+
+    for module in pkgutil.iter_modules(steps.__path__):
+        importlib.import_module(f"{steps.__name__}.{module.name}")

@@ -1,49 +1,55 @@
-"""Compression recipes: one pydantic config per step method, a discriminated union on `type`.
+"""Compression recipes: one pydantic config per step method, joined into one tagged union.
 
-The same JSON is accepted everywhere (REST body, CLI file, tests, docs). Configs are pure data, no torch: the API
-validates a recipe without loading a model, and every bad field is reported at once as a 422.
+Each config is tagged `<type>:<method>` (or just `<type>` for a family with a single config and no `method`); a
+step without `method` gets its family's default (the first config listed). The same JSON is accepted everywhere
+(REST body, CLI file, tests, docs). Configs are pure data, no torch: the API validates a recipe without loading a
+model, and every bad field is reported at once as a 422.
 """
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-Pattern = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+from core.compression.configs import quantize
+from core.compression.configs.base import StepConfig
+from core.compression.configs.quantize import QuantizeRTN
 
-
-class StepConfig(BaseModel):
-    """Base of every step config: unknown fields are errors, configs are immutable once validated."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    targets: list[Pattern] = Field(
-        default_factory=lambda: ["*"],
-        max_length=64,
-        description="fnmatch patterns on module names to compress (default: every supported module).",
-    )
-    exclude: list[Pattern] = Field(
-        default_factory=list, max_length=64, description="fnmatch patterns on module names to leave untouched."
-    )
+# Add a family's CONFIGS here; its first config's method is the family default.
+FAMILIES: tuple[tuple[type[StepConfig], ...], ...] = (quantize.CONFIGS,)
 
 
-class QuantizeRTN(StepConfig):
-    """Round-to-nearest weight-only quantization of `nn.Linear` and `nn.Embedding` weights.
-
-    q = clamp(round(w / scale) + zero_point) with one scale (and zero point when asymmetric) per output channel
-    or per tensor; stored packed as int8 plus scales, so the file really shrinks.
-
-    Example: `{"type": "quantize", "method": "rtn", "bits": 8, "granularity": "per_channel", "symmetric": true}`
-    """
-
-    type: Literal["quantize"]
-    method: Literal["rtn"] = "rtn"
-    bits: Literal[8] = 8
-    granularity: Literal["per_tensor", "per_channel"] = "per_channel"
-    symmetric: bool = True
-    include_embeddings: bool = True
+def _default(config: type[StepConfig], field: str) -> str | None:
+    info = config.model_fields.get(field)
+    return None if info is None else info.default
 
 
-StepSpec = Annotated[QuantizeRTN, Field(discriminator="type")]
+def step_tag(config: type[StepConfig]) -> str:
+    method = _default(config, "method")
+    return f"{_default(config, 'type')}:{method}" if method else str(_default(config, "type"))
+
+
+DEFAULT_METHODS = {_default(f[0], "type"): _default(f[0], "method") for f in FAMILIES}
+
+
+def _discriminate(value: Any) -> str | None:
+    get = value.get if isinstance(value, dict) else lambda key, default=None: getattr(value, key, default)
+    step_type = get("type")
+    if step_type is None:
+        return None
+    default = DEFAULT_METHODS.get(step_type)
+    return f"{step_type}:{get('method', default)}" if default else str(step_type)
+
+
+TAGS = [step_tag(config) for family in FAMILIES for config in family]
+_MEMBERS = tuple(Annotated[config, Tag(step_tag(config))] for family in FAMILIES for config in family)
+StepSpec = Annotated[
+    Union.__getitem__(_MEMBERS),  # a Union built from the tuple of tagged configs
+    Discriminator(
+        _discriminate,
+        custom_error_type="unknown_step",
+        custom_error_message=f"unknown step: `type` (and `method`) must be one of {', '.join(TAGS)}",
+    ),
+]
 
 
 class JobSpec(BaseModel):
@@ -52,3 +58,6 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: list[StepSpec] = Field(min_length=1, max_length=32)
+
+
+__all__ = ["JobSpec", "QuantizeRTN", "StepConfig", "StepSpec", "step_tag"]

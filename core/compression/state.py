@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,11 +26,25 @@ class Encoding:
 
 
 @dataclass
+class Rewrite:
+    """A structural change to the model (a module replaced, factored, resized or removed), recorded so that
+    `load_compressed` can replay it on a freshly built model before loading the weights. `kind` names a function
+    registered with `core.compression.rewrites.register_rewrite`; `module` is the dotted module name."""
+
+    kind: str
+    module: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class ModelState:
-    """The model being compressed and the packed encodings of its parameters, keyed by parameter name."""
+    """The model being compressed, the packed encodings of its parameters (keyed by parameter name), the
+    structural rewrites applied so far (in order), and the tokenizer of the original folder when it has one."""
 
     model: nn.Module
     encodings: dict[str, Encoding] = field(default_factory=dict)
+    rewrites: list[Rewrite] = field(default_factory=list)
+    tokenizer: Any = None
 
 
 @dataclass
@@ -48,14 +63,27 @@ def _ignore_progress(fraction: float, message: str) -> None:
     return None
 
 
+def _default_texts(dataset_id: str | None) -> list[str]:
+    from core.calibration import default_corpus
+
+    if dataset_id is not None:
+        raise LookupError(f"no dataset provider is configured to resolve dataset {dataset_id!r}")
+    return default_corpus()
+
+
 @dataclass
 class StepContext:
     """How core talks to whoever runs it, without knowing about databases or queues.
 
     report(fraction, message): progress within the current step, fraction in [0, 1].
     should_stop(): True once the job was cancelled; long steps poll it between units of work.
+    texts(dataset_id): the text samples of an uploaded dataset (the worker resolves the tenant's own datasets), or
+        the default calibration corpus for None.
+    work_dir: scratch space of this job (checkpoints, temporary files); None when the caller gives none.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     report: Callable[[float, str], None] = _ignore_progress
     should_stop: Callable[[], bool] = _never_stop
+    texts: Callable[[str | None], list[str]] = _default_texts
+    work_dir: Path | None = None

@@ -35,8 +35,8 @@ def test_invalid_recipe_is_422_listing_every_problem(client, auth, upload):
     response = client.post("/v1/jobs", json=body, headers=auth)
     assert response.status_code == 422
     fields = {p["field"] for p in response.json()["error"]["details"]}
-    assert {"body.steps.0.quantize.bits", "body.steps.1", "body.steps.2.quantize.granularity",
-            "body.steps.2.quantize.surprise"} <= fields
+    assert {"body.steps.0.quantize:rtn.bits", "body.steps.1", "body.steps.2.quantize:rtn.granularity",
+            "body.steps.2.quantize:rtn.surprise"} <= fields
     assert client.get("/v1/jobs", headers=auth).json()["total"] == 0
     assert queued_job_ids() == []
 

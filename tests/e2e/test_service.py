@@ -19,6 +19,7 @@ from core.compression import metrics
 from core.db.repositories import Tenants
 from core.db.session import make_engine
 from tests.api.conftest import zip_folder
+from tests.conftest import E2E_BROKER_URL
 from tests.models import save_model_folder, tiny_bert, tiny_llama
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -40,7 +41,7 @@ def create_key(database_url: str, tenant: str) -> str:
 @pytest.fixture(scope="module")
 def redis_stack(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     root = tmp_path_factory.mktemp("stack-redis")
-    env = {"MCS_BROKER_URL": "redis://127.0.0.1:6379/14", "MCS_ARTIFACT_DIR": str(root / "artifacts")}
+    env = {"MCS_BROKER_URL": E2E_BROKER_URL, "MCS_ARTIFACT_DIR": str(root / "artifacts")}
     with local_stack(env, root / "logs") as url, httpx.Client(base_url=url, timeout=60) as client:
         client.headers["Authorization"] = f"Bearer {create_key(database_url, 'e2e-redis')}"
         yield client
@@ -125,7 +126,7 @@ def test_llama_job_and_duplicate_delivery_does_nothing(redis_stack, tmp_path):
     assert_succeeded_with_numbers(first)
     assert_artifact_matches(model, download(redis_stack, first["artifacts"][0], tmp_path / "llama.zip"))
     producer = create_celery()
-    producer.conf.broker_url = "redis://127.0.0.1:6379/14"
+    producer.conf.broker_url = E2E_BROKER_URL
     producer.send_task(RUN_JOB_TASK, args=[first["id"]], queue="cpu")
     second = run_job(redis_stack, folder, [INT8])  # one worker, prefetch 1: the duplicate ran before this job
     assert second["status"] == "succeeded"

@@ -1,0 +1,1 @@
+"""Step configs, one module per family; `core.compression.spec` joins them into the recipe union."""
