@@ -34,6 +34,9 @@ def register_decoder(format_name: str) -> Callable[[Decoder], Decoder]:
 
 def decode(encoding: Encoding) -> torch.Tensor:
     """The float32 weight an encoding stands for (what the compressed model computes with)."""
+    from core.compression.registry import load_step_modules
+
+    load_step_modules()  # formats are registered next to the steps that write them
     try:
         decoder = _DECODERS[encoding.format]
     except KeyError:

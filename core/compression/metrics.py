@@ -1,5 +1,6 @@
 """What a compression costs and saves, measured the same way by the worker, the tests and the benchmarks."""
 
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -132,3 +133,20 @@ def row_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean row-wise cosine similarity, e.g. of compressed vs original sentence embeddings."""
     return row_cosines(a, b).mean().item()
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, token_ids: torch.Tensor, window: int = 512) -> float:
+    """Perplexity of a causal LM over `token_ids` (1-D), in non-overlapping windows of `window` tokens
+    (each window scored on its own, as in DATA.md's SmolLM2 baseline)."""
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, token_ids.numel() - 1, window):
+        chunk = token_ids[start : start + window].unsqueeze(0).to(device)
+        if chunk.numel() < 2:
+            break
+        logits = model(input_ids=chunk).logits.float()
+        nll = F.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum")
+        total_nll += nll.item()
+        total_tokens += chunk.numel() - 1
+    return math.exp(total_nll / total_tokens)
