@@ -7,7 +7,7 @@ from fastapi import Depends, Header
 from sqlalchemy.orm import Session
 
 from core.db.models import Tenant
-from core.db.repositories import Artifacts, Jobs, Models, Tenants
+from core.db.repositories import Artifacts, Datasets, Jobs, Models, Tenants
 from core.db.session import session_factory
 from core.errors import Unauthorized
 from core.settings import Settings, get_settings
@@ -52,10 +52,15 @@ def jobs_repo(session: SessionDep, tenant: TenantDep) -> Jobs:
     return Jobs(session, tenant.id)
 
 
+def datasets_repo(session: SessionDep, tenant: TenantDep) -> Datasets:
+    return Datasets(session, tenant.id)
+
+
 def artifacts_repo(session: SessionDep, tenant: TenantDep) -> Artifacts:
     return Artifacts(session, tenant.id)
 
 
 ModelsDep = Annotated[Models, Depends(models_repo)]
 JobsDep = Annotated[Jobs, Depends(jobs_repo)]
+DatasetsDep = Annotated[Datasets, Depends(datasets_repo)]
 ArtifactsDep = Annotated[Artifacts, Depends(artifacts_repo)]

@@ -4,7 +4,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.limits import BodySizeLimit
-from api.routers import artifacts, health, jobs, models
+from api.routers import artifacts, datasets, health, jobs, models
 from core.settings import get_settings
 
 
@@ -17,7 +17,7 @@ def create_app() -> FastAPI:
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 64 * 1024)
     errors.install(app)
-    for module in (health, models, jobs, artifacts):
+    for module in (health, models, datasets, jobs, artifacts):
         app.include_router(module.router)
     return app
 

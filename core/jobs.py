@@ -6,6 +6,7 @@ what the user will get, not what the in-memory model promised.
 """
 
 
+import dataclasses
 import logging
 import shutil
 import zipfile
@@ -48,11 +49,12 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     shutil.rmtree(work_dir, ignore_errors=True)
     work_dir.mkdir(parents=True)
     model = load_model(model_dir, ctx.device)
-    probe = _probe(model, _tokenizer(model_dir))
+    tokenizer = _tokenizer(model_dir)
+    probe = _probe(model, tokenizer)
     before = _measure(model, probe, metrics.weights_size_bytes(model_dir))
     ctx.report(PIPELINE_SHARE[0], "measured the original model")
-    state = ModelState(model)
-    reports = run_pipeline(state, spec.steps, _scaled(ctx, *PIPELINE_SHARE), hooks,
+    state = ModelState(model, tokenizer=tokenizer)
+    reports = run_pipeline(state, spec.steps, _scaled(ctx, *PIPELINE_SHARE, work_dir), hooks,
                            evaluate=lambda s: {"output_cosine": probe.cosine(s.model)})
     ctx.report(PIPELINE_SHARE[1], "saving the artifact")
     folder = work_dir / "model"
@@ -64,13 +66,13 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     return JobOutcome(archive, _summary(before, after, archive, ctx))
 
 
-def _scaled(ctx: StepContext, low: float, high: float) -> StepContext:
+def _scaled(ctx: StepContext, low: float, high: float, work_dir: Path) -> StepContext:
     """The pipeline's progress covers [low, high] of the job; loading, saving and measuring take the rest."""
 
     def report(fraction: float, message: str) -> None:
         ctx.report(low + (high - low) * fraction, message)
 
-    return StepContext(device=ctx.device, report=report, should_stop=ctx.should_stop)
+    return dataclasses.replace(ctx, report=report, work_dir=work_dir / "steps")
 
 
 def _tokenizer(model_dir: Path) -> PreTrainedTokenizerBase | None:

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     api_url: str = "http://127.0.0.1:8000"
 
     max_upload_bytes: int = Field(2 * GiB, gt=0)
+    max_dataset_bytes: int = Field(256 * 1024**2, gt=0)
     max_extracted_bytes: int = Field(4 * GiB, gt=0)
     max_archive_members: int = Field(1000, gt=0)
     max_compression_ratio: float = Field(200.0, gt=1)

@@ -8,6 +8,7 @@ import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -21,8 +22,9 @@ from core import __version__
 from core.compression.pipeline import StepHooks
 from core.compression.spec import JobSpec, StepConfig
 from core.compression.state import StepContext, StepReport
+from core.datasets import read_texts
 from core.db.models import Job, JobStatus, utcnow
-from core.db.repositories import JobRuns
+from core.db.repositories import Datasets, JobRuns
 from core.db.session import session_scope
 from core.errors import JobCancelled, ServiceError, Unavailable
 from core.jobs import execute_job
@@ -78,7 +80,7 @@ def _run_claimed(job: Job, settings: Settings) -> None:
         with session_scope() as session:
             model = JobRuns(session).model_of(job)
         outcome = execute_job(
-            store.local_tree(model.storage_key), spec, work_dir, _context(job.id), _hooks(job.id),
+            store.local_tree(model.storage_key), spec, work_dir, _context(job), _hooks(job.id),
             {"job_id": job.id, "input_sha256": model.sha256, "service_version": __version__},
         )
         key = f"artifacts/{job.id}/model.zip"  # fixed per job: a retry overwrites instead of orphaning
@@ -115,9 +117,9 @@ def _release(job_id: str) -> None:
         log.warning("job %s: could not release: %s", job_id, exc)
 
 
-def _context(job_id: str) -> StepContext:
+def _context(job: Job) -> StepContext:
     """Progress goes to the database at most once a second; the cancellation flag is read at the same pace."""
-    state = {"last": 0.0, "cancel": False}
+    job_id, state = job.id, {"last": 0.0, "cancel": False}
 
     def report(fraction: float, message: str) -> None:
         if time.monotonic() - state["last"] >= 1.0 or fraction >= 1.0:
@@ -133,7 +135,22 @@ def _context(job_id: str) -> StepContext:
         return bool(state["cancel"])
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return StepContext(device=device, report=report, should_stop=should_stop)
+    return StepContext(device=device, report=report, should_stop=should_stop, texts=_dataset_texts(job.tenant_id))
+
+
+def _dataset_texts(tenant_id: str) -> Callable[[str | None], list[str]]:
+    """Resolve a step's `dataset_id` to the texts of that tenant's dataset (None: the default corpus)."""
+
+    def texts(dataset_id: str | None) -> list[str]:
+        if dataset_id is None:
+            from core.calibration import default_corpus
+
+            return default_corpus()
+        with session_scope() as session:
+            dataset = Datasets(session, tenant_id).get(dataset_id)
+        return read_texts(get_store().local_file(dataset.storage_key))
+
+    return texts
 
 
 def _hooks(job_id: str) -> StepHooks:

@@ -1,5 +1,6 @@
 import hashlib
 import json
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -9,6 +10,7 @@ from api import queue
 from api.deps import JobsDep, ModelsDep, SessionDep, SettingsDep
 from api.schemas import JobCreate, JobOut, Page
 from core.db.models import Job, JobStatus
+from core.db.repositories import Datasets, Models
 from core.errors import Conflict
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -31,6 +33,7 @@ def create_job(
         return _replay(existing, request_hash, request, response)
     models.get(body.model_id)
     spec = body.model_dump(mode="json", exclude={"model_id", "queue"})
+    _check_references(spec, Datasets(session, jobs.tenant_id), models)
     try:
         job = jobs.add(body.model_id, spec, body.queue or settings.default_queue, idempotency_key, request_hash)
         session.commit()
@@ -66,6 +69,25 @@ def cancel_job(job_id: str, jobs: JobsDep, session: SessionDep, request: Request
     job = jobs.cancel(jobs.get(job_id))
     session.commit()
     return job_out(job, request)
+
+
+def _check_references(spec: dict, datasets: Datasets, models: Models) -> None:
+    """Every dataset or teacher model a step names must be the tenant's own (404 otherwise, like any id)."""
+    for key, value in _walk(spec):
+        if key == "dataset_id" and isinstance(value, str):
+            datasets.get(value)
+        elif key == "teacher" and isinstance(value, str) and value != "original":
+            models.get(value)
+
+
+def _walk(value: object) -> Iterator[tuple[str, object]]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key, item
+            yield from _walk(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _walk(item)
 
 
 def job_out(job: Job, request: Request) -> JobOut:

@@ -1,5 +1,6 @@
 """Run a recipe: each step's handler in order, with progress, cancellation and a report per step."""
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -59,4 +60,4 @@ def _step_context(ctx: StepContext, index: int, total: int) -> StepContext:
     def report(fraction: float, message: str) -> None:
         ctx.report((index + min(max(fraction, 0.0), 1.0)) / total, message)
 
-    return StepContext(device=ctx.device, report=report, should_stop=ctx.should_stop)
+    return dataclasses.replace(ctx, report=report)

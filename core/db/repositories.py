@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from core.db.models import TERMINAL, ApiKey, Artifact, Base, Job, JobStatus, JobStep, Model, Tenant, utcnow
+from core.db.models import TERMINAL, ApiKey, Artifact, Base, Dataset, Job, JobStatus, JobStep, Model, Tenant, utcnow
 from core.errors import Conflict, NotFound
 
 Row = TypeVar("Row", bound=Base)
@@ -134,6 +134,21 @@ class Jobs(_TenantScoped):
         self.session.flush()
         self.session.refresh(job)
         return job
+
+
+class Datasets(_TenantScoped):
+    row_type = Dataset
+    noun = "dataset"
+
+    def add(self, **fields: Any) -> Dataset:
+        dataset = Dataset(tenant_id=self.tenant_id, **fields)
+        self.session.add(dataset)
+        self.session.flush()
+        return dataset
+
+    def delete(self, dataset: Dataset) -> None:
+        self.session.delete(dataset)
+        self.session.flush()
 
 
 class Artifacts(_TenantScoped):

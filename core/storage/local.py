@@ -51,6 +51,12 @@ class LocalArtifactStore:
             raise NotFound(f"stored folder {key!r} is missing")
         return target
 
+    def local_file(self, key: str) -> Path:
+        target = self.path(key)
+        if not target.is_file():
+            raise NotFound(f"stored file {key!r} is missing")
+        return target
+
     def size(self, key: str) -> int:
         target = self.path(key)
         if not target.is_file():

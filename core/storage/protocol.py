@@ -13,6 +13,9 @@ class ArtifactStore(Protocol):
     def local_tree(self, key: str) -> Path:
         """A local folder with the tree stored under `key` (the folder itself for the local store)."""
 
+    def local_file(self, key: str) -> Path:
+        """A local path holding the file stored under `key`."""
+
     def size(self, key: str) -> int: ...
 
     def read_range(self, key: str, start: int, end: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:

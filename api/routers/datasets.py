@@ -1,0 +1,71 @@
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from pydantic import BaseModel, ConfigDict
+
+from api.deps import DatasetsDep, SessionDep, SettingsDep, StoreDep
+from api.schemas import Page
+from core.datasets import store_dataset_upload
+from core.db.models import new_id
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    format: str
+    num_samples: int
+    size_bytes: int
+    sha256: str
+    created_at: object
+
+
+@router.post("", status_code=201, response_model=DatasetOut)
+def upload_dataset(
+    datasets: DatasetsDep,
+    session: SessionDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    file: Annotated[UploadFile, File(description="JSONL with a `text` field, or plain text: one sample per line")],
+    name: Annotated[str | None, Form(max_length=200)] = None,
+    format: Annotated[Literal["auto", "jsonl", "text"], Form()] = "auto",
+) -> DatasetOut:
+    """Upload calibration or training text (UTF-8). Used by steps through `dataset_id`."""
+    dataset_id = new_id("dst")
+    stored = store_dataset_upload(file.file, dataset_id, format, file.filename, settings, store)
+    try:
+        row = datasets.add(id=dataset_id, name=name or (file.filename or "dataset")[:200], format=stored.format,
+                           num_samples=stored.num_samples, size_bytes=stored.size_bytes, sha256=stored.sha256,
+                           storage_key=stored.storage_key)
+        session.commit()
+    except BaseException:
+        store.delete(stored.storage_key)
+        raise
+    return DatasetOut.model_validate(row)
+
+
+@router.get("", response_model=Page[DatasetOut])
+def list_datasets(
+    datasets: DatasetsDep,
+    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
+    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Page[DatasetOut]:
+    rows, total = datasets.page(page, page_size)
+    return Page(items=[DatasetOut.model_validate(r) for r in rows], page=page, page_size=page_size, total=total)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, datasets: DatasetsDep) -> DatasetOut:
+    return DatasetOut.model_validate(datasets.get(dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(dataset_id: str, datasets: DatasetsDep, session: SessionDep, store: StoreDep) -> Response:
+    dataset = datasets.get(dataset_id)
+    datasets.delete(dataset)
+    session.commit()
+    store.delete(dataset.storage_key)
+    return Response(status_code=204)

@@ -1,0 +1,109 @@
+"""Text datasets uploaded for calibration and training: JSONL with a `text` field (optional `label`) or plain text
+with one sample per line. Validated while streaming, stored normalised as JSONL, read back as a list of texts."""
+
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from core.errors import InvalidRequest, PayloadTooLarge
+from core.settings import Settings
+from core.storage import ArtifactStore
+from core.uploads import spool_upload
+
+DatasetFormat = Literal["auto", "jsonl", "text"]
+MAX_LINE_BYTES = 1 << 20
+MAX_SAMPLES = 1_000_000
+
+
+@dataclass(frozen=True)
+class StoredDataset:
+    format: str
+    num_samples: int
+    size_bytes: int
+    sha256: str
+    storage_key: str
+
+
+def dataset_storage_key(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}/data.jsonl"
+
+
+def store_dataset_upload(source: BinaryIO, dataset_id: str, declared: DatasetFormat, filename: str | None,
+                         settings: Settings, store: ArtifactStore) -> StoredDataset:
+    """Spool the upload (size-capped, hashed), validate every line, store it as JSONL. Nothing is left on failure."""
+    scratch = settings.work_dir / f"dataset-{uuid.uuid4().hex}"
+    scratch.mkdir(parents=True)
+    try:
+        sha256, size = spool_upload(source, scratch / "upload", settings.max_dataset_bytes)
+        fmt = _detect_format(scratch / "upload", declared, filename)
+        count = _normalise(scratch / "upload", scratch / "data.jsonl", fmt)
+        key = dataset_storage_key(dataset_id)
+        store.put_file(key, scratch / "data.jsonl")
+        return StoredDataset(fmt, count, size, sha256, key)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def read_texts(path: Path) -> list[str]:
+    """The texts of a stored (normalised) dataset, in upload order."""
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line)["text"] for line in handle]
+
+
+def _detect_format(path: Path, declared: DatasetFormat, filename: str | None) -> str:
+    if declared != "auto":
+        return declared
+    if filename and filename.lower().endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip()
+    return "jsonl" if head.startswith(b"{") else "text"
+
+
+def _normalise(source: Path, target: Path, fmt: str) -> int:
+    count = 0
+    with source.open("rb") as lines, target.open("w", encoding="utf-8") as out:
+        for number, raw in enumerate(lines, start=1):
+            record = _parse_line(raw, number, fmt)
+            if record is None:
+                continue
+            count += 1
+            if count > MAX_SAMPLES:
+                raise PayloadTooLarge(f"dataset has more than {MAX_SAMPLES:,} samples", {"field": "file"})
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if count == 0:
+        raise InvalidRequest("the dataset has no samples (every line is empty)", {"field": "file"})
+    return count
+
+
+def _parse_line(raw: bytes, number: int, fmt: str) -> dict | None:
+    if len(raw) > MAX_LINE_BYTES:
+        raise PayloadTooLarge(f"line {number} is longer than {MAX_LINE_BYTES:,} bytes", {"line": number})
+    try:
+        line = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"line {number} is not valid UTF-8 ({exc.reason})", {"line": number}) from exc
+    if not line:
+        return None
+    if fmt == "text":
+        return {"text": line}
+    return _json_record(line, number)
+
+
+def _json_record(line: str, number: int) -> dict:
+    try:
+        value = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidRequest(f"line {number} is not valid JSON: {exc}", {"line": number}) from exc
+    if not isinstance(value, dict) or not isinstance(value.get("text"), str) or not value["text"].strip():
+        raise InvalidRequest(f"line {number} must be a JSON object with a non-empty string field \"text\"",
+                             {"line": number})
+    record = {"text": value["text"]}
+    if "label" in value:
+        if not isinstance(value["label"], str | int):
+            raise InvalidRequest(f"line {number}: \"label\" must be a string or an integer", {"line": number})
+        record["label"] = value["label"]
+    return record

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from api.routers.jobs import _check_references
+from core.datasets import read_texts
+from core.db.repositories import Datasets, Models, Tenants
+from core.db.session import session_scope
+from core.errors import NotFound
+from core.storage import get_store
+
+INT8 = {"type": "quantize"}
+
+
+def post_dataset(client, auth, payload: bytes, filename: str = "data.jsonl", **form):
+    return client.post("/v1/datasets", files={"file": (filename, payload, "application/octet-stream")},
+                       data=form, headers=auth)
+
+
+def test_jsonl_and_text_uploads_are_stored_normalised(client, auth):
+    rows = [{"text": "first sample", "label": "pos"}, {"text": "second"}]
+    jsonl = post_dataset(client, auth, "\n".join(json.dumps(r) for r in rows).encode() + b"\n\n")
+    assert jsonl.status_code == 201, jsonl.text
+    body = jsonl.json()
+    assert body["id"].startswith("dst_") and body["format"] == "jsonl" and body["num_samples"] == 2
+    stored = get_store().local_file(f"datasets/{body['id']}/data.jsonl")
+    assert read_texts(stored) == ["first sample", "second"]
+    text = post_dataset(client, auth, "één\ntwo\n".encode(), "notes.txt", name="notes")
+    assert text.status_code == 201 and text.json()["format"] == "text" and text.json()["name"] == "notes"
+    assert client.get("/v1/datasets", headers=auth).json()["total"] == 2
+
+
+def test_bad_datasets_get_clear_4xx(client, auth):
+    cases = [
+        (b"", 400, "empty"),
+        (b"\n \n", 400, "no samples"),
+        (b"ok line\n\xff\xfe bad\n", 400, "line 2 is not valid UTF-8"),
+        (b'{"text": "a"}\n{"body": "b"}\n', 400, 'line 2 must be a JSON object with a non-empty string field "text"'),
+        (b'{"text": "a"}\n{oops\n', 400, "line 2 is not valid JSON"),
+    ]
+    for payload, status, message in cases:
+        response = post_dataset(client, auth, payload, "d.jsonl" if payload.startswith(b"{") else "d.txt")
+        assert response.status_code == status, (payload, response.text)
+        assert message in response.json()["error"]["message"]
+    assert client.get("/v1/datasets", headers=auth).json()["total"] == 0
+
+
+def test_dataset_over_the_cap_is_413(client, auth, monkeypatch):
+    from core.settings import get_settings
+
+    monkeypatch.setattr(get_settings(), "max_dataset_bytes", 100)
+    response = post_dataset(client, auth, b"x" * 101, "d.txt")
+    assert response.status_code == 413 and "100 bytes" in response.json()["error"]["message"]
+
+
+def test_step_references_must_be_the_tenants_own(client, auth, other_auth, upload):
+    """Any `dataset_id` (and `teacher` model id) anywhere in a recipe is checked at submission."""
+    foreign = post_dataset(client, other_auth, b"some text\n", "d.txt").json()
+    mine = post_dataset(client, auth, b"some text\n", "d.txt").json()
+    model = upload()
+    with session_scope() as session:
+        alice = Tenants(session).get_or_create("alice").id
+        datasets, models = Datasets(session, alice), Models(session, alice)
+        _check_references({"steps": [{"calibration": {"dataset_id": mine["id"]}}, {"teacher": model["id"]}]},
+                          datasets, models)
+        with pytest.raises(NotFound, match=foreign["id"]):
+            _check_references({"steps": [{"calibration": {"dataset_id": foreign["id"]}}]}, datasets, models)
+        with pytest.raises(NotFound, match="mdl_nope"):
+            _check_references({"steps": [{"teacher": "mdl_nope"}]}, datasets, models)
+
+
+def test_other_tenant_cannot_see_or_delete_a_dataset(client, auth, other_auth):
+    dataset = post_dataset(client, auth, b"text\n", "d.txt").json()
+    assert client.get(f"/v1/datasets/{dataset['id']}", headers=other_auth).status_code == 404
+    assert client.delete(f"/v1/datasets/{dataset['id']}", headers=other_auth).status_code == 404
+    assert client.delete(f"/v1/datasets/{dataset['id']}", headers=auth).status_code == 204
+    assert client.get(f"/v1/datasets/{dataset['id']}", headers=auth).status_code == 404
