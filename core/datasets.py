@@ -2,8 +2,6 @@
 with one sample per line. Validated while streaming, stored normalised as JSONL, read back as a list of texts."""
 
 import json
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -11,7 +9,7 @@ from typing import BinaryIO, Literal
 from core.errors import InvalidRequest, PayloadTooLarge
 from core.settings import Settings
 from core.storage import ArtifactStore
-from core.uploads import spool_upload
+from core.uploads import scratch_dir, spool_upload
 
 DatasetFormat = Literal["auto", "jsonl", "text"]
 MAX_LINE_BYTES = 1 << 20
@@ -34,17 +32,13 @@ def dataset_storage_key(dataset_id: str) -> str:
 def store_dataset_upload(source: BinaryIO, dataset_id: str, declared: DatasetFormat, filename: str | None,
                          settings: Settings, store: ArtifactStore) -> StoredDataset:
     """Spool the upload (size-capped, hashed), validate every line, store it as JSONL. Nothing is left on failure."""
-    scratch = settings.work_dir / f"dataset-{uuid.uuid4().hex}"
-    scratch.mkdir(parents=True)
-    try:
+    with scratch_dir(settings, "dataset") as scratch:
         sha256, size = spool_upload(source, scratch / "upload", settings.max_dataset_bytes)
         fmt = _detect_format(scratch / "upload", declared, filename)
         count = _normalise(scratch / "upload", scratch / "data.jsonl", fmt)
         key = dataset_storage_key(dataset_id)
         store.put_file(key, scratch / "data.jsonl")
         return StoredDataset(fmt, count, size, sha256, key)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def read_texts(path: Path) -> list[str]:

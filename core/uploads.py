@@ -3,6 +3,8 @@
 import hashlib
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +24,17 @@ class StoredUpload:
     sha256: str
     size_bytes: int
     storage_key: str
+
+
+@contextmanager
+def scratch_dir(settings: Settings, prefix: str) -> Iterator[Path]:
+    """A private folder for one upload in flight, removed whatever happens (nothing half-written is left)."""
+    scratch = settings.work_dir / f"{prefix}-{uuid.uuid4().hex}"
+    scratch.mkdir(parents=True)
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def model_storage_key(model_id: str) -> str:
@@ -45,14 +58,10 @@ def spool_upload(source: BinaryIO, target: Path, max_bytes: int) -> tuple[str, i
 
 def store_model_upload(source: BinaryIO, model_id: str, settings: Settings, store: ArtifactStore) -> StoredUpload:
     """Spool, extract safely, validate and store an uploaded model archive. On any failure nothing is left."""
-    scratch = settings.work_dir / f"upload-{uuid.uuid4().hex}"
-    scratch.mkdir(parents=True)
-    try:
+    with scratch_dir(settings, "upload") as scratch:
         sha256, size = spool_upload(source, scratch / "upload", settings.max_upload_bytes)
         root = extract_archive(scratch / "upload", scratch / "extracted", settings.extraction_limits)
         info = inspect_model_folder(root, settings.max_model_parameters)
         key = model_storage_key(model_id)
         store.put_tree(key, root)
         return StoredUpload(info=info, sha256=sha256, size_bytes=size, storage_key=key)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

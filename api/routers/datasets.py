@@ -1,9 +1,9 @@
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from pydantic import BaseModel, ConfigDict
 
-from api.deps import DatasetsDep, SessionDep, SettingsDep, StoreDep
+from api.deps import DatasetsDep, PageNumber, PageSize, SessionDep, SettingsDep, StoreDep
 from api.schemas import Page
 from core.datasets import store_dataset_upload
 from core.db.models import new_id
@@ -50,8 +50,8 @@ def upload_dataset(
 @router.get("", response_model=Page[DatasetOut])
 def list_datasets(
     datasets: DatasetsDep,
-    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+    page: PageNumber = 1,
+    page_size: PageSize = 20,
 ) -> Page[DatasetOut]:
     rows, total = datasets.page(page, page_size)
     return Page(items=[DatasetOut.model_validate(r) for r in rows], page=page, page_size=page_size, total=total)

@@ -3,11 +3,11 @@ import json
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Request, Response
 from sqlalchemy.exc import IntegrityError
 
 from api import queue
-from api.deps import JobsDep, ModelsDep, SessionDep, SettingsDep
+from api.deps import JobsDep, ModelsDep, PageNumber, PageSize, SessionDep, SettingsDep
 from api.schemas import JobCreate, JobOut, Page
 from core.db.models import Job, JobStatus
 from core.db.repositories import Datasets, Models
@@ -35,7 +35,7 @@ def create_job(
     spec = body.model_dump(mode="json", exclude={"model_id", "queue"})
     _check_references(spec, Datasets(session, jobs.tenant_id), models)
     try:
-        job = jobs.add(body.model_id, spec, body.queue or settings.default_queue, idempotency_key, request_hash)
+        job = jobs.add_job(body.model_id, spec, body.queue or settings.default_queue, idempotency_key, request_hash)
         session.commit()
     except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race
         session.rollback()
@@ -50,8 +50,8 @@ def list_jobs(
     jobs: JobsDep,
     request: Request,
     status: JobStatus | None = None,
-    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+    page: PageNumber = 1,
+    page_size: PageSize = 20,
 ) -> Page[JobOut]:
     filters = [Job.status == status] if status else []
     rows, total = jobs.page(page, page_size, *filters)

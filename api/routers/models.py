@@ -1,9 +1,9 @@
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 
-from api.deps import ModelsDep, SessionDep, SettingsDep, StoreDep
+from api.deps import ModelsDep, PageNumber, PageSize, SessionDep, SettingsDep, StoreDep
 from api.schemas import ModelOut, Page
 from core.db.models import new_id
 from core.db.repositories import Jobs
@@ -47,8 +47,8 @@ def upload_model(
 @router.get("", response_model=Page[ModelOut])
 def list_models(
     models: ModelsDep,
-    page: Annotated[int, Query(ge=1, le=1_000_000)] = 1,
-    page_size: Annotated[int, Query(ge=1, le=100)] = 20,
+    page: PageNumber = 1,
+    page_size: PageSize = 20,
 ) -> Page[ModelOut]:
     rows, total = models.page(page, page_size)
     return Page(items=[ModelOut.model_validate(r) for r in rows], page=page, page_size=page_size, total=total)

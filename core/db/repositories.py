@@ -67,6 +67,16 @@ class _TenantScoped:
             raise NotFound(f"{self.noun} {row_id!r} not found")
         return row
 
+    def add(self, **fields: Any) -> Any:
+        row = self.row_type(tenant_id=self.tenant_id, **fields)
+        self.session.add(row)
+        self.session.flush()
+        return row
+
+    def delete(self, row: Base) -> None:
+        self.session.delete(row)
+        self.session.flush()
+
     def page(self, page: int, page_size: int, *filters: Any) -> tuple[Sequence[Any], int]:
         where = (self.row_type.tenant_id == self.tenant_id, *filters)
         total = self.session.scalar(select(func.count()).select_from(self.row_type).where(*where)) or 0
@@ -84,23 +94,13 @@ class Models(_TenantScoped):
     row_type = Model
     noun = "model"
 
-    def add(self, **fields: Any) -> Model:
-        model = Model(tenant_id=self.tenant_id, **fields)
-        self.session.add(model)
-        self.session.flush()
-        return model
-
-    def delete(self, model: Model) -> None:
-        self.session.delete(model)
-        self.session.flush()
-
 
 class Jobs(_TenantScoped):
     row_type = Job
     noun = "job"
 
-    def add(self, model_id: str, spec: dict[str, Any], queue: str, idempotency_key: str | None,
-            request_hash: str | None) -> Job:
+    def add_job(self, model_id: str, spec: dict[str, Any], queue: str, idempotency_key: str | None,
+                request_hash: str | None) -> Job:
         job = Job(tenant_id=self.tenant_id, model_id=model_id, spec=spec, queue=queue,
                   idempotency_key=idempotency_key, request_hash=request_hash, status=JobStatus.queued)
         job.steps = [
@@ -139,16 +139,6 @@ class Jobs(_TenantScoped):
 class Datasets(_TenantScoped):
     row_type = Dataset
     noun = "dataset"
-
-    def add(self, **fields: Any) -> Dataset:
-        dataset = Dataset(tenant_id=self.tenant_id, **fields)
-        self.session.add(dataset)
-        self.session.flush()
-        return dataset
-
-    def delete(self, dataset: Dataset) -> None:
-        self.session.delete(dataset)
-        self.session.flush()
 
 
 class Artifacts(_TenantScoped):
