@@ -22,6 +22,8 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.RangeNotSatisfiable: 416,
+    errors.RateLimited: 429,
+    errors.StorageFailed: 507,
     errors.Unavailable: 503,
 }
 

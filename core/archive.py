@@ -4,6 +4,7 @@ lies about its sizes is stopped at the cap, and a failed extraction leaves nothi
 
 import shutil
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
@@ -70,11 +71,21 @@ class _Budget:
         self.members = 0
         self.total = 0
         self.max_total = min(limits.max_total_bytes, int(max(archive_bytes, CHUNK) * limits.max_ratio))
+        self.folded: dict[str, str] = {}
 
     def member(self, name: str) -> None:
         self.members += 1
         if self.members > self.limits.max_members:
             raise PayloadTooLarge(f"archive has more than {self.limits.max_members} members")
+
+    def file_name(self, name: PurePosixPath) -> None:
+        """Names equal but for case would overwrite each other on a case-insensitive filesystem."""
+        folded = str(name).casefold()
+        if folded in self.folded:
+            first = self.folded[folded]
+            problem = "appears twice" if first == str(name) else f"differs only by case from {first!r}"
+            raise UnsafeInput(f"archive member {str(name)!r} {problem}")
+        self.folded[folded] = str(name)
 
     def bytes(self, count: int) -> None:
         self.total += count
@@ -85,10 +96,12 @@ class _Budget:
             )
 
 
-def _write_member(source: IO[bytes], target: Path, budget: _Budget) -> None:
+def _write_member(source: IO[bytes], dest: Path, name: PurePosixPath, budget: _Budget) -> None:
+    budget.file_name(name)
+    target = dest / name
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
-        raise UnsafeInput(f"archive member {target.name!r} appears twice")
+        raise UnsafeInput(f"archive member {str(name)!r} appears twice")
     with target.open("xb") as out:
         for chunk in iter(lambda: source.read(CHUNK), b""):
             budget.bytes(len(chunk))
@@ -97,7 +110,11 @@ def _write_member(source: IO[bytes], target: Path, budget: _Budget) -> None:
 
 def _extract_zip(archive: Path, dest: Path, limits: ExtractionLimits) -> None:
     budget = _Budget(limits, archive.stat().st_size)
+    declared = _zip_entry_count(archive)
+    if declared > limits.max_members:  # checked before zipfile parses (and holds in memory) the whole directory
+        raise PayloadTooLarge(f"archive has more than {limits.max_members} members ({declared:,} declared)")
     with zipfile.ZipFile(archive) as zf:
+        _check_no_overlap(zf.infolist())
         for info in zf.infolist():
             budget.member(info.filename)
             name = safe_member_name(info.filename)
@@ -108,7 +125,34 @@ def _extract_zip(archive: Path, dest: Path, limits: ExtractionLimits) -> None:
                 (dest / name).mkdir(parents=True, exist_ok=True)
                 continue
             with zf.open(info) as source:
-                _write_member(source, dest / name, budget)
+                _write_member(source, dest, name, budget)
+
+
+def _zip_entry_count(archive: Path) -> int:
+    """The member count the end-of-central-directory record declares (zip64 included); 0 if there is none, in
+    which case zipfile itself reports the archive as corrupt."""
+    with archive.open("rb") as handle:
+        handle.seek(max(archive.stat().st_size - (1 << 16) - 22, 0))
+        tail = handle.read()
+        end = tail.rfind(b"PK\x05\x06")
+        if end < 0 or end + 12 > len(tail):
+            return 0
+        count = struct.unpack_from("<H", tail, end + 10)[0]
+        locator = tail.rfind(b"PK\x06\x07", 0, end)
+        if count == 0xFFFF and locator >= 0 and locator + 16 <= len(tail):
+            handle.seek(struct.unpack_from("<Q", tail, locator + 8)[0])
+            record = handle.read(40)
+            count = struct.unpack_from("<Q", record, 32)[0] if len(record) == 40 else 0
+    return count
+
+
+def _check_no_overlap(infos: list[zipfile.ZipInfo]) -> None:
+    """Members whose compressed data run into the next member are the overlapping-entry bomb: many names
+    inflating the same kernel. Honest archives store every member's bytes once."""
+    ordered = sorted(infos, key=lambda info: info.header_offset)
+    for info, following in zip(ordered, ordered[1:], strict=False):
+        if info.header_offset + info.compress_size > following.header_offset:
+            raise UnsafeInput(f"archive members {info.filename!r} and {following.filename!r} overlap")
 
 
 def _is_tar(archive: Path) -> bool:
@@ -131,7 +175,7 @@ def _extract_tar(archive: Path, dest: Path, limits: ExtractionLimits) -> None:
             if source is None:
                 raise UnsafeInput(f"archive member {member.name!r} has no data")
             with source:
-                _write_member(source, dest / member.name, budget)
+                _write_member(source, dest, PurePosixPath(member.name), budget)
 
 
 def _tar_members(tf: tarfile.TarFile, budget: _Budget) -> Iterator[tarfile.TarInfo]:

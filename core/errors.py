@@ -58,12 +58,24 @@ class RangeNotSatisfiable(ServiceError):
     code = "range_not_satisfiable"
 
 
+class RateLimited(ServiceError):
+    """Too many requests for one API key; `details["retry_after_s"]` says when to come back."""
+
+    code = "rate_limited"
+
+
 class StepFailed(ServiceError):
     code = "step_failed"
 
 
 class JobCancelled(ServiceError):
     code = "cancelled"
+
+
+class StorageFailed(ServiceError):
+    """Writing to scratch or artifact storage failed for good (disk full, quota, file too large)."""
+
+    code = "storage"
 
 
 class Unavailable(ServiceError):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from core.compressed import load_compressed, save_compressed
@@ -21,6 +22,8 @@ from core.compression import metrics
 from core.compression.pipeline import StepHooks, run_pipeline
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext, StepReport
+from core.errors import StepFailed
+from core.export import export_onnx
 from core.modelio import load_model
 
 log = logging.getLogger(__name__)
@@ -45,25 +48,46 @@ class _Probe:
 
 def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext, hooks: StepHooks,
                 provenance: dict[str, Any]) -> JobOutcome:
-    """Load, measure, compress, save, reload and measure again. `work_dir` must be empty or absent."""
-    shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True)
+    """Load, measure, compress, save, reload and measure again. A re-attempt of the same job reuses `work_dir`:
+    its `steps/` folder holds the training steps' checkpoints; the previous attempt's output is discarded."""
+    shutil.rmtree(work_dir / "model", ignore_errors=True)
+    (work_dir / "model.zip").unlink(missing_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(model_dir, ctx.device)
     tokenizer = _tokenizer(model_dir)
     probe = _probe(model, tokenizer)
     before = _measure(model, probe, metrics.weights_size_bytes(model_dir))
     ctx.report(PIPELINE_SHARE[0], "measured the original model")
     state = ModelState(model, tokenizer=tokenizer)
-    reports = run_pipeline(state, spec.steps, _scaled(ctx, *PIPELINE_SHARE, work_dir), hooks,
+    reports = run_pipeline(state, spec.steps, _scaled(_with_teacher(ctx, model_dir), *PIPELINE_SHARE, work_dir), hooks,
                            evaluate=lambda s: {"output_cosine": probe.cosine(s.model)})
     ctx.report(PIPELINE_SHARE[1], "saving the artifact")
     folder = work_dir / "model"
     save_compressed(state, folder, _manifest(spec, reports, before, provenance), source_dir=model_dir)
     del state, model
     ctx.report(0.9, "measuring the saved artifact")
-    after = _measure(load_compressed(folder).to(ctx.device), probe, metrics.weights_size_bytes(folder))
+    loaded = load_compressed(folder).to(ctx.device)
+    after = _measure(loaded, probe, metrics.weights_size_bytes(folder))
+    if "onnx" in spec.export:
+        ctx.report(0.95, "exporting to ONNX")
+        after["onnx_output_cosine"] = _export_onnx(loaded, folder, probe)
     archive = _zip_folder(folder, work_dir / "model.zip")
     return JobOutcome(archive, _summary(before, after, archive, ctx))
+
+
+def _export_onnx(model: Any, folder: Path, probe: "_Probe") -> float:
+    """Write model.onnx beside the weights and check it in ONNX Runtime: the cosine of its outputs vs the
+    original model's on the probe inputs goes into the job's metrics."""
+    import onnxruntime
+
+    try:
+        path = export_onnx(model.cpu(), folder, {k: v.cpu() for k, v in probe.inputs.items()})
+    except (RuntimeError, ValueError) as exc:
+        raise StepFailed(f"ONNX export failed: {exc}") from exc
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: probe.inputs[i.name].cpu().numpy() for i in session.get_inputs()}
+    outputs = torch.from_numpy(session.run(None, feeds)[0])
+    return metrics.output_cosine(probe.reference.cpu(), outputs, probe.inputs.get("attention_mask"))
 
 
 def _scaled(ctx: StepContext, low: float, high: float, work_dir: Path) -> StepContext:
@@ -73,6 +97,15 @@ def _scaled(ctx: StepContext, low: float, high: float, work_dir: Path) -> StepCo
         ctx.report(low + (high - low) * fraction, message)
 
     return dataclasses.replace(ctx, report=report, work_dir=work_dir / "steps")
+
+
+def _with_teacher(ctx: StepContext, model_dir: Path) -> StepContext:
+    """Teacher "original" is the uploaded folder loaded afresh; other refs go to the caller's resolver."""
+
+    def teacher(ref: str) -> Any:
+        return load_model(model_dir, ctx.device) if ref == "original" else ctx.teacher(ref)
+
+    return dataclasses.replace(ctx, teacher=teacher)
 
 
 def _tokenizer(model_dir: Path) -> PreTrainedTokenizerBase | None:

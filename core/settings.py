@@ -24,7 +24,6 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     artifact_dir: Path | None = None
-    api_url: str = "http://127.0.0.1:8000"
 
     max_upload_bytes: int = Field(2 * GiB, gt=0)
     max_dataset_bytes: int = Field(256 * 1024**2, gt=0)
@@ -36,8 +35,16 @@ class Settings(BaseSettings):
     job_soft_time_limit_s: int = Field(3240, gt=0)
     job_hard_time_limit_s: int = Field(3600, gt=0)
     job_max_attempts: int = Field(2, ge=1)
+    job_lease_s: int = Field(60, gt=0, description="a running job's worker renews its lease every third of this")
+    sweep_interval_s: float = Field(30.0, gt=0, description="how often each worker sweeps expired leases")
+    scratch_max_age_s: int = Field(6 * 3600, gt=0, description="untouched upload/job scratch older than this is swept")
+    reconcile_after_s: int = Field(30, ge=0, description="queued jobs older than this are re-sent at worker start")
+    rate_limit_per_minute: int = Field(600, ge=0, description="requests per API key (or client address); 0: off")
+    rate_limit_burst: int = Field(60, gt=0)
+    max_form_files: int = Field(4, gt=0, description="files in one multipart request")
+    max_form_fields: int = Field(16, gt=0, description="text fields in one multipart request")
+    max_form_field_bytes: int = Field(64 * 1024, gt=0, description="bytes of one multipart text field")
     default_queue: str = "cpu"
-    torch_threads: int = Field(0, ge=0, description="0 keeps torch's default")
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> "Settings":

@@ -1,6 +1,8 @@
 """Turn an uploaded archive into a stored, validated model folder (used by the API, testable without it)."""
 
+import errno
 import hashlib
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -10,12 +12,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from core.archive import extract_archive
-from core.errors import InvalidRequest, PayloadTooLarge
+from core.errors import InvalidRequest, PayloadTooLarge, StorageFailed
 from core.modelio import ModelInfo, inspect_model_folder
 from core.settings import Settings
 from core.storage import ArtifactStore
 
 CHUNK = 1 << 20
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True)
@@ -33,8 +37,21 @@ def scratch_dir(settings: Settings, prefix: str) -> Iterator[Path]:
     scratch.mkdir(parents=True)
     try:
         yield scratch
+    except OSError as exc:  # a full disk is the service's problem, not the client's: name it (507), not a 500
+        if exc.errno not in DISK_FULL:
+            raise
+        raise StorageFailed("the service is out of storage space for uploads; try again later") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def display_name(filename: str | None, default: str, suffixes: tuple[str, ...] = ()) -> str:
+    """A client's filename reduced to a label: no folders (`../../app.py` -> `app.py`), no control characters
+    (a NUL must not reach the database), at most 200 characters. It never names a file on our side."""
+    base = UNPRINTABLE.sub("", (filename or "").replace("\\", "/").rsplit("/", 1)[-1])
+    for suffix in suffixes:
+        base = base.removesuffix(suffix)
+    return base.strip()[:200] or default
 
 
 def model_storage_key(model_id: str) -> str:

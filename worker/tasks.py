@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_ready
-from sqlalchemy.exc import OperationalError
+from celery.exceptions import TimeLimitExceeded
+from celery.signals import task_failure, worker_process_init, worker_ready, worker_shutdown
 
 from core import __version__
 from core.compression.pipeline import StepHooks
@@ -24,16 +23,17 @@ from core.compression.spec import JobSpec, StepConfig
 from core.compression.state import StepContext, StepReport
 from core.datasets import read_texts
 from core.db.models import Job, JobStatus, utcnow
-from core.db.repositories import Datasets, JobRuns
-from core.db.session import session_scope
-from core.errors import JobCancelled, ServiceError, Unavailable
+from core.db.repositories import Datasets, JobRuns, Models, worker_lost
+from core.db.session import engine, session_scope
 from core.jobs import execute_job
+from core.modelio import load_model
 from core.settings import Settings, get_settings
-from core.storage import get_store
+from core.storage import ArtifactStore, get_store
 from worker.celery_app import RUN_JOB_TASK, app
+from worker.faults import INFRASTRUCTURE_FAULTS, Heartbeat, Sweeper, failure_for, retries_exhausted, timeout_error
 
 log = logging.getLogger(__name__)
-INFRASTRUCTURE_FAULTS = (Unavailable, OperationalError, OSError)
+SWEEPERS: list[Sweeper] = []
 
 
 @app.task(name=RUN_JOB_TASK, bind=True, max_retries=5)
@@ -44,13 +44,17 @@ def run_job(self: Task, job_id: str) -> None:
         if job is not None:
             _run_claimed(job, settings)
     except INFRASTRUCTURE_FAULTS as exc:
+        if self.request.retries >= self.max_retries:  # give up with a terminal state, never stay queued
+            log.error("job %s: infrastructure fault after %d retries: %s", job_id, self.request.retries, exc)
+            _end(job_id, retries_exhausted(exc))
+            return
         log.warning("job %s: infrastructure fault, will retry: %s", job_id, exc)
         _release(job_id)
         raise self.retry(exc=exc, countdown=min(5 * 2**self.request.retries, 300)) from exc
 
 
 def _claim(job_id: str, settings: Settings) -> Job | None:
-    lease = timedelta(seconds=settings.job_hard_time_limit_s)
+    lease = timedelta(seconds=settings.job_lease_s)
     with session_scope() as session:
         runs = JobRuns(session)
         job = runs.claim(job_id, lease, settings.job_max_attempts)
@@ -65,7 +69,7 @@ def _end_if_abandoned(runs: JobRuns, job_id: str, settings: Settings) -> None:
     if job is None:
         log.warning("job %s does not exist; message dropped", job_id)
     elif job.status == JobStatus.running and job.lease_expires_at and job.lease_expires_at < utcnow():
-        runs.fail(job_id, {"code": "worker_lost", "message": f"the worker died {job.attempts} times running it"})
+        runs.fail(job_id, worker_lost(job.attempts))
     elif job.status == JobStatus.queued and job.cancel_requested:
         runs.fail(job_id, {"code": "cancelled", "message": "cancelled before it started"}, JobStatus.cancelled)
     else:
@@ -73,35 +77,35 @@ def _end_if_abandoned(runs: JobRuns, job_id: str, settings: Settings) -> None:
 
 
 def _run_claimed(job: Job, settings: Settings) -> None:
-    store = get_store()
+    """Run a claimed job to exactly one end; infrastructure faults propagate so that the task retries."""
     work_dir = settings.work_dir / f"job-{job.id}"
     try:
-        spec = JobSpec.model_validate(job.spec)
-        with session_scope() as session:
-            model = JobRuns(session).model_of(job)
-        outcome = execute_job(
-            store.local_tree(model.storage_key), spec, work_dir, _context(job), _hooks(job.id),
-            {"job_id": job.id, "input_sha256": model.sha256, "service_version": __version__},
-        )
-        key = f"artifacts/{job.id}/model.zip"  # fixed per job: a retry overwrites instead of orphaning
-        store.put_file(key, outcome.artifact)
-        artifact = {"name": f"{model.name}-compressed.zip", "storage_key": key, "sha256": _sha256(outcome.artifact),
-                    "size_bytes": outcome.artifact.stat().st_size}
-        with session_scope() as session:
-            JobRuns(session).succeed(job, outcome.metrics, artifact)
-    except INFRASTRUCTURE_FAULTS:
-        raise
-    except JobCancelled as exc:
-        _end(job.id, {"code": exc.code, "message": exc.message}, JobStatus.cancelled)
-    except ServiceError as exc:
-        _end(job.id, exc.as_dict())
-    except SoftTimeLimitExceeded:
-        _end(job.id, {"code": "time_limit", "message": f"the job ran past {settings.job_soft_time_limit_s} s"})
-    except Exception as exc:  # a bug: fail the job with its cause rather than retry it forever
-        log.exception("job %s crashed", job.id)
-        _end(job.id, {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"})
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+        with Heartbeat(job.id, settings.job_lease_s):
+            _execute(job, get_store(), work_dir)
+    except Exception as exc:  # every failure is named; only infrastructure faults are retried
+        failure = failure_for(exc, settings)
+        if failure is None:
+            raise  # retried: work_dir keeps the steps' checkpoints for the next attempt
+        if failure[0]["code"] == "internal_error":
+            log.exception("job %s crashed", job.id)
+        _end(job.id, *failure)
+    shutil.rmtree(work_dir, ignore_errors=True)  # the job ended: its scratch and checkpoints go
+
+
+def _execute(job: Job, store: ArtifactStore, work_dir: Any) -> None:
+    spec = JobSpec.model_validate(job.spec)
+    with session_scope() as session:
+        model = JobRuns(session).model_of(job)
+    outcome = execute_job(
+        store.local_tree(model.storage_key), spec, work_dir, _context(job), _hooks(job.id),
+        {"job_id": job.id, "input_sha256": model.sha256, "service_version": __version__},
+    )
+    key = f"artifacts/{job.id}/model.zip"  # fixed per job: a retry overwrites instead of orphaning
+    store.put_file(key, outcome.artifact)
+    artifact = {"name": f"{model.name}-compressed.zip", "storage_key": key, "sha256": _sha256(outcome.artifact),
+                "size_bytes": outcome.artifact.stat().st_size}
+    with session_scope() as session:
+        JobRuns(session).succeed(job, outcome.metrics, artifact)
 
 
 def _end(job_id: str, error: dict[str, Any], status: JobStatus = JobStatus.failed) -> None:
@@ -135,7 +139,20 @@ def _context(job: Job) -> StepContext:
         return bool(state["cancel"])
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return StepContext(device=device, report=report, should_stop=should_stop, texts=_dataset_texts(job.tenant_id))
+    return StepContext(device=device, report=report, should_stop=should_stop, texts=_dataset_texts(job.tenant_id),
+                       teacher=_teacher_models(job.tenant_id, device))
+
+
+def _teacher_models(tenant_id: str, device: torch.device) -> Callable[[str], Any]:
+    """Resolve a step's `teacher` model id to that tenant's uploaded model, loaded fresh ("original" is handled in
+    core.jobs)."""
+
+    def teacher(model_id: str) -> Any:
+        with session_scope() as session:
+            model = Models(session, tenant_id).get(model_id)
+        return load_model(get_store().local_tree(model.storage_key), device)
+
+    return teacher
 
 
 def _dataset_texts(tenant_id: str) -> Callable[[str | None], list[str]]:
@@ -175,13 +192,41 @@ def _sha256(path: Any) -> str:
 
 @worker_ready.connect
 def reconcile_on_start(**_: Any) -> None:
-    """Re-send jobs still queued in the database (e.g. the broker lost them in a restart); duplicates are no-ops."""
+    """Re-send jobs still queued in the database (e.g. the broker lost them in a restart); duplicates are no-ops.
+    Then start this worker's sweeper (expired leases, stale scratch)."""
+    settings = get_settings()
     try:
-        resent = reconcile_queued(older_than_s=30)
+        resent = reconcile_queued(older_than_s=settings.reconcile_after_s)
         if resent:
             log.info("reconciler re-enqueued %d queued jobs", resent)
     except Exception as exc:
         log.warning("reconciler skipped: %s", exc)
+    SWEEPERS.append(Sweeper(app, RUN_JOB_TASK, settings))
+    SWEEPERS[-1].start()
+
+
+@worker_shutdown.connect
+def stop_sweeper(**_: Any) -> None:
+    while SWEEPERS:
+        SWEEPERS.pop().stop()
+
+
+@worker_process_init.connect
+def forget_parent_connections(**_: Any) -> None:
+    """A pool process is forked from the main one, whose sweeper holds database connections: never share them."""
+    engine().dispose(close=False)
+
+
+@task_failure.connect
+def end_on_hard_time_limit(sender: Any = None, exception: BaseException | None = None, args: Any = None,
+                           **_: Any) -> None:
+    """The hard limit kills the pool process, so its own cleanup never runs: the main process ends the job
+    `failed` with `timeout` and removes its scratch folder."""
+    if getattr(sender, "name", None) != RUN_JOB_TASK or not isinstance(exception, TimeLimitExceeded) or not args:
+        return
+    settings = get_settings()
+    shutil.rmtree(settings.work_dir / f"job-{args[0]}", ignore_errors=True)
+    _end(args[0], timeout_error(settings.job_hard_time_limit_s, "hard"))
 
 
 def reconcile_queued(older_than_s: int) -> int:

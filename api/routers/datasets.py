@@ -4,9 +4,11 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from pydantic import BaseModel, ConfigDict
 
 from api.deps import DatasetsDep, PageNumber, PageSize, SessionDep, SettingsDep, StoreDep
+from api.limits import NameField
 from api.schemas import Page
 from core.datasets import store_dataset_upload
 from core.db.models import new_id
+from core.uploads import display_name
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -30,14 +32,14 @@ def upload_dataset(
     settings: SettingsDep,
     store: StoreDep,
     file: Annotated[UploadFile, File(description="JSONL with a `text` field, or plain text: one sample per line")],
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: NameField = None,
     format: Annotated[Literal["auto", "jsonl", "text"], Form()] = "auto",
 ) -> DatasetOut:
     """Upload calibration or training text (UTF-8). Used by steps through `dataset_id`."""
     dataset_id = new_id("dst")
     stored = store_dataset_upload(file.file, dataset_id, format, file.filename, settings, store)
     try:
-        row = datasets.add(id=dataset_id, name=name or (file.filename or "dataset")[:200], format=stored.format,
+        row = datasets.add(id=dataset_id, name=name or display_name(file.filename, "dataset"), format=stored.format,
                            num_samples=stored.num_samples, size_bytes=stored.size_bytes, sha256=stored.sha256,
                            storage_key=stored.storage_key)
         session.commit()

@@ -9,11 +9,13 @@ from sqlalchemy.exc import IntegrityError
 from api import queue
 from api.deps import JobsDep, ModelsDep, PageNumber, PageSize, SessionDep, SettingsDep
 from api.schemas import JobCreate, JobOut, Page
-from core.db.models import Job, JobStatus
+from core.db.models import Dataset, Job, JobStatus
 from core.db.repositories import Datasets, Models
-from core.errors import Conflict
+from core.errors import Conflict, InvalidSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+TRAINING_STEPS = ("distill", "lora")
+MIN_TRAINING_SAMPLES = 2
 
 
 @router.post("", status_code=202, response_model=JobOut)
@@ -72,12 +74,23 @@ def cancel_job(job_id: str, jobs: JobsDep, session: SessionDep, request: Request
 
 
 def _check_references(spec: dict, datasets: Datasets, models: Models) -> None:
-    """Every dataset or teacher model a step names must be the tenant's own (404 otherwise, like any id)."""
-    for key, value in _walk(spec):
-        if key == "dataset_id" and isinstance(value, str):
-            datasets.get(value)
-        elif key == "teacher" and isinstance(value, str) and value != "original":
-            models.get(value)
+    """Every dataset or teacher model a step names must be the tenant's own (404 otherwise, like any id), and a
+    training step needs a dataset with rows to hold out for evaluation."""
+    for step in spec.get("steps", [spec]):
+        for key, value in _walk(step):
+            if key == "dataset_id" and isinstance(value, str):
+                _check_dataset(datasets.get(value), step)
+            elif key == "teacher" and isinstance(value, str) and value != "original":
+                models.get(value)
+
+
+def _check_dataset(dataset: Dataset, step: dict) -> None:
+    if step.get("type") in TRAINING_STEPS and dataset.num_samples < MIN_TRAINING_SAMPLES:
+        raise InvalidSpec(
+            f"dataset {dataset.id!r} has {dataset.num_samples} sample(s); a {step['type']} step needs at least "
+            f"{MIN_TRAINING_SAMPLES} (some are held out for evaluation)",
+            [{"field": f"steps.{step['type']}.dataset_id", "message": "too few samples"}],
+        )
 
 
 def _walk(value: object) -> Iterator[tuple[str, object]]:

@@ -1,14 +1,15 @@
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi import APIRouter, File, Response, UploadFile
 
 from api.deps import ModelsDep, PageNumber, PageSize, SessionDep, SettingsDep, StoreDep
+from api.limits import NameField
 from api.schemas import ModelOut, Page
 from core.db.models import new_id
 from core.db.repositories import Jobs
 from core.errors import Conflict
-from core.uploads import store_model_upload
+from core.uploads import display_name, store_model_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ def upload_model(
     settings: SettingsDep,
     store: StoreDep,
     file: Annotated[UploadFile, File(description="a .zip or .tar.gz of a Hugging Face model folder")],
-    name: Annotated[str | None, Form(max_length=200)] = None,
+    name: NameField = None,
 ) -> ModelOut:
     """Upload a model folder (config.json + *.safetensors + optional tokenizer files) as an archive."""
     model_id = new_id("mdl")
@@ -29,7 +30,7 @@ def upload_model(
     try:
         row = models.add(
             id=model_id,
-            name=name or _default_name(file.filename),
+            name=name or display_name(file.filename, "model", (".tar.gz", ".tgz", ".zip")),
             architecture=stored.info.architecture,
             model_type=stored.info.model_type,
             num_parameters=stored.info.num_parameters,
@@ -68,10 +69,3 @@ def delete_model(model_id: str, models: ModelsDep, session: SessionDep, store: S
     session.commit()
     store.delete(model.storage_key)
     return Response(status_code=204)
-
-
-def _default_name(filename: str | None) -> str:
-    base = (filename or "model").rsplit("/", 1)[-1]
-    for suffix in (".tar.gz", ".tgz", ".zip"):
-        base = base.removesuffix(suffix)
-    return base[:200] or "model"

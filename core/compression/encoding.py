@@ -9,13 +9,16 @@ from typing import Literal
 
 import torch
 
+from core.compression.quant.grid import GridParams, IntGrid, dequantize_codes, grid_params, quantize_codes
+from core.compression.quant.packing import pack_bits, unpack_bits
 from core.compression.state import Encoding
 from core.errors import UnsupportedModel
 
-Granularity = Literal["per_tensor", "per_channel"]
+Granularity = Literal["per_tensor", "per_channel", "per_group"]
 Decoder = Callable[[Encoding], torch.Tensor]
 
 INT8_RTN = "int8_rtn"
+PACKED_INT = "packed_int"
 
 _DECODERS: dict[str, Decoder] = {}
 
@@ -45,50 +48,95 @@ def decode(encoding: Encoding) -> torch.Tensor:
 
 
 def quantize_rtn(
-    weight: torch.Tensor, bits: int = 8, granularity: Granularity = "per_channel", symmetric: bool = True
+    weight: torch.Tensor,
+    bits: int = 8,
+    granularity: Granularity = "per_channel",
+    symmetric: bool = True,
+    group_size: int | None = None,
 ) -> Encoding:
-    """Round-to-nearest linear quantization of `weight` into int8 codes plus float32 scales.
+    """Round-to-nearest linear quantization of `weight`: q = clamp(round(w / scale) + zero_point, qmin, qmax) and
+    w ≈ (q - zero_point) · scale, with one scale (and zero point) per tensor, output row or group of columns.
 
-    q = clamp(round(w / scale) + zero_point, qmin, qmax) and w ≈ (q - zero_point) · scale. `per_channel` keeps one
-    scale per output row (dim 0; one per token for an embedding table), `per_tensor` one for the whole tensor.
-    Symmetric: scale = max|w| / 127, codes in [-127, 127], no zero point. Asymmetric: scale = (max - min) / 255
-    with an int8 zero point, codes in [-128, 127].
+    8 bits per row or tensor keeps the original `int8_rtn` format: int8 codes and float32 scales (symmetric:
+    scale = max|w| / 127, codes in [-127, 127]; asymmetric: scale = (max - min) / 255, int8 zero point). Fewer bits,
+    or groups of `group_size` columns (`per_group`), give the `packed_int` format: unsigned codes bit-packed
+    (two int4 codes per byte), float16 scales, uint8 zero points (see `core.compression.quant.grid`).
 
-    Example: `decode(quantize_rtn(linear.weight))` is the weight an int8 artifact computes with.
+    Example: `decode(quantize_rtn(linear.weight, bits=4, granularity="per_group", group_size=64))`.
     """
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be between 2 and 8 to fit int8 codes, got {bits}")
+    if bits == 8 and granularity != "per_group":
+        return _quantize_int8(weight, granularity, symmetric)
+    grid = IntGrid(bits=bits, symmetric=symmetric, granularity=granularity, group_size=group_size)
+    return quantize_packed_int(weight, grid)
+
+
+def quantize_packed_int(weight: torch.Tensor, grid: IntGrid) -> Encoding:
+    """Round-to-nearest quantization of a 2-D weight onto `grid`, stored in the `packed_int` format."""
+    if weight.ndim != 2:
+        raise ValueError(f"packed_int needs a 2-D weight, got shape {tuple(weight.shape)}")
+    w = weight.detach().to(torch.float32)
+    params = grid_params(w, grid)
+    return packed_int_encoding(quantize_codes(w, params, grid), params, grid)
+
+
+def packed_int_encoding(codes: torch.Tensor, params: GridParams, grid: IntGrid) -> Encoding:
+    """The `packed_int` encoding of unsigned `codes` (rows x columns) on `grid` (used by rtn and gptq)."""
+    tensors = {"qweight": pack_bits(codes, grid.bits), "scale": params.scale}
+    if params.zero_point is not None:
+        tensors["zero_point"] = params.zero_point
+    meta = {
+        "bits": grid.bits,
+        "shape": list(codes.shape),
+        "granularity": grid.granularity,
+        "group_size": grid.group_size,
+        "symmetric": grid.symmetric,
+    }
+    return Encoding(format=PACKED_INT, tensors=tensors, meta=meta)
+
+
+@register_decoder(PACKED_INT)
+def _decode_packed_int(encoding: Encoding) -> torch.Tensor:
+    meta = encoding.meta
+    grid = IntGrid(meta["bits"], meta["symmetric"], meta["granularity"], meta["group_size"])
+    rows, columns = meta["shape"]
+    codes = unpack_bits(encoding.tensors["qweight"], grid.bits, rows * columns).view(rows, columns)
+    params = GridParams(encoding.tensors["scale"], encoding.tensors.get("zero_point"))
+    return dequantize_codes(codes, params, grid)
+
+
+def _quantize_int8(weight: torch.Tensor, granularity: Granularity, symmetric: bool) -> Encoding:
     w = weight.detach().to(torch.float32)
     low, high = _value_range(w, granularity)
-    tensors = _symmetric(w, high.maximum(-low), bits) if symmetric else _asymmetric(w, low, high, bits)
-    meta = {"bits": bits, "granularity": granularity, "symmetric": symmetric}
+    tensors = _symmetric(w, high.maximum(-low), 8) if symmetric else _asymmetric(w, low, high, 8)
+    meta = {"bits": 8, "granularity": granularity, "symmetric": symmetric}
     return Encoding(format=INT8_RTN, tensors=tensors, meta=meta)
 
 
 @register_decoder(INT8_RTN)
 def _decode_int8_rtn(encoding: Encoding) -> torch.Tensor:
-    codes = encoding.tensors["qweight"].to(torch.float32)
+    codes, scale = encoding.tensors["qweight"], encoding.tensors["scale"]
     zero_point = encoding.tensors.get("zero_point")
+    decoded = codes.to(torch.float32)  # then in place: the model's largest tensors pass through here
     if zero_point is not None:
-        codes = codes - zero_point.to(torch.float32)
-    return codes * encoding.tensors["scale"]
+        decoded.sub_(zero_point)
+    return decoded.mul_(scale)
 
 
 def _value_range(w: torch.Tensor, granularity: Granularity) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (or whole-tensor) min and max, kept broadcastable against `w`."""
-    if granularity == "per_channel":
-        dims = tuple(range(1, w.ndim))
-    elif granularity == "per_tensor":
-        dims = tuple(range(w.ndim))
-    else:
-        raise ValueError(f"granularity must be per_tensor or per_channel, got {granularity!r}")
-    return w.amin(dim=dims, keepdim=True), w.amax(dim=dims, keepdim=True)
+    if granularity == "per_tensor":
+        return w.min().view((1,) * w.ndim), w.max().view((1,) * w.ndim)
+    if granularity != "per_channel":
+        raise ValueError(f"granularity must be per_tensor or per_channel for int8_rtn, got {granularity!r}")
+    low, high = torch.aminmax(w.reshape(w.shape[0], -1), dim=1)  # one pass over the weight instead of two
+    shape = (-1, *(1,) * (w.ndim - 1))
+    return low.view(shape), high.view(shape)
 
 
 def _symmetric(w: torch.Tensor, max_abs: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     qmax = 2 ** (bits - 1) - 1
     scale = _nonzero(max_abs / qmax)
-    codes = torch.clamp(torch.round(w / scale), -qmax, qmax)
+    codes = torch.div(w, scale).round_().clamp_(-qmax, qmax)  # in place: this runs over every weight of the model
     return {"qweight": codes.to(torch.int8), "scale": scale}
 
 
@@ -98,8 +146,9 @@ def _asymmetric(w: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: in
     low, high = low.clamp(max=0), high.clamp(min=0)
     scale = _nonzero((high - low) / (qmax - qmin))
     zero_point = torch.clamp(qmin - torch.round(low / scale), qmin, qmax)
-    codes = torch.clamp(torch.round(w / scale) + zero_point, qmin, qmax)
+    codes = torch.div(w, scale).round_().add_(zero_point).clamp_(qmin, qmax)
     return {"qweight": codes.to(torch.int8), "scale": scale, "zero_point": zero_point.to(torch.int8)}
+
 
 
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:

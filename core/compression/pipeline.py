@@ -55,9 +55,11 @@ def _run_step(state: ModelState, config: StepConfig, ctx: StepContext) -> StepRe
 
 
 def _step_context(ctx: StepContext, index: int, total: int) -> StepContext:
-    """Map a step's own progress in [0, 1] onto the job's overall progress."""
+    """Map a step's own progress in [0, 1] onto the job's overall progress; each step gets its own work dir (its
+    checkpoints), the same one when a restarted job runs the recipe again."""
 
     def report(fraction: float, message: str) -> None:
         ctx.report((index + min(max(fraction, 0.0), 1.0)) / total, message)
 
-    return dataclasses.replace(ctx, report=report)
+    work_dir = None if ctx.work_dir is None else ctx.work_dir / f"step-{index:02d}"
+    return dataclasses.replace(ctx, report=report, work_dir=work_dir)

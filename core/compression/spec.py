@@ -6,16 +6,19 @@ step without `method` gets its family's default (the first config listed). The s
 model, and every bad field is reported at once as a 422.
 """
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Self, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from core.compression.configs import quantize
+from core.compression.configs import decompose, distill, encode, lora, prune, quantize
 from core.compression.configs.base import StepConfig
 from core.compression.configs.quantize import QuantizeRTN
+from core.compression.order import check_order
 
 # Add a family's CONFIGS here; its first config's method is the family default.
-FAMILIES: tuple[tuple[type[StepConfig], ...], ...] = (quantize.CONFIGS,)
+FAMILIES: tuple[tuple[type[StepConfig], ...], ...] = (
+    quantize.CONFIGS, prune.CONFIGS, decompose.CONFIGS, encode.CONFIGS, distill.CONFIGS, lora.CONFIGS
+)
 
 
 def _default(config: type[StepConfig], field: str) -> str | None:
@@ -58,6 +61,15 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: list[StepSpec] = Field(min_length=1, max_length=32)
+    export: list[Literal["onnx"]] = Field(
+        default_factory=list, max_length=1,
+        description='extra formats written into the artifact: "onnx" adds model.onnx (runs in onnxruntime)',
+    )
+
+    @model_validator(mode="after")
+    def _order_can_work(self) -> Self:
+        check_order(self.steps)
+        return self
 
 
 __all__ = ["JobSpec", "QuantizeRTN", "StepConfig", "StepSpec", "step_tag"]

@@ -71,6 +71,10 @@ def _default_texts(dataset_id: str | None) -> list[str]:
     return default_corpus()
 
 
+def _no_teacher(ref: str) -> nn.Module:
+    raise LookupError(f"no teacher provider is configured to resolve teacher {ref!r}")
+
+
 @dataclass
 class StepContext:
     """How core talks to whoever runs it, without knowing about databases or queues.
@@ -80,6 +84,9 @@ class StepContext:
     texts(dataset_id): the text samples of an uploaded dataset (the worker resolves the tenant's own datasets), or
         the default calibration corpus for None.
     work_dir: scratch space of this job (checkpoints, temporary files); None when the caller gives none.
+    teacher(ref): a fresh copy of a teacher model for the training steps, in eval mode on `device`: "original" is
+        the uploaded model before any step ran, any other ref a model id of the same tenant (the worker resolves
+        it); raises LookupError when it cannot.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -87,3 +94,4 @@ class StepContext:
     should_stop: Callable[[], bool] = _never_stop
     texts: Callable[[str | None], list[str]] = _default_texts
     work_dir: Path | None = None
+    teacher: Callable[[str], nn.Module] = _no_teacher

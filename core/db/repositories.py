@@ -146,6 +146,11 @@ class Artifacts(_TenantScoped):
     noun = "artifact"
 
 
+def worker_lost(attempts: int) -> dict[str, str]:
+    return {"code": "worker_lost", "message": f"the worker running this job stopped {attempts} times (killed, out "
+            "of memory, or its host was lost); it is not retried again"}
+
+
 class JobRuns:
     """The worker's side of a job: claim it once, record progress and steps, end it in exactly one state."""
 
@@ -214,6 +219,9 @@ class JobRuns:
 
     def fail(self, job_id: str, error: dict[str, Any], status: JobStatus = JobStatus.failed) -> None:
         self._end(job_id, status, error=error)
+        self._end_steps(job_id, status)
+
+    def _end_steps(self, job_id: str, status: JobStatus) -> None:
         self.session.execute(
             update(JobStep).where(JobStep.job_id == job_id, JobStep.status == JobStatus.running)
             .values(status=status, finished_at=utcnow())
@@ -225,6 +233,39 @@ class JobRuns:
             update(Job).where(Job.id == job_id, Job.status == JobStatus.running)
             .values(status=JobStatus.queued, lease_expires_at=None)
         )
+
+    def renew_lease(self, job_id: str, lease: timedelta) -> bool:
+        """The heartbeat of a live run; False once the job is no longer running (ended or taken over)."""
+        renewed = self.session.execute(
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.running)
+            .values(lease_expires_at=utcnow() + lease)
+        ).rowcount
+        return bool(renewed)
+
+    def sweep_expired(self, max_attempts: int) -> list[Job]:
+        """Running jobs whose lease expired lost their worker: put each back in the queue, or end it `failed`
+        with `worker_lost` once it used up its attempts. Returns the requeued jobs (to send to the broker).
+        Every change is guarded by the expiry, so a job renewed meanwhile or swept by another worker is left."""
+        now = utcnow()
+        expired = (Job.status == JobStatus.running) & (Job.lease_expires_at < now)
+        jobs = self.session.scalars(select(Job).where(expired)).all()
+        return [job for job in jobs if self._sweep_one(job, expired, max_attempts, now)]
+
+    def _sweep_one(self, job: Job, expired: Any, max_attempts: int, now: datetime) -> bool:
+        """Requeue (True) or end one expired job."""
+        guarded = update(Job).where(Job.id == job.id, expired)
+        if job.attempts < max_attempts and not job.cancel_requested:
+            return bool(self.session.execute(guarded.values(status=JobStatus.queued, lease_expires_at=None)).rowcount)
+        status, error = JobStatus.failed, worker_lost(job.attempts)
+        if job.cancel_requested:
+            status, error = JobStatus.cancelled, {"code": "cancelled", "message": "cancelled; its worker had stopped"}
+        if self.session.execute(guarded.values(status=status, finished_at=now, lease_expires_at=None,
+                                               error=error)).rowcount:
+            self._end_steps(job.id, status)
+        return False
+
+    def running_ids(self) -> set[str]:
+        return set(self.session.scalars(select(Job.id).where(Job.status == JobStatus.running)))
 
     def stale_queued(self, older_than: datetime) -> Sequence[Job]:
         query = select(Job).where(Job.status == JobStatus.queued, Job.created_at < older_than)

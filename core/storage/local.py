@@ -25,20 +25,28 @@ class LocalArtifactStore:
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        shutil.copyfile(source, staging)
-        with staging.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(staging, target)
+        try:
+            shutil.copyfile(source, staging)
+            with staging.open("rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(staging, target)
+        except BaseException:  # e.g. the disk filled up: no half-written staging file stays behind
+            staging.unlink(missing_ok=True)
+            raise
 
     def put_tree(self, key: str, source_dir: Path) -> None:
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        shutil.copytree(source_dir, staging)
-        for file in staging.rglob("*"):
-            if file.is_file():
-                with file.open("rb") as handle:
-                    os.fsync(handle.fileno())
+        try:
+            shutil.copytree(source_dir, staging)
+            for file in staging.rglob("*"):
+                if file.is_file():
+                    with file.open("rb") as handle:
+                        os.fsync(handle.fileno())
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         old = target.with_name(f".{target.name}.{uuid.uuid4().hex}.old")
         if target.exists():
             os.replace(target, old)

@@ -75,3 +75,13 @@ def test_other_tenant_cannot_see_or_delete_a_dataset(client, auth, other_auth):
     assert client.delete(f"/v1/datasets/{dataset['id']}", headers=other_auth).status_code == 404
     assert client.delete(f"/v1/datasets/{dataset['id']}", headers=auth).status_code == 204
     assert client.get(f"/v1/datasets/{dataset['id']}", headers=auth).status_code == 404
+
+
+def test_training_step_on_a_one_row_dataset_is_refused_at_submission(client, auth, upload):
+    tiny = post_dataset(client, auth, b"only one line\n", "d.txt").json()
+    model = upload()
+    body = {"model_id": model["id"], "steps": [{"type": "distill", "dataset_id": tiny["id"]}]}
+    response = client.post("/v1/jobs", json=body, headers=auth)
+    assert response.status_code == 422, response.text
+    assert "has 1 sample(s)" in response.json()["error"]["message"]
+    assert client.get("/v1/jobs", headers=auth).json()["total"] == 0

@@ -28,7 +28,7 @@ def test_submit_returns_202_with_location_and_enqueues_after_commit(client, auth
 def test_invalid_recipe_is_422_listing_every_problem(client, auth, upload):
     model = upload()
     body = {"model_id": model["id"], "steps": [
-        {"type": "quantize", "bits": 3},
+        {"type": "quantize", "bits": 1},
         {"type": "prune-everything"},
         {"type": "quantize", "granularity": "per_atom", "surprise": 1},
     ]}

@@ -148,3 +148,18 @@ def test_embedded_default_runs_the_same_job(embedded_stack, tmp_path):
     job = run_job(embedded_stack, save_model_folder(model, tmp_path / "bert"), [INT8])
     assert_succeeded_with_numbers(job)
     assert_artifact_matches(model, download(embedded_stack, job["artifacts"][0], tmp_path / "a.zip"))
+
+
+def test_int8_dynamic_job_exports_onnx_that_runs_in_onnxruntime(redis_stack, tmp_path):
+    import zipfile
+
+    files = {"file": ("model.zip", zip_folder(save_model_folder(tiny_bert(), tmp_path / "bert")), "application/zip")}
+    model_id = redis_stack.post("/v1/models", files=files).json()["id"]
+    body = {"model_id": model_id, "steps": [{"type": "quantize", "method": "dynamic"}], "export": ["onnx"]}
+    submitted = redis_stack.post("/v1/jobs", json=body)
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for(redis_stack, submitted.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["metrics"]["after"]["onnx_output_cosine"] >= 0.99
+    archive = download(redis_stack, job["artifacts"][0], tmp_path / "int8.zip")
+    assert "model.onnx" in zipfile.ZipFile(archive).namelist()

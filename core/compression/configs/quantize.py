@@ -1,26 +1,223 @@
 """Quantization step configs: `{"type": "quantize", "method": ...}`."""
 
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.compression.configs.base import StepConfig
+from core.compression.configs.calibration import CalibrationData
+
+GroupSize = Field(default=None, ge=8, le=8192, description="columns sharing one scale when per_group")
 
 
-class QuantizeRTN(StepConfig):
+class _IntGridFields(StepConfig):
+    """Integer grid fields shared by rtn, gptq and mixed: granularity, group size, symmetry, embeddings."""
+
+    granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel"
+    group_size: int | None = GroupSize
+    symmetric: bool = True
+    include_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _group_size_matches_granularity(self) -> "_IntGridFields":
+        if self.granularity == "per_group" and self.group_size is None:
+            raise ValueError("group_size is required when granularity is per_group")
+        if self.granularity != "per_group" and "group_size" in self.model_fields_set and self.group_size is not None:
+            raise ValueError(f"group_size only applies to granularity per_group, not {self.granularity}")
+        return self
+
+    @property
+    def columns_per_scale(self) -> int | None:
+        """The group size in effect: None unless per_group (a default group size is ignored per channel)."""
+        return self.group_size if self.granularity == "per_group" else None
+
+
+class QuantizeRTN(_IntGridFields):
     """Round-to-nearest weight-only quantization of `nn.Linear` and `nn.Embedding` weights.
 
-    q = clamp(round(w / scale) + zero_point) with one scale (and zero point when asymmetric) per output channel
-    or per tensor; stored packed as int8 plus scales, so the file really shrinks.
+    q = clamp(round(w / scale) + zero_point) with one scale (and integer zero point when asymmetric) per tensor,
+    output channel, or group of `group_size` input columns. 8 bits per channel or tensor is stored as int8 codes
+    plus float32 scales; fewer bits or groups as bit-packed codes (two int4 per byte) plus float16 scales.
 
-    Example: `{"type": "quantize", "method": "rtn", "bits": 8, "granularity": "per_channel", "symmetric": true}`
+    Example: `{"type": "quantize", "method": "rtn", "bits": 4, "granularity": "per_group", "group_size": 64}`
     """
 
     type: Literal["quantize"] = "quantize"
     method: Literal["rtn"] = "rtn"
-    bits: Literal[8] = 8
+    bits: int = Field(default=8, ge=2, le=8, description="code width in bits (2-8)")
+
+
+class QuantizeKMeans(StepConfig):
+    """Weight sharing: each weight is replaced by the nearest of 2**bits centroids (1-D k-means, Lloyd iterations
+    from quantile seeds), one codebook per output row (`per_channel`) or per tensor; stored as bit-packed indices
+    plus a float16 codebook.
+
+    Example: `{"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_channel"}`
+    """
+
+    type: Literal["quantize"] = "quantize"
+    method: Literal["kmeans"] = "kmeans"
+    bits: int = Field(default=4, ge=2, le=8, description="log2 of the number of centroids (2-8)")
     granularity: Literal["per_tensor", "per_channel"] = "per_channel"
-    symmetric: bool = True
+    iterations: int = Field(default=20, ge=1, le=100)
     include_embeddings: bool = True
 
 
+class QuantizeGPTQ(_IntGridFields):
+    """GPTQ: quantizes each Linear column by column on an integer grid and spreads each column's rounding error over
+    the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs on calibration data.
+    Transformer blocks are processed one at a time on the outputs of the already quantized blocks. Embeddings and
+    Linear layers outside the blocks (e.g. lm_head, pooler) get round-to-nearest on the same grid.
+
+    Example: `{"type": "quantize", "method": "gptq", "bits": 4, "granularity": "per_group", "group_size": 128,
+    "calibration": {"num_samples": 32, "seq_len": 512}}`
+    """
+
+    type: Literal["quantize"] = "quantize"
+    method: Literal["gptq"] = "gptq"
+    bits: int = Field(default=4, ge=2, le=8, description="code width in bits (2-8)")
+    granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_group"
+    group_size: int | None = Field(default=128, ge=8, le=8192, description="columns sharing one scale")
+    dampening: float = Field(default=0.01, gt=0, le=1, description="added to the Hessian diagonal, x its mean")
+    block_columns: int = Field(default=128, ge=8, le=4096, description="columns updated together (speed only)")
+    act_order: bool = Field(default=True, description="quantize columns with the largest activations first")
+    calibration: CalibrationData = Field(default_factory=CalibrationData)
+
+
+class QuantizeFP8(StepConfig):
+    """float8 e4m3 weight-only quantization: w ≈ fp8(w / scale) · scale, scale = max|w| / 448 per output row or
+    per tensor; stored as float8_e4m3fn codes plus float32 scales.
+
+    Example: `{"type": "quantize", "method": "fp8", "granularity": "per_channel"}`
+    """
+
+    type: Literal["quantize"] = "quantize"
+    method: Literal["fp8"] = "fp8"
+    granularity: Literal["per_tensor", "per_channel"] = "per_channel"
+    include_embeddings: bool = True
+
+
+class MixedBudget(BaseModel):
+    """The size budget of mixed precision: mean code bits per quantized weight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    avg_bits: float = Field(ge=2, le=8)
+
+
+class QuantizeMixed(_IntGridFields):
+    """Mixed-precision round-to-nearest: a sensitivity scan quantizes each weight alone at each candidate width and
+    measures how far the model's outputs on calibration data move (1 - cosine vs the float model); then widths are
+    raised greedily where they buy the most sensitivity per extra bit, until `budget.avg_bits` is spent.
+
+    Example: `{"type": "quantize", "method": "mixed", "bits": [4, 8], "budget": {"avg_bits": 5.0},
+    "granularity": "per_group", "group_size": 64}`
+    """
+
+    type: Literal["quantize"] = "quantize"
+    method: Literal["mixed"] = "mixed"
+    bits: list[Annotated[int, Field(ge=2, le=8)]] = Field(default_factory=lambda: [4, 8], min_length=2, max_length=7)
+    budget: MixedBudget = Field(default_factory=lambda: MixedBudget(avg_bits=5.0))
+    calibration: CalibrationData = Field(
+        default_factory=lambda: CalibrationData(num_samples=8, seq_len=128),
+    )
+
+    @field_validator("bits")
+    @classmethod
+    def _distinct_widths(cls, bits: list[int]) -> list[int]:
+        if len(set(bits)) != len(bits):
+            raise ValueError("bits must be distinct code widths")
+        return sorted(bits)
+
+    @model_validator(mode="after")
+    def _budget_is_reachable(self) -> "QuantizeMixed":
+        if not self.bits[0] <= self.budget.avg_bits <= self.bits[-1]:
+            raise ValueError(f"budget.avg_bits must lie between {self.bits[0]} and {self.bits[-1]} (the bits given)")
+        return self
+
+
+ActivationObserver = Literal["minmax", "percentile", "mse", "histogram"]
+
+
+class _Int8ActivationFields(StepConfig):
+    """Fields shared by the W8A8 methods (dynamic, static, smoothquant): int8 weights, uint8 activations, both
+    executed by torch's x86 (fbgemm) int8 GEMM. Only `nn.Linear` modules are converted; a Linear whose weight is
+    tied to another module (e.g. lm_head sharing the embedding) stays float."""
+
+    granularity: Literal["per_tensor", "per_channel"] = Field(
+        default="per_channel", description="one weight scale per output channel, or one per tensor"
+    )
+    reduce_range: bool = Field(
+        default=False, description="7-bit activations: only for CPUs without AVX512-VNNI (int16 saturation)"
+    )
+
+
+class QuantizeDynamic(_Int8ActivationFields):
+    """int8 weights and dynamically quantized int8 activations for `nn.Linear`: each input is quantized per tensor
+    from its own range at run time, and the GEMM runs in int8. The method for CPU speed; no calibration data.
+
+    Example: `{"type": "quantize", "method": "dynamic", "granularity": "per_channel", "exclude": ["pooler.*"]}`
+    """
+
+    type: Literal["quantize"] = "quantize"
+    method: Literal["dynamic"] = "dynamic"
+
+
+class _CalibratedInt8Fields(_Int8ActivationFields):
+    """Calibration text and, for static activation ranges, the observer that turns what it saw into a range."""
+
+    observer: ActivationObserver = Field(
+        default="mse", description="how a static activation range is chosen from calibration data"
+    )
+    percentile: float = Field(
+        default=99.99, ge=90, le=100, description="percent of calibration values kept inside the range (percentile)"
+    )
+    bins: int = Field(default=2048, ge=256, le=16384, description="histogram bins (percentile, mse, histogram)")
+    calibration: CalibrationData = Field(default_factory=lambda: CalibrationData(num_samples=16, seq_len=256))
+
+    @model_validator(mode="after")
+    def _percentile_needs_its_observer(self) -> "_CalibratedInt8Fields":
+        if "percentile" in self.model_fields_set and self.observer != "percentile":
+            raise ValueError(f"percentile only applies to observer percentile, not {self.observer}")
+        return self
+
+
+class QuantizeStatic(_CalibratedInt8Fields):
+    """Post-training static quantization of `nn.Linear`: int8 weights, and int8 activations whose per-tensor range
+    is fixed beforehand from calibration text by an observer: `minmax` (exact range), `percentile` (clips the
+    outer tails), `mse` (the clipping that minimises the quantization error), `histogram` (minimum KL divergence,
+    TensorRT-style entropy calibration).
+
+    Example: `{"type": "quantize", "method": "static", "observer": "percentile", "percentile": 99.99,
+    "calibration": {"num_samples": 16, "seq_len": 256}}`
+    """
+
+    type: Literal["quantize"] = "quantize"
+    method: Literal["static"] = "static"
+
+
+class QuantizeSmoothQuant(_CalibratedInt8Fields):
+    """SmoothQuant W8A8: per input channel, s = max|X|^alpha / max|W|^(1 - alpha) moves activation outliers into
+    the weights (X / s, W · s), then every selected Linear runs int8 x int8 like `dynamic` (or `static`). 1/s is
+    folded into the preceding norm or Linear where the model allows it (Llama-style pre-norm blocks: norms before
+    q/k/v and gate/up, v_proj before o_proj, up_proj before down_proj); elsewhere, if `runtime_smoothing`, the
+    int8 module multiplies its input by 1/s (one extra elementwise op), else that Linear is not smoothed.
+
+    Example: `{"type": "quantize", "method": "smoothquant", "alpha": 0.75, "activations": "dynamic",
+    "calibration": {"num_samples": 16, "seq_len": 256}}`
+    """
+
+    type: Literal["quantize"] = "quantize"
+    method: Literal["smoothquant"] = "smoothquant"
+    alpha: float = Field(default=0.75, ge=0, le=1, description="migration strength towards the weights")
+    activations: Literal["dynamic", "static"] = Field(
+        default="dynamic", description="activation ranges per input at run time, or calibrated once (observer)"
+    )
+    runtime_smoothing: bool = Field(
+        default=True, description="smooth Linears whose input cannot be folded into a preceding layer at run time"
+    )
+
+
 # Every config of this family; `core.compression.spec` tags each one `quantize:<method>`.
-CONFIGS = (QuantizeRTN,)
+CONFIGS = (QuantizeRTN, QuantizeKMeans, QuantizeGPTQ, QuantizeFP8, QuantizeMixed)
+CONFIGS += (QuantizeDynamic, QuantizeStatic, QuantizeSmoothQuant)  # W8A8: int8 activations too

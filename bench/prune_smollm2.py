@@ -1,0 +1,119 @@
+"""Pruning SmolLM2-135M at 50% (unstructured and 2:4): magnitude vs Wanda vs SparseGPT perplexity, same run.
+
+Run: `.venv/bin/python -m bench.prune_smollm2` (needs the `bench-llm` extra, see bench/smollm2.py).
+Writes its section of docs/benchmarks.md and exits non-zero if a target is missed.
+"""
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from bench.report import machine_description, markdown_table, update_section
+from bench.smollm2 import EVAL_TOKENS, EVAL_WINDOW, smollm2_folder
+from bench.smollm2 import news_token_ids as news_ids
+from core.compression.metrics import perplexity
+from core.compression.pipeline import run_pipeline
+from core.compression.spec import JobSpec
+from core.compression.state import ModelState, StepContext
+
+NAME = "prune_smollm2"
+COMMAND = f".venv/bin/python -m bench.{NAME}"
+THREADS = 2
+WINDOWS = {"num_samples": 32, "seq_len": 512}
+CALIBRATION = {"calibration": WINDOWS}
+VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    (f"{method} {pattern}", {"type": "prune", "method": method, "pattern": pattern,
+                             **({"scope": "layer"} if method == "magnitude" else CALIBRATION)})
+    for pattern in ("unstructured", "2:4")
+    for method in ("magnitude", "wanda", "sparsegpt")
+]
+MAX_VS_FP32, MAX_VS_MAGNITUDE = 2.0, 0.25
+
+
+@dataclass
+class Row:
+    name: str
+    step: dict[str, Any]
+    perplexity: float
+    sparsity: float
+    seconds: float
+
+
+def fp32_model(folder: Path) -> PreTrainedModel:
+    """The cached fp32 folder (written by bench.smollm2 itself, so trusted), loaded fresh."""
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+
+
+def run_variant(folder: Path, tokenizer: Any, tokens: torch.Tensor, name: str, step: dict[str, Any]) -> Row:
+    """Prune a fresh fp32 copy through the real pipeline and measure its perplexity on the news text."""
+    state = ModelState(model=fp32_model(folder), tokenizer=tokenizer)
+    start = time.perf_counter()
+    [report] = run_pipeline(state, JobSpec.model_validate({"steps": [step]}).steps, StepContext())
+    seconds = time.perf_counter() - start
+    print(name, json.dumps(report.metrics), report.notes[:1], flush=True)
+    return Row(name, step, perplexity(state.model, tokens, EVAL_WINDOW), float(report.metrics["sparsity"]), seconds)
+
+
+def main() -> int:
+    torch.set_num_threads(THREADS)
+    folder = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    tokens = news_ids(tokenizer)
+    fp32 = perplexity(fp32_model(folder), tokens, EVAL_WINDOW)
+    print("fp32", fp32, flush=True)
+    rows = [run_variant(folder, tokenizer, tokens, name, step) for name, step in VARIANTS]
+    return publish(fp32, rows)
+
+
+def verdicts(fp32: float, rows: list[Row]) -> list[tuple[str, bool]]:
+    by_name = {row.name: row.perplexity for row in rows}
+    best = min(by_name["wanda unstructured"], by_name["sparsegpt unstructured"])
+    best_24 = min(by_name["wanda 2:4"], by_name["sparsegpt 2:4"])
+    return [
+        (f"best of wanda/sparsegpt 50% ≤ {MAX_VS_FP32}× fp32: {best / fp32:.2f}×", best <= MAX_VS_FP32 * fp32),
+        (f"… ≤ {MAX_VS_MAGNITUDE}× magnitude 50%: {best / by_name['magnitude unstructured']:.3f}×",
+         best <= MAX_VS_MAGNITUDE * by_name["magnitude unstructured"]),
+        (f"best 2:4 ≤ {MAX_VS_MAGNITUDE}× magnitude 2:4: {best_24 / by_name['magnitude 2:4']:.3f}×",
+         best_24 <= MAX_VS_MAGNITUDE * by_name["magnitude 2:4"]),
+    ]
+
+
+def publish(fp32: float, rows: list[Row]) -> int:
+    checks = verdicts(fp32, rows)
+    table = markdown_table(
+        ["variant", "perplexity", "vs fp32", "measured sparsity", "step seconds"],
+        [["fp32", f"{fp32:.2f}", "1.00×", "0", "—"]]
+        + [[r.name, f"{r.perplexity:.2f}", f"{r.perplexity / fp32:.2f}×", f"{r.sparsity:.4f}", f"{r.seconds:.0f}"]
+           for r in rows],
+    )
+    lines = "\n".join(f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in checks)
+    body = f"""## Pruning SmolLM2-135M: magnitude vs Wanda vs SparseGPT
+
+Reproduce: `{COMMAND}`
+
+Machine: {machine_description()}.
+
+{table}
+
+{lines}
+
+- Perplexity: first {EVAL_TOKENS} tokens of gensim's `lee_background.cor`, {EVAL_WINDOW}-token windows (DATA.md).
+- Every Linear inside the decoder blocks is pruned (the tied `lm_head`/embedding is left dense); magnitude is
+  per layer; Wanda and SparseGPT calibrate on {WINDOWS['num_samples']} × {WINDOWS['seq_len']} tokens of the
+  default corpus (Wikipedia articles from gensim's test data, never the evaluation text), block by block.
+- Sparsity is measured on the pruned weights after the step. No speedup: dense kernels run the zeros.
+- Steps: `{json.dumps(VARIANTS[2][1])}`, `{json.dumps(VARIANTS[5][1])}`.
+"""
+    update_section(NAME, body)
+    print(body)
+    return 0 if all(ok for _, ok in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Fields shared by the training steps (distill, lora): data, teacher, schedule, checkpoints."""
+
+from typing import Annotated, Self
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from core.compression.configs.base import StepConfig
+
+ResourceId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+DEFAULT_MAX_STEPS = 200
+
+
+class DistillLoss(BaseModel):
+    """Weights of the distillation objectives; at least one must be positive.
+
+    logits_kl: KL divergence of the student's from the teacher's softened token distributions (causal LMs).
+    hidden_mse: mean squared error of hidden states (every mapped layer), scaled by the teacher's variance.
+    attention: mean squared error of attention probabilities (slower: needs eager attention).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    logits_kl: float = Field(0.0, ge=0, le=100)
+    hidden_mse: float = Field(0.0, ge=0, le=100)
+    attention: float = Field(0.0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> Self:
+        if self.logits_kl + self.hidden_mse + self.attention <= 0:
+            raise ValueError("at least one of logits_kl, hidden_mse, attention must be positive")
+        return self
+
+
+class TrainingStep(StepConfig):
+    """Base of the training steps. Texts come from `dataset_id` (the default corpus when omitted); a share of the
+    rows (`eval_fraction`) is held out for evaluation and never trained on. Train for `max_steps` optimizer steps
+    or for `epochs` passes over the training windows (give one of them). A checkpoint is written every
+    `checkpoint_every` steps, so a restarted job resumes from the last one."""
+
+    dataset_id: ResourceId | None = None
+    teacher: ResourceId = Field("original", description='"original" (the uploaded model) or a model id of yours')
+    max_steps: int = Field(DEFAULT_MAX_STEPS, ge=1, le=100_000)
+    epochs: float | None = Field(None, gt=0, le=100)
+    lr: float = Field(1e-4, gt=0, le=1)
+    batch_size: int = Field(8, ge=1, le=512)
+    seq_len: int = Field(128, ge=8, le=8192)
+    eval_fraction: float = Field(0.1, gt=0, le=0.5)
+    checkpoint_every: int = Field(50, ge=1, le=100_000)
+    temperature: float = Field(2.0, gt=0, le=20)
+    loss: DistillLoss | None = Field(None, description="default: logits_kl for causal LMs, hidden_mse otherwise")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> Self:
+        if self.epochs is not None and "max_steps" in self.model_fields_set:
+            raise ValueError("give either max_steps or epochs, not both")
+        return self

@@ -1,0 +1,114 @@
+"""Which Linear modules a W8A8 step converts, and how one float Linear becomes an int8 module in the model state."""
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from core.compression.configs.quantize import _Int8ActivationFields
+from core.compression.encoding import quantize_rtn
+from core.compression.int8.modules import DYNAMIC_REWRITE, STATIC_REWRITE, Int8Linear, StaticInt8Linear
+from core.compression.rewrites import apply_rewrite
+from core.compression.state import ModelState, Rewrite, StepReport
+from core.errors import InvalidSpec
+
+
+@dataclass
+class Selection:
+    """The Linears to convert (name, module), in model order, and why any matching one was left out."""
+
+    linears: list[tuple[str, nn.Linear]]
+    notes: list[str] = field(default_factory=list)
+
+
+def select_linears(model: nn.Module, config: _Int8ActivationFields) -> Selection:
+    """`nn.Linear` modules matching a target pattern and no exclude pattern, minus tied ones (kept float, noted).
+
+    A tied weight (lm_head sharing the input embedding) stays float: the int8 module has no float `weight` for
+    transformers to tie on load, and quantizing the shared tensor would change the embedding too.
+    """
+    users = _weight_users(model)
+    matching = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and _matches(name, config.targets) and not _matches(name, config.exclude)
+    ]
+    linears = [(name, module) for name, module in matching if users[id(module.weight)] == 1]
+    notes = [f"{name} kept float: its weight is tied to another module" for name, module in matching
+             if users[id(module.weight)] > 1]
+    if not linears:
+        raise InvalidSpec(
+            f"quantize: targets {config.targets} minus exclude {config.exclude} select no untied nn.Linear module",
+            details={"targets": config.targets, "exclude": config.exclude},
+        )
+    return Selection(linears, notes)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _weight_users(model: nn.Module) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter):
+            counts[id(weight)] = counts.get(id(weight), 0) + 1
+    return counts
+
+
+@torch.no_grad()
+def install_int8(
+    state: ModelState,
+    name: str,
+    linear: nn.Linear,
+    config: _Int8ActivationFields,
+    input_qparams: tuple[float, int] | None = None,
+    input_factor: torch.Tensor | None = None,
+) -> Int8Linear:
+    """Replace `linear` (at `name`) by an int8 module holding its symmetric int8 weight: static with the activation
+    `input_qparams` (scale, zero point) when given, else dynamic. The replacement is recorded as a rewrite so
+    `load_compressed` rebuilds the same module. `input_factor` (per input channel) multiplies inputs at run time:
+    SmoothQuant's 1/s where it cannot be folded into a preceding layer."""
+    meta = {
+        "in_features": linear.in_features,
+        "out_features": linear.out_features,
+        "bias": linear.bias is not None,
+        "per_channel": config.granularity == "per_channel",
+        "smoothed": input_factor is not None,
+    }
+    if input_qparams is None:
+        meta["reduce_range"] = config.reduce_range
+    encoding = quantize_rtn(linear.weight, bits=8, granularity=config.granularity, symmetric=True)
+    apply_rewrite(state, Rewrite(DYNAMIC_REWRITE if input_qparams is None else STATIC_REWRITE, name, meta))
+    module = state.model.get_submodule(name)
+    if input_factor is not None:
+        module.input_factor.copy_(input_factor)
+    if isinstance(module, StaticInt8Linear) and input_qparams is not None:
+        module.set_input_qparams(*input_qparams)
+    module.set_weight(encoding.tensors["qweight"], encoding.tensors["scale"], linear.bias)
+    return module
+
+
+def int8_report(state: ModelState, selection: Selection, original_bytes: int) -> StepReport:
+    """Metrics every W8A8 step reports: how many Linears now run int8 and how much their weights shrank."""
+    modules = [state.model.get_submodule(name) for name, _ in selection.linears]
+    packed = sum(_stored_bytes(module) for module in modules)
+    metrics: dict[str, float | int | str] = {
+        "modules_quantized": len(modules),
+        "params_quantized": sum(module.qweight.numel() for module in modules),
+        "original_bytes": original_bytes,
+        "packed_bytes": packed,
+        "packed_ratio": packed / original_bytes,
+    }
+    return StepReport(metrics=metrics, notes=list(selection.notes))
+
+
+def linear_bytes(selection: Selection) -> int:
+    """Bytes of the selected Linears' float weights and biases, before conversion."""
+    return sum(_stored_bytes(linear) for _, linear in selection.linears)
+
+
+def _stored_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())

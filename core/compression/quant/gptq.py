@@ -1,0 +1,131 @@
+"""GPTQ (Frantar et al., 2022) for one Linear weight: column-by-column rounding onto an integer grid, each column's
+error spread over the columns not yet quantized through the Cholesky factor of the inverse input Hessian.
+
+H = sum over calibration tokens of x xᵀ (the layer's inputs). With `act_order`, columns with the largest Hessian
+diagonal (the most active inputs) go first while most columns can still absorb their error; group scales are then
+fixed up front from the original weight ("static groups"), so the stored format is the same as round-to-nearest's.
+Without it, a group's scale is found when its first column is reached, from the error-updated weights.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+
+import torch
+
+from core.compression.quant.grid import GridParams, IntGrid, grid_params
+
+CHOLESKY_RETRIES = 6
+
+
+@dataclass
+class _Columns:
+    """One block of columns in processing order, transposed so that each column is a contiguous row."""
+
+    weights: torch.Tensor  # (block columns, rows), updated in place as errors are spread
+    scale: torch.Tensor  # (block columns, rows or 1)
+    zero: torch.Tensor  # (block columns, rows or 1), float codes of 0.0
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    grid: IntGrid,
+    dampening: float = 0.01,
+    block_columns: int = 128,
+    act_order: bool = False,
+) -> tuple[torch.Tensor, GridParams]:
+    """Unsigned codes (rows x columns, uint8) and grid params for `weight`, minimising ‖(W - Q) X‖² rather than
+    ‖W - Q‖². Example: `codes, params = gptq_quantize(linear.weight, hessian, IntGrid(4, True, "per_group", 128))`.
+    """
+    with torch.no_grad(), _one_thread():
+        return _gptq(weight, hessian, grid, dampening, block_columns, act_order)
+
+
+def _gptq(
+    weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, dampening: float, block_columns: int, act_order: bool
+) -> tuple[torch.Tensor, GridParams]:
+    w, h = weight.detach().float().clone(), hessian.detach().double().clone()
+    dead = torch.diag(h) == 0  # inputs that were always zero: their weights cannot matter, so they go to 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    params = grid_params(w, grid)  # static scales; without act_order each group's are replaced when reached
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
+    w, hinv = w[:, order], _inverse_cholesky(h[order][:, order], dampening)
+    dynamic = grid.granularity == "per_group" and not act_order
+    codes = torch.zeros(w.shape[1], w.shape[0], dtype=torch.uint8)
+    step = _block_width(grid, block_columns) if dynamic else block_columns
+    for start in range(0, w.shape[1], step):
+        end = min(start + step, w.shape[1])
+        block = _Columns(w[:, start:end].T.contiguous(), *_block_params(params, grid, order[start:end]))
+        errors = _quantize_block(block, hinv[start:end, start:end], codes[start:end], params, grid, start, dynamic)
+        w[:, end:] -= errors.T @ hinv[start:end, end:]  # lazy batch update of the columns after the block
+    return codes.T[:, torch.argsort(order)].contiguous(), params
+
+
+def _quantize_block(
+    block: _Columns, hinv: torch.Tensor, codes: torch.Tensor, params: GridParams, grid: IntGrid, start: int,
+    dynamic: bool,
+) -> torch.Tensor:
+    """Quantize the block's columns in order, writing `codes`; returns the errors scaled by 1 / hinv[i, i]."""
+    low, high = (0, grid.levels) if params.zero_point is not None else (1, grid.levels)
+    width = grid.group_size or hinv.shape[0]
+    errors = torch.zeros_like(block.weights)
+    for j in range(block.weights.shape[0]):
+        if dynamic and (start + j) % width == 0:
+            _refresh_group(block, j, width, params, grid, (start + j) // width)
+        column, scale, zero = block.weights[j], block.scale[j], block.zero[j]
+        code = torch.clamp(torch.round(column / scale) + zero, low, high)
+        errors[j] = (column - (code - zero) * scale) / hinv[j, j]
+        block.weights[j:].addr_(hinv[j, j:], errors[j], alpha=-1)
+        codes[j] = code.to(torch.uint8)
+    return errors
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """GPTQ runs thousands of tiny ops per layer: thread hand-offs cost more than they save (20-30x slower with 2
+    threads on a busy 2-core machine); the model's forward passes keep every thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _block_params(params: GridParams, grid: IntGrid, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero code of each of the block's (original) columns, one row per column."""
+    groups = columns // grid.group_size if grid.group_size else torch.zeros_like(columns)
+    scale = params.scale.float()[:, groups].T.contiguous()
+    if params.zero_point is None:
+        return scale, torch.full_like(scale, grid.offset)
+    return scale, params.zero_point.float()[:, groups].T.contiguous()
+
+
+def _refresh_group(block: _Columns, j: int, width: int, params: GridParams, grid: IntGrid, group: int) -> None:
+    """Scales of the group starting at block column j, from its current (error-updated) weights."""
+    fresh = grid_params(block.weights[j : j + width].T, replace(grid, granularity="per_channel", group_size=None))
+    params.scale[:, group] = fresh.scale[:, 0]
+    block.scale[j : j + width] = fresh.scale[:, 0].float()
+    if params.zero_point is not None and fresh.zero_point is not None:
+        params.zero_point[:, group] = fresh.zero_point[:, 0]
+        block.zero[j : j + width] = fresh.zero_point[:, 0].float()
+
+
+def _block_width(grid: IntGrid, block_columns: int) -> int:
+    """Blocks made of whole groups, so a group's scale is found from columns already updated by the errors."""
+    group = grid.group_size or block_columns
+    return max(block_columns // group, 1) * group
+
+
+def _inverse_cholesky(h: torch.Tensor, dampening: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, in float64 for stability; λ grows until H is definite."""
+    mean_diag = torch.diag(h).mean()
+    for attempt in range(CHOLESKY_RETRIES):
+        damped = h + torch.eye(h.shape[0], dtype=h.dtype) * dampening * 10**attempt * mean_diag
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            inverse = torch.cholesky_inverse(factor)
+            return torch.linalg.cholesky(inverse, upper=True).float()
+    raise ValueError("the calibration Hessian is not positive definite even with heavy dampening")

@@ -1,0 +1,115 @@
+"""Integer grids for weight quantization: scales (and zero points) per tensor, row or group of columns.
+
+A 2-D weight (out_features x in_features, or vocab x dim for an embedding) is quantized along its rows; a group is
+`group_size` consecutive columns of one row. Codes are unsigned, in [0, 2**bits):
+
+    symmetric:  w ~ (code - 2**(bits-1)) * scale, codes 2**(bits-1) +- (2**(bits-1) - 1), scale = max|w| / qmax
+    asymmetric: w ~ (code - zero_point) * scale, integer zero_point, scale = (max - min) / (2**bits - 1)
+
+Scales are float16 (half the overhead of float32; GPTQ and compressed-tensors do the same) and codes are rounded
+against the float16 scale actually stored, so round-to-nearest holds for what the artifact computes.
+"""
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Granularity = Literal["per_tensor", "per_channel", "per_group"]
+FP16_MAX, FP16_TINY = 65504.0, 2.0**-24
+
+
+@dataclass(frozen=True)
+class IntGrid:
+    """How a weight is quantized: code width, symmetry, and how many columns share one scale."""
+
+    bits: int
+    symmetric: bool = True
+    granularity: Granularity = "per_channel"
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be between 2 and 8, got {self.bits}")
+        if (self.granularity == "per_group") != (self.group_size is not None):
+            raise ValueError(f"granularity {self.granularity!r} and group_size {self.group_size} do not match")
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def offset(self) -> int:
+        """The code of 0.0 on a symmetric grid."""
+        return 2 ** (self.bits - 1)
+
+    def group_columns(self, columns: int) -> int:
+        """Columns that share one scale: a group, or the whole row."""
+        return self.group_size if self.group_size is not None else columns
+
+
+@dataclass
+class GridParams:
+    """Scales of shape (rows or 1, groups), float16, and integer zero points (uint8) when asymmetric."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+
+
+def grid_params(weight: torch.Tensor, grid: IntGrid) -> GridParams:
+    """Per-tensor, per-row or per-group scales (and zero points) for a 2-D float weight."""
+    groups = _grouped(weight.float(), grid)
+    dims = (0, 2) if grid.granularity == "per_tensor" else (2,)
+    low = groups.amin(dim=dims).clamp(max=0)
+    high = groups.amax(dim=dims).clamp(min=0)
+    if grid.granularity == "per_tensor":
+        low, high = low.view(1, 1), high.view(1, 1)
+    return params_from_range(low, high, grid)
+
+
+def params_from_range(low: torch.Tensor, high: torch.Tensor, grid: IntGrid) -> GridParams:
+    """Scales and zero points for value ranges [low, high] that contain 0 (padding columns are zeros)."""
+    if grid.symmetric:
+        return GridParams(_fp16_scale(high.maximum(-low) / (grid.offset - 1)), None)
+    scale = _fp16_scale((high - low) / grid.levels)
+    zero_point = torch.clamp(torch.round(-low / scale.float()), 0, grid.levels)
+    return GridParams(scale, zero_point.to(torch.uint8))
+
+
+def quantize_codes(weight: torch.Tensor, params: GridParams, grid: IntGrid) -> torch.Tensor:
+    """Unsigned codes (uint8, same shape as `weight`) rounded to nearest on the grid of `params`."""
+    scale, zero = expand_params(params, grid, weight.shape[1])
+    if grid.symmetric:
+        limit = grid.offset - 1
+        return (torch.clamp(torch.round(weight.float() / scale), -limit, limit) + grid.offset).to(torch.uint8)
+    return torch.clamp(torch.round(weight.float() / scale) + zero, 0, grid.levels).to(torch.uint8)
+
+
+def dequantize_codes(codes: torch.Tensor, params: GridParams, grid: IntGrid) -> torch.Tensor:
+    """The float32 weight that unsigned `codes` stand for."""
+    scale, zero = expand_params(params, grid, codes.shape[1])
+    return (codes.float() - zero) * scale
+
+
+def expand_params(params: GridParams, grid: IntGrid, columns: int) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """Scale and zero point repeated to one value per column (broadcastable against the weight)."""
+    width = grid.group_columns(columns)
+    scale = params.scale.float().repeat_interleave(width, dim=1)[:, :columns]
+    if params.zero_point is None:
+        return scale, float(grid.offset)
+    return scale, params.zero_point.float().repeat_interleave(width, dim=1)[:, :columns]
+
+
+def _grouped(weight: torch.Tensor, grid: IntGrid) -> torch.Tensor:
+    """(rows, groups, group columns) view; a ragged last group is padded with zeros, which never widen a range
+    that always includes 0."""
+    width = grid.group_columns(weight.shape[1])
+    padded = F.pad(weight, (0, -weight.shape[1] % width))
+    return padded.view(weight.shape[0], -1, width)
+
+
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    # An all-zero group has no range: scale 1 encodes it as the zero code instead of 0 / 0 = NaN.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale.clamp(FP16_TINY, FP16_MAX).to(torch.float16)

@@ -1,0 +1,78 @@
+"""Weight sharing with k-means codebooks (Deep Compression's trained quantization, without the retraining).
+
+Each row (or the whole tensor) gets 2**bits centroids from 1-D Lloyd iterations seeded at evenly spaced quantiles;
+a weight is stored as the index of its nearest centroid, bit-packed, next to a float16 codebook. In one dimension
+the nearest centroid is found by bisection between sorted centroids' midpoints, never a rows x values x k table.
+"""
+
+from typing import Literal
+
+import torch
+
+from core.compression.encoding import register_decoder
+from core.compression.quant.packing import pack_bits, unpack_bits
+from core.compression.state import Encoding
+
+KMEANS = "kmeans"
+ROWS_PER_CHUNK_VALUES = 1 << 22  # values per chunk of rows: bounds the temporary tensors to a few tens of MB
+
+
+@torch.no_grad()
+def quantize_kmeans(
+    weight: torch.Tensor, bits: int, granularity: Literal["per_tensor", "per_channel"], iterations: int
+) -> Encoding:
+    """The `kmeans` encoding of a 2-D weight: 2**bits centroids per row (`per_channel`) or per tensor.
+
+    Example: `decode(quantize_kmeans(linear.weight, 4, "per_channel", 20))` uses at most 16 values per row.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"kmeans needs a 2-D weight, got shape {tuple(weight.shape)}")
+    rows, columns = weight.shape
+    values = weight.detach().float().reshape(rows if granularity == "per_channel" else 1, -1)
+    chunk = max(1, ROWS_PER_CHUNK_VALUES // values.shape[1])
+    parts = [_codebook_and_indices(part, 2**bits, iterations) for part in values.split(chunk)]
+    codebook = torch.cat([book for book, _ in parts])
+    indices = torch.cat([index for _, index in parts])
+    meta = {"bits": bits, "shape": [rows, columns], "granularity": granularity}
+    return Encoding(KMEANS, {"indices": pack_bits(indices, bits), "codebook": codebook}, meta)
+
+
+@register_decoder(KMEANS)
+def _decode_kmeans(encoding: Encoding) -> torch.Tensor:
+    rows, columns = encoding.meta["shape"]
+    codebook = encoding.tensors["codebook"].float()
+    indices = unpack_bits(encoding.tensors["indices"], encoding.meta["bits"], rows * columns).long()
+    return codebook.gather(1, indices.view(codebook.shape[0], -1)).view(rows, columns)
+
+
+def _codebook_and_indices(values: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations on each row of `values`; returns (float16 codebook (rows, k), uint8 indices)."""
+    centroids = _quantile_seeds(values, k)
+    for _ in range(iterations):
+        updated = _centroid_means(values, nearest(values, centroids), centroids)
+        if torch.equal(updated, centroids):
+            break
+        centroids = updated
+    # The artifact stores float16 centroids: assign against those, so each weight gets its truly nearest value.
+    codebook = centroids.half().sort(dim=1).values
+    return codebook, nearest(values, codebook.float()).to(torch.uint8)
+
+
+def nearest(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted `centroids` (rows, k) for every entry of `values` (rows, n)."""
+    midpoints = ((centroids[:, 1:] + centroids[:, :-1]) / 2).contiguous()
+    return torch.searchsorted(midpoints, values.contiguous())
+
+
+def _quantile_seeds(values: torch.Tensor, k: int) -> torch.Tensor:
+    ordered = values.sort(dim=1).values
+    positions = ((torch.arange(k) + 0.5) / k * (values.shape[1] - 1)).round().long()
+    return ordered[:, positions]
+
+
+def _centroid_means(values: torch.Tensor, assignment: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Each centroid moves to the mean of its values; one that lost all its values stays where it was."""
+    sums = torch.zeros_like(centroids).scatter_add_(1, assignment, values)
+    counts = torch.zeros_like(centroids).scatter_add_(1, assignment, torch.ones_like(values))
+    means = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return means.sort(dim=1).values

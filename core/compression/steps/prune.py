@@ -1,0 +1,159 @@
+"""Pruning steps: magnitude, Wanda, SparseGPT (stored sparse) and structured pruning (modules physically shrunk)."""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from core.compression.configs.prune import PruneMagnitude, PruneSparseGPT, PruneStructured, PruneWanda
+from core.compression.registry import register_step
+from core.compression.sparsity import unstructured
+from core.compression.sparsity.calibration import (
+    InputStats,
+    calibration_batches,
+    inside,
+    recording,
+    run_all,
+    sequential_blocks,
+)
+from core.compression.sparsity.masks import dense_float, sparse_encoding
+from core.compression.sparsity.select import refuse_encoded, select_modules
+from core.compression.sparsity.structured import prune_structured
+from core.compression.state import ModelState, StepContext, StepReport
+from core.errors import JobCancelled
+
+LayerPruner = Callable[[nn.Linear, InputStats], torch.Tensor]
+SPEED_NOTE = ("unstructured sparsity gives no speedup with dense kernels (and load_compressed restores dense "
+              "weights): the saving is file size only")
+
+
+@register_step(PruneMagnitude)
+def prune_magnitude_step(state: ModelState, config: PruneMagnitude, ctx: StepContext) -> StepReport:
+    """Magnitude pruning of the selected Linear/Conv2d (and, if asked, Embedding) weights, in place.
+
+    The pruned weight keeps its shape (zeros in place) and is stored as a `sparse_bitmask` encoding.
+    Example recipe step: `{"type": "prune", "method": "magnitude", "sparsity": 0.5, "scope": "global"}`.
+    """
+    kinds = (nn.Linear, nn.Conv2d, nn.Embedding) if config.include_embeddings else (nn.Linear, nn.Conv2d)
+    weights = _weights(state, config, kinds, skip_tied=not config.include_embeddings)
+    magnitudes = {name: weight.detach().abs() for name, weight in weights.items()}
+    nm, threshold = config.nm(), None
+    if nm is None and config.scope == "global":
+        threshold = unstructured.global_threshold(list(magnitudes.values()), config.sparsity)
+    for index, (name, weight) in enumerate(weights.items()):
+        if nm is not None:
+            mask = unstructured.nm_mask(magnitudes[name], nm)
+        elif threshold is not None:
+            mask = magnitudes[name] > threshold
+        else:
+            mask = unstructured.smallest_mask(magnitudes[name], config.sparsity)
+        _store_pruned(state, name, weight, mask)
+        ctx.report((index + 1) / len(weights), f"pruned {name}")
+    return sparsity_report(state, weights, config.pattern, [])
+
+
+@register_step(PruneWanda)
+def prune_wanda_step(state: ModelState, config: PruneWanda, ctx: StepContext) -> StepReport:
+    """Wanda pruning of the selected Linear layers, block by block on calibration activations, in place.
+
+    Example recipe step: `{"type": "prune", "method": "wanda", "pattern": "2:4"}`.
+    """
+    nm = config.nm()
+
+    def prune(layer: nn.Linear, stats: InputStats) -> torch.Tensor:
+        scores = unstructured.wanda_scores(layer.weight.detach(), stats.sq_sum)
+        return unstructured.nm_mask(scores, nm) if nm else unstructured.rowwise_mask(scores, config.sparsity)
+
+    return _calibrated(state, config, ctx, prune, {"sq"})
+
+
+@register_step(PruneSparseGPT)
+def prune_sparsegpt_step(state: ModelState, config: PruneSparseGPT, ctx: StepContext) -> StepReport:
+    """SparseGPT pruning of the selected Linear layers, block by block on calibration activations, in place:
+    the kept weights are updated to compensate for the pruned ones.
+
+    Example recipe step: `{"type": "prune", "method": "sparsegpt", "sparsity": 0.5}`.
+    """
+    nm = config.nm()
+    # An N:M group must not straddle two solver blocks.
+    block_size = config.block_size if nm is None else max(nm[1], config.block_size - config.block_size % nm[1])
+
+    def prune(layer: nn.Linear, stats: InputStats) -> torch.Tensor:
+        weight, mask = unstructured.sparsegpt(layer.weight.detach(), stats.gram, config.sparsity, nm, block_size,
+                                              config.dampening)
+        layer.weight.data.copy_(weight)
+        return mask
+
+    return _calibrated(state, config, ctx, prune, {"gram"})
+
+
+@register_step(PruneStructured)
+def prune_structured_step(state: ModelState, config: PruneStructured, ctx: StepContext) -> StepReport:
+    """Structured pruning: removes heads, FFN neurons, conv channels or blocks, shrinking the modules in place.
+
+    Each change is a recorded rewrite, so `load_compressed` rebuilds the same smaller shapes before loading.
+    Example recipe step: `{"type": "prune", "method": "structured", "target": "heads", "amount": 0.25}`.
+    """
+    return prune_structured(state, config, ctx)
+
+
+def _weights(state: ModelState, config: PruneMagnitude | PruneWanda | PruneSparseGPT,
+             kinds: tuple[type[nn.Module], ...], skip_tied: bool = True) -> dict[str, nn.Parameter]:
+    """The selected weights by parameter name; a tied weight once, under its first module's name."""
+    weights: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for name, module in select_modules(state, config, kinds, skip_tied).items():
+        if id(module.weight) not in seen:
+            seen.add(id(module.weight))
+            weights[f"{name}.weight"] = module.weight
+    refuse_encoded(state, list(weights), "prune")
+    return weights
+
+
+@torch.no_grad()
+def _store_pruned(state: ModelState, name: str, weight: nn.Parameter, mask: torch.Tensor) -> None:
+    weight.mul_(mask)
+    state.encodings[name] = sparse_encoding(mask, dense_float(weight))
+
+
+def _calibrated(state: ModelState, config: PruneWanda | PruneSparseGPT, ctx: StepContext, prune: LayerPruner,
+                want: set[str]) -> StepReport:
+    weights = _weights(state, config, (nn.Linear,))
+    layers = {name.removesuffix(".weight"): state.model.get_submodule(name.removesuffix(".weight")) for name in weights}
+    data = calibration_batches(state, config, ctx)
+    done: set[str] = set()
+    for block_name, block, inputs in sequential_blocks(state.model, data.batches):
+        if ctx.should_stop():
+            raise JobCancelled(f"cancelled while pruning, before {block_name or 'the model'}")
+        mine = {name: layer for name, layer in layers.items() if inside(name, block_name)}
+        with recording(mine, want) as stats:
+            run_all(block, inputs)
+        for name, layer in mine.items():
+            _store_pruned(state, f"{name}.weight", layer.weight, prune(layer, stats[name]))
+        done |= set(mine)
+        ctx.report(len(done) / len(layers), f"pruned {block_name or 'the model'}")
+    skipped = sorted(set(layers) - done)
+    notes = data.notes + ([f"left dense (outside the repeated blocks): {', '.join(skipped)}"] if skipped else [])
+    pruned = {name: weight for name, weight in weights.items() if name.removesuffix(".weight") in done}
+    return sparsity_report(state, pruned, config.pattern, notes)
+
+
+def sparsity_report(state: ModelState, weights: dict[str, nn.Parameter], pattern: str, notes: list[str]) -> StepReport:
+    """Measured sparsity and storage of the pruned weights, and what the sparsity does not buy."""
+    total = sum(weight.numel() for weight in weights.values())
+    zeros = sum(int((weight == 0).sum()) for weight in weights.values())
+    stored = sum(state.encodings[name].nbytes() for name in weights)
+    dense = sum(weight.numel() * weight.element_size() for weight in weights.values())
+    all_params = sum(p.numel() for p in state.model.parameters())
+    metrics: dict[str, float | int | str] = {
+        "tensors_pruned": len(weights),
+        "params_in_pruned_tensors": total,
+        "sparsity": zeros / total,
+        "model_sparsity": sum(int((p == 0).sum()) for p in state.model.parameters()) / all_params,
+        "dense_bytes": dense,
+        "stored_bytes": stored,
+        "stored_ratio": stored / dense,
+        "pattern": pattern,
+    }
+    notes = [*notes, f"{len(weights)} weights stored as bitmask + kept values", SPEED_NOTE]
+    return StepReport(metrics=metrics, notes=notes)

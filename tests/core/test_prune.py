@@ -1,0 +1,140 @@
+"""Unstructured and N:M pruning (magnitude, Wanda, SparseGPT) on tiny models: exact sparsity, patterns, sparse
+storage, composition with quantization, and validation of bad parameters."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from core.compression.configs.prune import PruneMagnitude
+from core.compression.encoding import decode, quantize_rtn
+from core.compression.metrics import probe_inputs
+from core.compression.pipeline import run_pipeline
+from core.compression.sparsity.masks import SPARSE_BITMASK, keep_sparse, mask_of, pack_bits, unpack_bits
+from core.compression.spec import JobSpec, QuantizeRTN
+from core.compression.state import ModelState, StepContext
+from core.errors import InvalidSpec
+from tests.core.pruning_helpers import assert_reload_identical, outputs, reloaded, run_steps
+from tests.models import tiny_bert, tiny_llama
+
+CALIBRATION = {"calibration": {"num_samples": 4, "seq_len": 32}}
+METHODS = [{"method": "magnitude"}, {"method": "magnitude", "scope": "global"},
+           {"method": "wanda", **CALIBRATION}, {"method": "sparsegpt", **CALIBRATION}]
+
+
+def linear_weights(model: nn.Module, skip: str = "pooler") -> dict[str, torch.Tensor]:
+    return {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and skip not in n
+            and m.weight is not getattr(getattr(model, "model", model), "embed_tokens", nn.Linear(1, 1)).weight}
+
+
+@pytest.mark.parametrize("fields", METHODS)
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7])
+def test_unstructured_sparsity_is_exact(fields: dict, sparsity: float) -> None:
+    state, [report] = run_steps(tiny_llama(), {"type": "prune", "sparsity": sparsity, **fields})
+    weights = linear_weights(state.model)
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    assert zeros / total == pytest.approx(sparsity, abs=8e-3)  # Wanda rounds per row
+    assert report.metrics["sparsity"] == pytest.approx(zeros / total)
+    if fields.get("scope") != "global":  # per layer (and per row for Wanda): every tensor hits the target
+        for weight in weights.values():
+            assert float((weight == 0).float().mean()) == pytest.approx(sparsity, abs=1 / weight.shape[1])
+
+
+@pytest.mark.parametrize("fields", METHODS[:1] + METHODS[2:])
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8"])
+def test_n_m_pattern_holds_in_every_group(fields: dict, pattern: str) -> None:
+    keep, group = map(int, pattern.split(":"))
+    state, [report] = run_steps(tiny_bert(), {"type": "prune", "pattern": pattern, **fields})
+    for name, weight in linear_weights(state.model).items():
+        nonzero_per_group = (weight.reshape(-1, group) != 0).sum(dim=1)
+        assert int(nonzero_per_group.max()) <= keep, name
+        assert state.encodings[name].format == SPARSE_BITMASK
+    assert report.metrics["sparsity"] == pytest.approx(1 - keep / group, abs=1e-3)
+
+
+def test_calibrated_methods_beat_magnitude_on_the_outputs() -> None:
+    reference = tiny_llama()
+    inputs = probe_inputs(reference)
+    expected = outputs(reference, inputs)
+    errors = {}
+    for fields in (METHODS[0], METHODS[3]):
+        calibrated = {"type": "prune", "sparsity": 0.5, **fields, "calibration": {"num_samples": 16, "seq_len": 32}}
+        step = calibrated if fields["method"] != "magnitude" else {"type": "prune", **fields}
+        state, _ = run_steps(tiny_llama(), step)
+        errors[fields["method"]] = float((outputs(state.model, inputs) - expected).pow(2).mean())
+    assert errors["sparsegpt"] < errors["magnitude"]
+
+
+def test_sparse_storage_round_trip_is_bit_exact_and_smaller(tmp_path: Path) -> None:
+    state, [report] = run_steps(tiny_bert(), {"type": "prune", "sparsity": 0.5})
+    for name, encoding in state.encodings.items():
+        assert torch.equal(decode(encoding), state.model.get_parameter(name))
+    assert report.metrics["stored_ratio"] < 0.55  # half the values + 1 bit per weight
+    assert any("no speedup" in note for note in report.notes)
+    assert_reload_identical(state, tmp_path, probe_inputs(state.model))
+
+
+def test_bits_pack_and_unpack() -> None:
+    mask = torch.rand(7, 13, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
+    assert torch.equal(unpack_bits(packed, mask.shape), mask)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantizing_a_pruned_weight_keeps_its_zeros_and_its_sparse_storage(symmetric: bool) -> None:
+    state, _ = run_steps(tiny_bert(), {"type": "prune", "sparsity": 0.5})
+    name = "encoder.layer.0.intermediate.dense.weight"
+    weight, mask = state.model.get_parameter(name), mask_of(state, name)
+    dense = quantize_rtn(weight, symmetric=symmetric)
+    encoding = keep_sparse(state, name, dense)
+    decoded = decode(encoding)
+    assert torch.equal(decoded == 0, ~mask | (decoded == 0))
+    assert bool((decoded[~mask] == 0).all())
+    # int8 codes of the kept half + 1 bit per weight, scales unchanged
+    assert encoding.nbytes() == dense.nbytes() - int((~mask).sum()) + mask.numel() // 8
+    assert mask_of(state, "embeddings.word_embeddings.weight") is None
+
+
+def test_prune_then_quantize_then_huffman_reloads_identically(tmp_path: Path) -> None:
+    state, reports = run_steps(tiny_llama(), {"type": "prune"}, {"type": "quantize"}, {"type": "encode"})
+    assert reports[2].metrics["packed_bytes_after"] < reports[2].metrics["packed_bytes_before"]
+    assert_reload_identical(state, tmp_path, probe_inputs(state.model))
+
+
+def test_pruning_an_already_packed_weight_is_refused() -> None:
+    # JobSpec already rejects this order at submission; the step itself refuses too, for direct callers.
+    with pytest.raises(InvalidSpec, match="must run before"):
+        run_pipeline(ModelState(tiny_bert()), [QuantizeRTN(), PruneMagnitude()], StepContext())
+
+
+def test_embeddings_are_pruned_only_when_asked(tmp_path: Path) -> None:
+    state, _ = run_steps(tiny_llama(), {"type": "prune", "include_embeddings": True})
+    assert "model.embed_tokens.weight" in state.encodings
+    assert float((state.model.lm_head.weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-3)
+    loaded = reloaded(state, tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize(
+    ("step", "field"),
+    [
+        ({"type": "prune", "sparsity": 1.5}, "sparsity"),
+        ({"type": "prune", "sparsity": 0}, "sparsity"),
+        ({"type": "prune", "method": "wanda", "pattern": "3:2"}, "pattern"),
+        ({"type": "prune", "method": "sparsegpt", "pattern": "2-4"}, "pattern"),
+        ({"type": "prune", "pattern": "2:4", "sparsity": 0.3}, "sparsity"),
+        ({"type": "prune", "method": "structured", "target": "experts"}, "target"),
+        ({"type": "prune", "method": "structured", "amount": 1}, "amount"),
+        ({"type": "prune", "method": "structured", "importance": "random"}, "importance"),
+        ({"type": "prune", "method": "wanda", "calibration": {"num_samples": 0}}, "num_samples"),
+        ({"type": "prune", "method": "snip"}, "type"),
+    ],
+)
+def test_invalid_parameters_name_the_field(step: dict, field: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        JobSpec.model_validate({"steps": [step]})
+    assert field in str(raised.value)

@@ -1,0 +1,72 @@
+"""GPTQ: reduces to round-to-nearest without correlations, beats it with them, and on tiny models with data."""
+
+import pytest
+import torch
+
+from core.compression.encoding import decode, quantize_rtn
+from core.compression.quant.gptq import gptq_quantize
+from core.compression.quant.grid import IntGrid, dequantize_codes
+from tests.core.quant_helpers import cosine_vs_fp32, quantize_with
+from tests.models import tiny_bert, tiny_llama, tiny_tokenizer
+
+GRID = IntGrid(bits=4, symmetric=True, granularity="per_group", group_size=16)
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, inputs: torch.Tensor) -> float:
+    return float(((weight - quantized) @ inputs.T).norm())
+
+
+def test_without_input_correlation_gptq_is_round_to_nearest() -> None:
+    weight = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    codes, params = gptq_quantize(weight, torch.eye(32), GRID, dampening=0.01)
+    assert torch.equal(dequantize_codes(codes, params, GRID), decode(quantize_rtn(weight, 4, "per_group", True, 16)))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("grid", [GRID, IntGrid(3, False, "per_channel"), IntGrid(8, True, "per_group", 16)])
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(grid: IntGrid, act_order: bool) -> None:
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(512, 8, generator=generator) @ torch.randn(8, 32, generator=generator)  # rank 8 inputs
+    inputs += 0.05 * torch.randn(512, 32, generator=generator)
+    weight = torch.randn(24, 32, generator=generator)
+    codes, params = gptq_quantize(weight, inputs.T @ inputs, grid, block_columns=8, act_order=act_order)
+    assert codes.dtype == torch.uint8 and codes.shape == weight.shape and int(codes.max()) <= grid.levels
+    rtn = decode(quantize_rtn(weight, grid.bits, grid.granularity, grid.symmetric, grid.group_size))
+    gptq = dequantize_codes(codes, params, grid)
+    assert output_error(weight, gptq, inputs) < 0.7 * output_error(weight, rtn, inputs)
+
+
+def test_inputs_that_are_always_zero_get_zero_weights() -> None:
+    weight = torch.ones(4, 16)
+    inputs = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    inputs[:, 3] = 0
+    codes, params = gptq_quantize(weight, inputs.T @ inputs, GRID)
+    assert torch.equal(dequantize_codes(codes, params, GRID)[:, 3], torch.zeros(4))
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_llama])
+def test_gptq_step_beats_rtn_on_tiny_models_with_calibration(build) -> None:  # noqa: ANN001
+    fields = {"bits": 3, "granularity": "per_channel", "include_embeddings": False, "exclude": ["lm_head", "pooler*"]}
+    # Random token ids, like the probe inputs: the tiny word-level tokenizer would turn Wikipedia into [UNK]s.
+    calibration = {"num_samples": 8, "seq_len": 32}
+    state, report = quantize_with(build(), method="gptq", calibration=calibration, **fields)
+    rtn_state, _ = quantize_with(build(), **fields)
+    assert report.metrics["gptq_tensors"] == report.metrics["tensors_quantized"] > 10
+    assert report.metrics["gptq_vs_rtn_output_error"] < 0.9
+    assert cosine_vs_fp32(build(), state.model) > cosine_vs_fp32(build(), rtn_state.model)
+    assert any("8 x 32 seeded random token ids" in note for note in report.notes)
+
+
+def test_gptq_calibrates_on_text_through_the_models_tokenizer() -> None:
+    calibration = {"num_samples": 2, "seq_len": 16}
+    _, report = quantize_with(tiny_bert(), tiny_tokenizer(), method="gptq", calibration=calibration)
+    assert report.metrics["calibration_tokens"] == 32
+    assert "calibrated on 2 x 16 tokens of text" in report.notes
+
+
+def test_weights_outside_blocks_fall_back_to_rtn_and_say_so() -> None:
+    state, report = quantize_with(tiny_llama(), method="gptq", calibration={"num_samples": 4, "seq_len": 16})
+    assert report.metrics["rtn_tensors"] == 1  # the tied embedding / lm_head
+    assert any("model.embed_tokens.weight" in note and "round-to-nearest" in note for note in report.notes)
+    assert any("seeded random token ids" in note for note in report.notes)
+    assert {encoding.format for encoding in state.encodings.values()} == {"packed_int"}

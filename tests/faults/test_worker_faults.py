@@ -1,0 +1,144 @@
+"""Real processes on private PostgreSQL and Redis: workers killed mid-job, servers restarted, time limits and a
+full disk. Every job ends in exactly one terminal state with at most one artifact, and no scratch is left."""
+
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import zip_folder
+from tests.models import save_model_folder, tiny_bert
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+INT8 = {"type": "quantize", "method": "rtn", "bits": 8}
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def submit(client: httpx.Client, folder: Path, steps: list[dict]) -> str:
+    model = client.post("/v1/models", files={"file": ("m.zip", zip_folder(folder), "application/zip")})
+    assert model.status_code == 201, model.text
+    job = client.post("/v1/jobs", json={"model_id": model.json()["id"], "steps": steps})
+    assert job.status_code == 202, job.text
+    return job.json()["id"]
+
+
+def wait_for(client: httpx.Client, job_id: str, done, timeout_s: float = 120) -> dict:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        response = client.get(f"/v1/jobs/{job_id}")
+        if response.status_code == 200 and done(job := response.json()):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not reach the expected state: {client.get(f'/v1/jobs/{job_id}').text}")
+
+
+def running(attempt: int):  # noqa: ANN201
+    return lambda job: job["status"] == "running" and job["attempts"] == attempt and job["progress"] > 0
+
+
+def ended(job: dict) -> bool:
+    return job["status"] in TERMINAL
+
+
+def scratch(stack) -> list[str]:  # noqa: ANN001
+    work = Path(stack.env["MCS_ARTIFACT_DIR"]) / "tmp"
+    return sorted(p.name for p in work.iterdir()) if work.exists() else []
+
+
+def test_sigkill_mid_job_reruns_once_then_ends_worker_lost(stack, slow_model):
+    services = stack(job_max_attempts="2")
+    client = services.start_api()
+    services.start_worker()
+    job_id = submit(client, slow_model, [INT8])
+    for attempt in (1, 2):
+        wait_for(client, job_id, running(attempt))
+        for child in services.pool_processes():
+            child.kill()
+    job = wait_for(client, job_id, ended, 60)
+    assert (job["status"], job["error"]["code"], job["attempts"]) == ("failed", "worker_lost", 2)
+    assert job["artifacts"] == [] and all(step["status"] != "running" for step in job["steps"])
+    wait_for(client, job_id, lambda _: scratch(services) == [], 30)  # the sweeper removed its scratch folder
+
+
+def test_worker_host_lost_before_ack_redelivers_and_completes_once(stack, slow_model):
+    services = stack()
+    client = services.start_api()
+    worker = services.start_worker()
+    job_id = submit(client, slow_model, [INT8])
+    wait_for(client, job_id, running(1))
+    for process in [*services.pool_processes()]:
+        process.kill()
+    worker.kill()  # the whole host is gone: no process left to requeue the message
+    worker.wait()
+    services.start_worker()
+    job = wait_for(client, job_id, ended, 120)
+    assert (job["status"], job["attempts"], len(job["artifacts"])) == ("succeeded", 2, 1)
+    artifact = client.get(job["artifacts"][0]["url"].split(str(client.base_url))[-1])
+    assert artifact.status_code == 200 and len(artifact.content) == job["artifacts"][0]["size_bytes"]
+
+
+def test_soft_time_limit_ends_the_job_timeout_after_cleanup(stack, slow_model):
+    services = stack(job_soft_time_limit_s="2", job_hard_time_limit_s="60")
+    client = services.start_api()
+    services.start_worker()
+    job = wait_for(client, submit(client, slow_model, [INT8] * 4), ended)
+    assert (job["status"], job["error"]["code"]) == ("failed", "timeout")
+    assert "soft time limit of 2 s" in job["error"]["message"] and job["attempts"] == 1
+    assert scratch(services) == []
+
+
+def test_disk_full_fails_with_storage_and_leaves_no_temp_file(stack, slow_model, tmp_path):
+    services = stack()
+    client = services.start_api()
+    limit = 1024**2  # the worker may write 1 MB per file: the int8 artifact needs several
+
+    def small_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    log = (tmp_path / "worker-small-disk.log").open("ab")
+    services.processes["worker"] = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "worker", "--queues", "cpu"], env=services.env, stdout=log,
+        stderr=subprocess.STDOUT, preexec_fn=small_disk)
+    job = wait_for(client, submit(client, slow_model, [INT8]), ended)
+    assert (job["status"], job["error"]["code"], job["attempts"]) == ("failed", "storage", 1)
+    assert job["artifacts"] == [] and scratch(services) == []
+    artifacts = Path(services.env["MCS_ARTIFACT_DIR"]) / "artifacts"
+    assert not artifacts.exists() or not any(artifacts.rglob("*.tmp"))
+
+
+def test_redis_restart_loses_the_queue_and_the_reconciler_resends(stack, redis_server, tmp_path):
+    services = stack()
+    client = services.start_api()
+    folder = save_model_folder(tiny_bert(), tmp_path / "bert")
+    job_ids = [submit(client, folder, [INT8]) for _ in range(2)]
+    redis_server.stop()
+    redis_server.start(lambda: httpx.get(f"{client.base_url}/readyz").status_code == 200)
+    services.start_worker()
+    jobs = [wait_for(client, job_id, ended) for job_id in job_ids]
+    assert [(j["status"], j["attempts"], len(j["artifacts"])) for j in jobs] == [("succeeded", 1, 1)] * 2
+
+
+def test_postgres_restart_mid_job_is_503_meanwhile_and_loses_nothing(stack, postgres, slow_model):
+    services = stack()
+    client = services.start_api()
+    services.start_worker()
+    job_id = submit(client, slow_model, [INT8])
+    wait_for(client, job_id, running(1))
+    postgres.stop()
+    try:
+        during = client.get(f"/v1/jobs/{job_id}")
+        assert during.status_code == 503 and during.json()["error"]["code"] == "unavailable"
+        assert during.headers["Retry-After"]
+        time.sleep(2)
+    finally:
+        postgres.start(lambda: client.get("/healthz").status_code == 200 and _db_back(client, job_id))
+    job = wait_for(client, job_id, ended, 180)
+    assert job["status"] == "succeeded" and len(job["artifacts"]) == 1, job
+
+
+def _db_back(client: httpx.Client, job_id: str) -> bool:
+    return client.get(f"/v1/jobs/{job_id}").status_code == 200

@@ -1,0 +1,174 @@
+"""What the worker does when things break: name the failure, keep a live job's lease, sweep what dead ones left.
+
+- `failure_for(exc)` turns an exception (and its causes: steps wrap what they raise) into the job's terminal error,
+  or None for an infrastructure fault that the task retries (database, broker, transient storage errors).
+- `Heartbeat` renews the lease of the job being run, so a lease that expires means its worker is gone.
+- `Sweeper` runs in each worker's main process: it requeues (or ends `worker_lost`) running jobs whose lease
+  expired, and removes upload and job scratch left by a killed API or worker.
+"""
+
+import errno
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import OperationalError
+
+from core.db.models import JobStatus
+from core.db.repositories import JobRuns
+from core.db.session import session_scope
+from core.errors import JobCancelled, ServiceError, StorageFailed, Unavailable
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+INFRASTRUCTURE_FAULTS = (Unavailable, OperationalError, OSError)
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+SCRATCH_PREFIXES = ("upload-", "dataset-", "job-")
+Failure = tuple[dict[str, Any], JobStatus]
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and the exceptions it was raised from (a failing step wraps its cause in StepFailed)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def failure_for(exc: BaseException, settings: Settings) -> Failure | None:
+    """The job's terminal error for `exc`, or None when it is an infrastructure fault worth retrying."""
+    chain = list(causes(exc))
+    if any(isinstance(e, SoftTimeLimitExceeded) for e in chain):
+        return timeout_error(settings.job_soft_time_limit_s, "soft"), JobStatus.failed
+    if disk := next((e for e in chain if _disk_full(e)), None):
+        return StorageFailed(f"storage is full or over quota: {disk}").as_dict(), JobStatus.failed
+    if any(_out_of_memory(e) for e in chain):
+        return {"code": "out_of_memory", "message": f"the job ran out of memory: {exc}; try a smaller model, "
+                "batch or a worker with more memory"}, JobStatus.failed
+    if isinstance(exc, JobCancelled):
+        return {"code": exc.code, "message": exc.message}, JobStatus.cancelled
+    if isinstance(exc, INFRASTRUCTURE_FAULTS):
+        return None
+    if isinstance(exc, ServiceError):
+        return exc.as_dict(), JobStatus.failed
+    return {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}, JobStatus.failed
+
+
+def retries_exhausted(exc: BaseException) -> dict[str, Any]:
+    """The error of a job whose infrastructure fault outlasted every retry."""
+    if isinstance(exc, OSError) and not isinstance(exc, OperationalError):
+        return StorageFailed(f"storage kept failing: {exc}").as_dict()
+    return Unavailable(f"the database or broker stayed unreachable: {exc}").as_dict()
+
+
+def timeout_error(limit_s: int, kind: str) -> dict[str, Any]:
+    return {"code": "timeout", "message": f"the job ran past its {kind} time limit of {limit_s} s "
+            "(MCS_JOB_SOFT_TIME_LIMIT_S / MCS_JOB_HARD_TIME_LIMIT_S)"}
+
+
+def _disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL
+    # libraries with native writers (safetensors) report the OS error only in their message
+    return any(f"(os error {code})" in str(exc) for code in DISK_FULL)
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return True
+    # torch's CPU allocator reports a failed allocation as a plain RuntimeError
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+class Heartbeat:
+    """Renew a running job's lease every third of its length, from a thread, while the job runs."""
+
+    def __init__(self, job_id: str, lease_s: int) -> None:
+        self.job_id, self.lease = job_id, timedelta(seconds=lease_s)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.lease.total_seconds() / 3):
+            try:
+                with session_scope() as session:
+                    JobRuns(session).renew_lease(self.job_id, self.lease)
+            except Exception as exc:  # the database is down: the run itself will notice and retry
+                log.warning("job %s: could not renew its lease: %s", self.job_id, exc)
+
+
+class Sweeper:
+    """A daemon thread in the worker's main process calling `sweep` every MCS_SWEEP_INTERVAL_S."""
+
+    def __init__(self, celery: Celery, task_name: str, settings: Settings) -> None:
+        self.celery, self.task_name, self.settings = celery, task_name, settings
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="mcs-sweeper", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.settings.sweep_interval_s):
+            try:
+                sweep(self.celery, self.task_name, self.settings)
+            except Exception as exc:  # the database is down: try again next round
+                log.warning("sweep skipped: %s", exc)
+
+
+def sweep(celery: Celery, task_name: str, settings: Settings) -> tuple[int, int]:
+    """One round: requeue or end jobs with expired leases, remove stale scratch. Returns (requeued, removed)."""
+    with session_scope() as session:
+        runs = JobRuns(session)
+        requeued = [(job.id, job.queue) for job in runs.sweep_expired(settings.job_max_attempts)]
+        running = runs.running_ids()
+    for job_id, queue in requeued:  # after the commit, like the API: the delivery must find the row queued
+        celery.send_task(task_name, args=[job_id], queue=queue)
+        log.warning("job %s lost its worker; requeued", job_id)
+    return len(requeued), remove_stale_scratch(settings, running)
+
+
+def remove_stale_scratch(settings: Settings, running_job_ids: set[str]) -> int:
+    """Remove scratch a killed API or worker left: upload folders untouched for MCS_SCRATCH_MAX_AGE_S, and job
+    folders of jobs not running (older than a lease, so a job claimed a moment ago keeps its new folder)."""
+    if not settings.work_dir.is_dir():
+        return 0
+    now, removed = time.time(), 0
+    for entry in settings.work_dir.iterdir():
+        job_id = entry.name.removeprefix("job-")
+        if not entry.name.startswith(SCRATCH_PREFIXES) or job_id in running_job_ids:
+            continue
+        max_age = settings.job_lease_s if entry.name.startswith("job-") else settings.scratch_max_age_s
+        if _last_modified(entry) < now - max_age:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _last_modified(folder: Path) -> float:
+    try:
+        return max([folder.stat().st_mtime, *(child.stat().st_mtime for child in folder.iterdir())])
+    except OSError:  # removed meanwhile by its owner
+        return time.time()
