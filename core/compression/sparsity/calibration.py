@@ -16,6 +16,7 @@ from torch import nn
 
 from core.compression.configs.calibration import Calibrated
 from core.compression.state import ModelState, StepContext
+from core.errors import JobCancelled
 
 Batch = dict[str, torch.Tensor]
 IMAGE_SIZE = 32
@@ -177,3 +178,17 @@ def sequential_blocks(model: nn.Module, batches: list[Batch]) -> Iterator[tuple[
 
 def inside(name: str, block_name: str) -> bool:
     return block_name == "" or name.startswith(block_name + ".")
+
+
+def block_statistics(
+    model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch], want: set[str], ctx: StepContext, verb: str
+) -> Iterator[tuple[str, dict[str, nn.Module], dict[str, InputStats]]]:
+    """Block by block: the `layers` inside the block and their input statistics while it ran on its calibration
+    inputs. The caller compresses those layers before the next block's inputs are computed from this block."""
+    for block_name, block, inputs in sequential_blocks(model, batches):
+        if ctx.should_stop():
+            raise JobCancelled(f"cancelled while {verb}, before {block_name or 'the model'}")
+        mine = {name: layer for name, layer in layers.items() if inside(name, block_name)}
+        with recording(mine, want) as stats:
+            run_all(block, inputs)
+        yield block_name, mine, stats

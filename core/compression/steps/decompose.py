@@ -13,11 +13,8 @@ from core.compression.rewrites import apply_rewrite
 from core.compression.sparsity import lowrank
 from core.compression.sparsity.calibration import (
     InputStats,
+    block_statistics,
     calibration_batches,
-    inside,
-    recording,
-    run_all,
-    sequential_blocks,
 )
 from core.compression.sparsity.select import refuse_encoded, select_modules
 from core.compression.state import ModelState, Rewrite, StepContext, StepReport
@@ -89,12 +86,7 @@ def _calibrated(state: ModelState, config: DecomposeASVD | DecomposeSVDLLM, ctx:
     layers = _modules(state, config, (nn.Linear,))
     before, tally = _parameter_count(state), _Tally()
     data = calibration_batches(state, config, ctx)
-    for block_name, block, inputs in sequential_blocks(state.model, data.batches):
-        if ctx.should_stop():
-            raise JobCancelled(f"cancelled while decomposing, before {block_name or 'the model'}")
-        mine = {name: layer for name, layer in layers.items() if inside(name, block_name)}
-        with recording(mine, want) as stats:
-            run_all(block, inputs)
+    for block_name, mine, stats in block_statistics(state.model, layers, data.batches, want, ctx, "decomposing"):
         for name, layer in mine.items():
             _factor_linear(state, name, layer, config, tally, analyse(layer.weight.detach(), stats[name]))
         ctx.report((len(tally.factored) + len(tally.skipped)) / len(layers), f"decomposed {block_name or 'the model'}")

@@ -10,17 +10,13 @@ from core.compression.registry import register_step
 from core.compression.sparsity import unstructured
 from core.compression.sparsity.calibration import (
     InputStats,
+    block_statistics,
     calibration_batches,
-    inside,
-    recording,
-    run_all,
-    sequential_blocks,
 )
 from core.compression.sparsity.masks import dense_float, sparse_encoding
 from core.compression.sparsity.select import refuse_encoded, select_modules
 from core.compression.sparsity.structured import prune_structured
 from core.compression.state import ModelState, StepContext, StepReport
-from core.errors import JobCancelled
 
 LayerPruner = Callable[[nn.Linear, InputStats], torch.Tensor]
 SPEED_NOTE = ("unstructured sparsity gives no speedup with dense kernels (and load_compressed restores dense "
@@ -122,12 +118,7 @@ def _calibrated(state: ModelState, config: PruneWanda | PruneSparseGPT, ctx: Ste
     layers = {name.removesuffix(".weight"): state.model.get_submodule(name.removesuffix(".weight")) for name in weights}
     data = calibration_batches(state, config, ctx)
     done: set[str] = set()
-    for block_name, block, inputs in sequential_blocks(state.model, data.batches):
-        if ctx.should_stop():
-            raise JobCancelled(f"cancelled while pruning, before {block_name or 'the model'}")
-        mine = {name: layer for name, layer in layers.items() if inside(name, block_name)}
-        with recording(mine, want) as stats:
-            run_all(block, inputs)
+    for block_name, mine, stats in block_statistics(state.model, layers, data.batches, want, ctx, "pruning"):
         for name, layer in mine.items():
             _store_pruned(state, f"{name}.weight", layer.weight, prune(layer, stats[name]))
         done |= set(mine)
