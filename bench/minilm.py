@@ -2,7 +2,6 @@
 sentence-embedding cosine vs fp32 on 200 real review sentences, and interleaved CPU latency at batch 8 x 128."""
 
 import re
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,17 +49,6 @@ def latency_batch(tokenizer: PreTrainedTokenizerBase, sentences: list[str]) -> m
     return dict(inputs)
 
 
-def interleaved_latency_ms(models: list[PreTrainedModel], inputs: metrics.Inputs) -> list[float]:
-    """Median forward time per model, alternating models each round so drift in machine load hits all alike."""
-    for model in models:
-        metrics.median_latency_ms(model, inputs, warmup=2, runs=1)
-    rounds: list[list[float]] = [[] for _ in models]
-    for _ in range(LATENCY_ROUNDS):
-        for model, timings in zip(models, rounds, strict=True):
-            timings.append(metrics.median_latency_ms(model, inputs, warmup=0, runs=1))
-    return [statistics.median(timings) for timings in rounds]
-
-
 def measure(folder: Path, candidates: list[tuple[str, PreTrainedModel, int]]) -> list[Variant]:
     """Measure the fp32 model in `folder` and each (name, model, weights bytes) candidate in one interleaved run."""
     torch.set_num_threads(THREADS)
@@ -71,7 +59,7 @@ def measure(folder: Path, candidates: list[tuple[str, PreTrainedModel, int]]) ->
     models = [model for _, model, _ in entries]
     reference = metrics.sentence_embeddings(fp32, tokenizer, reviews)
     cosines = [metrics.row_cosines(reference, metrics.sentence_embeddings(m, tokenizer, reviews)) for m in models]
-    latencies = interleaved_latency_ms(models, latency_batch(tokenizer, reviews))
+    latencies = metrics.interleaved_latency_ms(models, latency_batch(tokenizer, reviews), LATENCY_ROUNDS)
     return [
         Variant(name, size, metrics.count_parameters(model), cosine.mean().item(), cosine.min().item(), latency)
         for (name, model, size), cosine, latency in zip(entries, cosines, latencies, strict=True)

@@ -108,6 +108,18 @@ def median_latency_ms(model: nn.Module, inputs: Inputs, warmup: int = 2, runs: i
     return statistics.median(timings)
 
 
+def interleaved_latency_ms(models: Sequence[nn.Module], inputs: Inputs, rounds: int = 7) -> list[float]:
+    """Median forward time per model, alternating the models every round so that drift in machine load hits all of
+    them alike (timing them one after the other was noisy here)."""
+    for model in models:
+        median_latency_ms(model, inputs, warmup=2, runs=1)
+    timings: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for model, times in zip(models, timings, strict=True):
+            times.append(median_latency_ms(model, inputs, warmup=0, runs=1))
+    return [statistics.median(times) for times in timings]
+
+
 @torch.no_grad()
 def sentence_embeddings(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 32
