@@ -3,13 +3,14 @@
 from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from typing import Any
 
 import torch
 from torch import nn
 
 from core.compression.encoding import decode
 from core.compression.sparsity.masks import keep_sparse
-from core.compression.state import Encoding, ModelState, StepContext
+from core.compression.state import Encoding, ModelState, StepContext, StepReport
 from core.errors import InvalidSpec, JobCancelled
 
 
@@ -107,3 +108,15 @@ def tied_notes(weights: list[SharedWeight]) -> list[str]:
         for shared in weights
         if len(shared.modules) > 1
     ]
+
+
+def quantize_selected(state: ModelState, config: Any, ctx: StepContext, encode: Callable[[nn.Parameter], Encoding],
+                      bits: int, describe: str) -> StepReport:
+    """The body every weight-only method shares: select the modules by the config's patterns, encode each weight
+    once (tied weights too) in place, and report sizes. `describe` completes "<n> weights <describe>"."""
+    selected = select_modules(state.model, config.targets, config.exclude, config.include_embeddings)
+    weights = shared_weights(state.model, selected)
+    encode_each(state, weights, lambda shared: encode(shared.weight), ctx)
+    metrics = size_metrics(state, weights)
+    metrics["bits"] = bits
+    return StepReport(metrics=metrics, notes=[f"{len(weights)} weights {describe}", *tied_notes(weights)])

@@ -1,14 +1,9 @@
 """Round-to-nearest weight-only quantization (the family's default method)."""
 
+from torch import nn
+
 from core.compression.encoding import quantize_rtn
-from core.compression.quant.modules import (
-    SharedWeight,
-    encode_each,
-    select_modules,
-    shared_weights,
-    size_metrics,
-    tied_notes,
-)
+from core.compression.quant.modules import quantize_selected
 from core.compression.registry import register_step
 from core.compression.spec import QuantizeRTN
 from core.compression.state import Encoding, ModelState, StepContext, StepReport
@@ -25,20 +20,11 @@ def quantize_rtn_step(state: ModelState, config: QuantizeRTN, ctx: StepContext) 
     Example recipe steps: `{"type": "quantize", "granularity": "per_channel", "exclude": ["*.down_proj"]}`,
     `{"type": "quantize", "bits": 4, "granularity": "per_group", "group_size": 128, "symmetric": false}`.
     """
-    selected = select_modules(state.model, config.targets, config.exclude, config.include_embeddings)
-    weights = shared_weights(state.model, selected)
-
-    def encode(shared: SharedWeight) -> Encoding:
-        return quantize_rtn(shared.weight, config.bits, config.granularity, config.symmetric, config.columns_per_scale)
-
-    encode_each(state, weights, encode, ctx)
-    return _report(state, weights, config)
-
-
-def _report(state: ModelState, weights: list[SharedWeight], config: QuantizeRTN) -> StepReport:
     kind = "symmetric" if config.symmetric else "asymmetric"
     group = f" (groups of {config.group_size} columns)" if config.columns_per_scale else ""
-    notes = [f"{len(weights)} weights stored as int{config.bits} codes, {config.granularity}{group} {kind} scales"]
-    metrics = size_metrics(state, weights)
-    metrics["bits"] = config.bits
-    return StepReport(metrics=metrics, notes=notes + tied_notes(weights))
+
+    def encode(weight: nn.Parameter) -> Encoding:
+        return quantize_rtn(weight, config.bits, config.granularity, config.symmetric, config.columns_per_scale)
+
+    describe = f"stored as int{config.bits} codes, {config.granularity}{group} {kind} scales"
+    return quantize_selected(state, config, ctx, encode, config.bits, describe)

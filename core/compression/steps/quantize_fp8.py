@@ -2,16 +2,9 @@
 
 from core.compression.configs.quantize import QuantizeFP8
 from core.compression.quant.fp8 import quantize_fp8
-from core.compression.quant.modules import (
-    SharedWeight,
-    encode_each,
-    select_modules,
-    shared_weights,
-    size_metrics,
-    tied_notes,
-)
+from core.compression.quant.modules import quantize_selected
 from core.compression.registry import register_step
-from core.compression.state import Encoding, ModelState, StepContext, StepReport
+from core.compression.state import ModelState, StepContext, StepReport
 
 
 @register_step(QuantizeFP8)
@@ -23,14 +16,5 @@ def quantize_fp8_step(state: ModelState, config: QuantizeFP8, ctx: StepContext) 
 
     Example recipe step: `{"type": "quantize", "method": "fp8", "granularity": "per_channel"}`.
     """
-    selected = select_modules(state.model, config.targets, config.exclude, config.include_embeddings)
-    weights = shared_weights(state.model, selected)
-
-    def encode(shared: SharedWeight) -> Encoding:
-        return quantize_fp8(shared.weight, config.granularity)
-
-    encode_each(state, weights, encode, ctx)
-    notes = [f"{len(weights)} weights stored as float8 e4m3 with {config.granularity} float32 scales"]
-    metrics = size_metrics(state, weights)
-    metrics["bits"] = 8
-    return StepReport(metrics=metrics, notes=notes + tied_notes(weights))
+    describe = f"stored as float8 e4m3 with {config.granularity} float32 scales"
+    return quantize_selected(state, config, ctx, lambda w: quantize_fp8(w, config.granularity), 8, describe)
