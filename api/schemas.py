@@ -1,5 +1,6 @@
 """Response and request bodies of the REST API v1 (the contract)."""
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
@@ -79,5 +80,11 @@ class Page(BaseModel, Generic[T]):
     page: int
     page_size: int
     total: int
+
+    @classmethod
+    def of(cls, found: tuple[Sequence[Any], int], convert: Callable[[Any], T], page: int, page_size: int) -> "Page[T]":
+        """A page from a repository's `(rows, total)`, each row converted to its response body."""
+        rows, total = found
+        return cls(items=[convert(row) for row in rows], page=page, page_size=page_size, total=total)
 
 

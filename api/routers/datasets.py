@@ -6,6 +6,7 @@ from pydantic import BaseModel, ConfigDict
 from api.deps import DatasetsDep, PageNumber, PageSize, SessionDep, SettingsDep, StoreDep
 from api.limits import NameField
 from api.schemas import Page
+from api.stored import delete_with_files, discard_unless_committed
 from core.datasets import store_dataset_upload
 from core.db.models import new_id
 from core.uploads import display_name
@@ -38,14 +39,11 @@ def upload_dataset(
     """Upload calibration or training text (UTF-8). Used by steps through `dataset_id`."""
     dataset_id = new_id("dst")
     stored = store_dataset_upload(file.file, dataset_id, format, file.filename, settings, store)
-    try:
+    with discard_unless_committed(store, stored.storage_key):
         row = datasets.add(id=dataset_id, name=name or display_name(file.filename, "dataset"), format=stored.format,
                            num_samples=stored.num_samples, size_bytes=stored.size_bytes, sha256=stored.sha256,
                            storage_key=stored.storage_key)
         session.commit()
-    except BaseException:
-        store.delete(stored.storage_key)
-        raise
     return DatasetOut.model_validate(row)
 
 
@@ -55,8 +53,7 @@ def list_datasets(
     page: PageNumber = 1,
     page_size: PageSize = 20,
 ) -> Page[DatasetOut]:
-    rows, total = datasets.page(page, page_size)
-    return Page(items=[DatasetOut.model_validate(r) for r in rows], page=page, page_size=page_size, total=total)
+    return Page.of(datasets.page(page, page_size), DatasetOut.model_validate, page, page_size)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut)
@@ -67,7 +64,5 @@ def get_dataset(dataset_id: str, datasets: DatasetsDep) -> DatasetOut:
 @router.delete("/{dataset_id}", status_code=204)
 def delete_dataset(dataset_id: str, datasets: DatasetsDep, session: SessionDep, store: StoreDep) -> Response:
     dataset = datasets.get(dataset_id)
-    datasets.delete(dataset)
-    session.commit()
-    store.delete(dataset.storage_key)
+    delete_with_files(datasets, dataset, session, store)
     return Response(status_code=204)

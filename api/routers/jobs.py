@@ -56,8 +56,7 @@ def list_jobs(
     page_size: PageSize = 20,
 ) -> Page[JobOut]:
     filters = [Job.status == status] if status else []
-    rows, total = jobs.page(page, page_size, *filters)
-    return Page(items=[job_out(j, request) for j in rows], page=page, page_size=page_size, total=total)
+    return Page.of(jobs.page(page, page_size, *filters), lambda job: job_out(job, request), page, page_size)
 
 
 @router.get("/{job_id}", response_model=JobOut)

@@ -1,4 +1,3 @@
-import logging
 from typing import Annotated
 
 from fastapi import APIRouter, File, Response, UploadFile
@@ -6,13 +5,13 @@ from fastapi import APIRouter, File, Response, UploadFile
 from api.deps import ModelsDep, PageNumber, PageSize, SessionDep, SettingsDep, StoreDep
 from api.limits import NameField
 from api.schemas import ModelOut, Page
+from api.stored import delete_with_files, discard_unless_committed
 from core.db.models import new_id
 from core.db.repositories import Jobs
 from core.errors import Conflict
 from core.uploads import display_name, store_model_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
-log = logging.getLogger(__name__)
 
 
 @router.post("", status_code=201, response_model=ModelOut)
@@ -27,7 +26,7 @@ def upload_model(
     """Upload a model folder (config.json + *.safetensors + optional tokenizer files) as an archive."""
     model_id = new_id("mdl")
     stored = store_model_upload(file.file, model_id, settings, store)
-    try:
+    with discard_unless_committed(store, stored.storage_key):
         row = models.add(
             id=model_id,
             name=name or display_name(file.filename, "model", (".tar.gz", ".tgz", ".zip")),
@@ -39,9 +38,6 @@ def upload_model(
             storage_key=stored.storage_key,
         )
         session.commit()
-    except BaseException:
-        store.delete(stored.storage_key)  # nothing half-written: no stored folder without its row
-        raise
     return ModelOut.model_validate(row)
 
 
@@ -51,8 +47,7 @@ def list_models(
     page: PageNumber = 1,
     page_size: PageSize = 20,
 ) -> Page[ModelOut]:
-    rows, total = models.page(page, page_size)
-    return Page(items=[ModelOut.model_validate(r) for r in rows], page=page, page_size=page_size, total=total)
+    return Page.of(models.page(page, page_size), ModelOut.model_validate, page, page_size)
 
 
 @router.get("/{model_id}", response_model=ModelOut)
@@ -65,7 +60,5 @@ def delete_model(model_id: str, models: ModelsDep, session: SessionDep, store: S
     model = models.get(model_id)
     if Jobs(session, models.tenant_id).active_for_model(model_id):
         raise Conflict(f"model {model_id!r} has queued or running jobs; cancel them first")
-    models.delete(model)
-    session.commit()
-    store.delete(model.storage_key)
+    delete_with_files(models, model, session, store)
     return Response(status_code=204)

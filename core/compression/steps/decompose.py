@@ -106,13 +106,7 @@ def _factor_linear(state: ModelState, name: str, linear: nn.Linear, config: lowr
         return
     second, first = lowrank.truncate(u, s, vh, rank)
     first = lowrank.finish(first, transform)
-    bias = linear.bias
-    apply_rewrite(state, Rewrite(lowrank.FACTOR_LINEAR, name, {"rank": rank}))
-    pair = state.model.get_submodule(name)
-    pair[0].weight.copy_(first)
-    pair[1].weight.copy_(second)
-    if bias is not None:
-        pair[1].bias.copy_(bias)
+    _install_pair(state, Rewrite(lowrank.FACTOR_LINEAR, name, {"rank": rank}), first, second, linear.bias)
     tally.factored[name] = rank
 
 
@@ -128,14 +122,21 @@ def _factor_conv(state: ModelState, name: str, conv: nn.Conv2d, config: Decompos
         tally.skipped.append(name)
         return
     vertical, horizontal = lowrank.conv_kernels(*lowrank.truncate(u, s, vh, rank), conv.weight.shape)
-    bias = conv.bias
-    apply_rewrite(state, Rewrite(lowrank.FACTOR_CONV2D, name, {"rank": rank}))
-    pair = state.model.get_submodule(name)
-    pair[0].weight.copy_(vertical)
-    pair[1].weight.copy_(horizontal)
+    _install_pair(state, Rewrite(lowrank.FACTOR_CONV2D, name, {"rank": rank}), vertical, horizontal, conv.bias)
+    tally.factored[name] = rank
+
+
+@torch.no_grad()
+def _install_pair(state: ModelState, rewrite: Rewrite, first: torch.Tensor, second: torch.Tensor,
+                  bias: torch.Tensor | None) -> None:
+    """Replace the module by its two factors (recorded for load_compressed) and fill their weights; the original
+    bias moves to the second factor."""
+    apply_rewrite(state, rewrite)
+    pair = state.model.get_submodule(rewrite.module)
+    pair[0].weight.copy_(first)
+    pair[1].weight.copy_(second)
     if bias is not None:
         pair[1].bias.copy_(bias)
-    tally.factored[name] = rank
 
 
 def _parameter_count(state: ModelState) -> int:

@@ -1,0 +1,26 @@
+"""Rows that own stored files (models, datasets): the files never outlive or precede their committed row."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from core.storage import ArtifactStore
+
+
+@contextmanager
+def discard_unless_committed(store: ArtifactStore, key: str) -> Iterator[None]:
+    """Remove what was stored under `key` if recording its row fails: nothing is left half-written."""
+    try:
+        yield
+    except BaseException:
+        store.delete(key)
+        raise
+
+
+def delete_with_files(repo: Any, row: Any, session: Session, store: ArtifactStore) -> None:
+    """Delete the row first (commit), then its files: a crash in between leaves only unreferenced files."""
+    repo.delete(row)
+    session.commit()
+    store.delete(row.storage_key)
