@@ -7,13 +7,12 @@ fixed up front from the original weight ("static groups"), so the stored format 
 Without it, a group's scale is found when its first column is reached, from the error-updated weights.
 """
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
 
 from core.compression.quant.grid import GridParams, IntGrid, grid_params
+from core.compression.quant.threads import one_torch_thread
 
 CHOLESKY_RETRIES = 6
 
@@ -38,7 +37,7 @@ def gptq_quantize(
     """Unsigned codes (rows x columns, uint8) and grid params for `weight`, minimising ‖(W - Q) X‖² rather than
     ‖W - Q‖². Example: `codes, params = gptq_quantize(linear.weight, hessian, IntGrid(4, True, "per_group", 128))`.
     """
-    with torch.no_grad(), _one_thread():
+    with torch.no_grad(), one_torch_thread():  # thousands of tiny ops per layer
         return _gptq(weight, hessian, grid, dampening, block_columns, act_order)
 
 
@@ -80,18 +79,6 @@ def _quantize_block(
         block.weights[j:].addr_(hinv[j, j:], errors[j], alpha=-1)
         codes[j] = code.to(torch.uint8)
     return errors
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """GPTQ runs thousands of tiny ops per layer: thread hand-offs cost more than they save (20-30x slower with 2
-    threads on a busy 2-core machine); the model's forward passes keep every thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _block_params(params: GridParams, grid: IntGrid, columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

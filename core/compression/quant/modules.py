@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.compression.encoding import decode
+from core.compression.encoding import decode_into
 from core.compression.sparsity.masks import keep_sparse
 from core.compression.state import Encoding, ModelState, StepContext, StepReport
 from core.errors import InvalidSpec, JobCancelled
@@ -83,8 +83,8 @@ def encode_each(
 @torch.no_grad()
 def store_decoded(weight: nn.Parameter, encoding: Encoding) -> Encoding:
     """Overwrite `weight` with what `encoding` decodes to (what a loaded artifact computes) and return it."""
-    # copy_ keeps the Parameter object, so modules that share it (tied weights) stay tied.
-    weight.copy_(decode(encoding))
+    # Writing into the Parameter's own memory keeps the object, so modules that share it (tied weights) stay tied.
+    decode_into(encoding, weight.data)
     return encoding
 
 
