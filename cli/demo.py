@@ -32,7 +32,7 @@ def run_demo(api_url: str | None, api_key: str | None) -> int:
         if api_url is None:
             api_url = stack.enter_context(_embedded_stack())
         client = stack.enter_context(httpx.Client(base_url=api_url, timeout=120))
-        client.headers["Authorization"] = f"Bearer {api_key or _create_key()}"
+        client.headers["Authorization"] = f"Bearer {api_key or create_key()}"
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcs-demo-")))
         source = _minilm_folder()
         job = _submit(client, _zip_model(source, work / "all-MiniLM-L6-v2.zip"))
@@ -54,7 +54,7 @@ def _embedded_stack():
     return local_stack({}, log_dir)
 
 
-def _create_key() -> str:
+def create_key() -> str:
     from core.db.repositories import Tenants
     from core.db.session import session_scope
 
@@ -81,10 +81,10 @@ def _submit(client: httpx.Client, archive: Path) -> dict[str, Any]:
     with archive.open("rb") as handle:
         response = client.post("/v1/models", files={"file": (archive.name, handle, "application/zip")},
                                data={"name": "all-MiniLM-L6-v2"})
-    model = _ok(response)
+    model = checked_json(response)
     print(f"uploaded {model['name']}: {model['architecture']}, {model['num_parameters']:,} parameters, "
           f"{model['size_bytes'] / 1e6:.1f} MB of weights (id {model['id']})")
-    job = _ok(client.post("/v1/jobs", json={"model_id": model["id"], **RECIPE}))
+    job = checked_json(client.post("/v1/jobs", json={"model_id": model["id"], **RECIPE}))
     print(f"job {job['id']} queued: {RECIPE['steps'][0]}")
     return _follow(client, job["id"])
 
@@ -92,7 +92,7 @@ def _submit(client: httpx.Client, archive: Path) -> dict[str, Any]:
 def _follow(client: httpx.Client, job_id: str) -> dict[str, Any]:
     last = None
     while True:
-        job = _ok(client.get(f"/v1/jobs/{job_id}"))
+        job = checked_json(client.get(f"/v1/jobs/{job_id}"))
         line = f"  {job['status']:<9} {job['progress'] * 100:5.1f}%  {job['message'] or ''}"
         if line != last:
             print(line, flush=True)
@@ -115,7 +115,7 @@ def _download(client: httpx.Client, artifact: dict[str, Any], target: Path) -> P
     return target
 
 
-def _ok(response: httpx.Response) -> dict[str, Any]:
+def checked_json(response: httpx.Response) -> dict[str, Any]:
     if response.status_code >= 400:
         raise RuntimeError(f"{response.request.method} {response.request.url} -> {response.status_code}: "
                            f"{response.text}")

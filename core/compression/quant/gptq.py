@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from core.compression.quant.grid import GridParams, IntGrid, grid_params
+from core.compression.quant.grid import GridParams, IntGrid, grid_params, searched_grid_params
 from core.compression.quant.threads import one_torch_thread
 
 CHOLESKY_RETRIES = 6
@@ -33,22 +33,25 @@ def gptq_quantize(
     dampening: float = 0.01,
     block_columns: int = 128,
     act_order: bool = False,
+    clip_search: bool = False,
 ) -> tuple[torch.Tensor, GridParams]:
     """Unsigned codes (rows x columns, uint8) and grid params for `weight`, minimising ‖(W - Q) X‖² rather than
     ‖W - Q‖². Example: `codes, params = gptq_quantize(linear.weight, hessian, IntGrid(4, True, "per_group", 128))`.
     """
     with torch.no_grad(), one_torch_thread():  # thousands of tiny ops per layer
-        return _gptq(weight, hessian, grid, dampening, block_columns, act_order)
+        return _gptq(weight, hessian, grid, dampening, block_columns, act_order, clip_search)
 
 
 def _gptq(
-    weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, dampening: float, block_columns: int, act_order: bool
+    weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, dampening: float, block_columns: int, act_order: bool,
+    clip_search: bool,
 ) -> tuple[torch.Tensor, GridParams]:
     w, h = weight.detach().float().clone(), hessian.detach().double().clone()
     dead = torch.diag(h) == 0  # inputs that were always zero: their weights cannot matter, so they go to 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    params = grid_params(w, grid)  # static scales; without act_order each group's are replaced when reached
+    # Static scales; without act_order each group's are replaced when reached.
+    params = searched_grid_params(w, grid, torch.diag(h)) if clip_search else grid_params(w, grid)
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
     w, hinv = w[:, order], _inverse_cholesky(h[order][:, order], dampening)
     dynamic = grid.granularity == "per_group" and not act_order

@@ -105,7 +105,9 @@ def _quantize_block(
             call.run(block)
     for name, module in linears.items():
         weight, hessian = module.weight, hessians.pop(name)
-        codes, params = gptq_quantize(weight, hessian, grid, config.dampening, config.block_columns, config.act_order)
+        codes, params = gptq_quantize(
+            weight, hessian, grid, config.dampening, config.block_columns, config.act_order, config.clip_search
+        )
         stats.gptq_error += _output_error(weight, dequantize_codes(codes, params, grid), hessian)
         stats.rtn_error += _output_error(weight, decode(quantize_packed_int(weight, grid)), hessian)
         encoding = keep_sparse(state, name, packed_int_encoding(codes, params, grid))
