@@ -105,13 +105,23 @@ def export_compressed_tensors(artifact: Path, out_dir: Path) -> CompressedTensor
 
 
 def load_compressed_tensors(folder: Path) -> PreTrainedModel:
-    """The exported folder loaded by transformers' own compressed-tensors support, weights dequantized on load
-    (`CompressedTensorsConfig(dequantize=True)`: transformers' default path cannot place packed asymmetric zero
-    points in compressed-tensors 0.20), in eval mode."""
-    cls = model_class_for(read_config(folder))
-    model = cls.from_pretrained(folder, quantization_config=CompressedTensorsConfig(dequantize=True),
-                                local_files_only=True, trust_remote_code=False)
+    """The exported folder loaded by transformers' own compressed-tensors support, in eval mode.
+
+    Symmetric formats take transformers' default path (packed weights, decompressed by compressed-tensors on the
+    first forward). Asymmetric ones are dequantized while loading (`CompressedTensorsConfig(dequantize=True)`):
+    the default path cannot place packed zero points with compressed-tensors 0.20, and the dequantizing path is
+    only right for a single scheme, which is why asymmetric exports have one (see `_quantization_config`).
+    """
+    config = read_config(folder)
+    options = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if _asymmetric(config) else {}
+    model = model_class_for(config).from_pretrained(folder, local_files_only=True, trust_remote_code=False, **options)
     return model.eval()
+
+
+def _asymmetric(config: Any) -> bool:
+    quantization = getattr(config, "quantization_config", None) or {}
+    groups = quantization.get("config_groups") or {}
+    return any(not (group.get("weights") or {}).get("symmetric", True) for group in groups.values())
 
 
 def _plans(model: nn.Module, encodings: dict[str, Encoding],
@@ -218,6 +228,9 @@ def _quantization_config(model: nn.Module, plans: dict[str, _Plan]) -> Quantizat
         [key] = by_args
         return QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args[key])},
                                   ignore=ignore)
+    if any(not weights.symmetric for weights in args.values()):
+        raise UnsupportedModel("compressed-tensors exports with several schemes must be symmetric: transformers "
+                               "cannot load per-layer asymmetric schemes (quantize with symmetric: true)")
     groups = {f"group_{index}": QuantizationScheme(targets=sorted(names), weights=args[key])
               for index, (key, names) in enumerate(by_args.items())}
     return QuantizationConfig(config_groups=groups, ignore=ignore)

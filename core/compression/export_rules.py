@@ -23,6 +23,10 @@ def _compressed_tensors_refusal(step: StepConfig) -> str | None:
     if step.type == "quantize" and method in ("dynamic", "static", "smoothquant"):
         return ("int8-activation (W8A8) modules are not exported to compressed-tensors; use a weight-only method "
                 '(rtn, gptq, mixed, fp8) or export "onnx"')
+    if step.type == "quantize" and method == "mixed" and getattr(step, "symmetric", True) is False:
+        return ("per-layer widths with asymmetric zero points do not load in transformers (its dequantizing path "
+                "applies one scheme to every layer, its default path cannot place packed zero points); use "
+                "symmetric: true")
     if step.type == "prune" and method == "structured":
         return ("structurally pruned layers have per-layer shapes that a transformers config cannot describe; "
                 "use magnitude, wanda or sparsegpt pruning")

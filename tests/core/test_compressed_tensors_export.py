@@ -8,6 +8,7 @@ follows the layout vLLM's compressed-tensors integration reads (pack-quantized, 
 """
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
 from core.compressed import load_compressed, save_compressed
 from core.compressed_tensors_export import export_compressed_tensors
-from core.compression.pipeline import run_pipeline
+from core.compression.pipeline import StepHooks, run_pipeline
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext
 from core.errors import UnsupportedModel
-from tests.models import tiny_llama
+from core.jobs import execute_job
+from tests.models import save_model_folder, tiny_llama
 
 INT4_G32 = {"type": "quantize", "bits": 4, "granularity": "per_group", "group_size": 32}
 CALIBRATION = {"num_samples": 2, "seq_len": 16}
@@ -60,11 +62,19 @@ def compress_and_export(steps: list[dict[str, Any]], tmp_path: Path) -> tuple[Mo
 
 
 def load_exported(folder: Path) -> Any:
-    """dequantize=True (the old run_compressed=False): weights are decompressed while loading. transformers' default
-    path cannot load packed asymmetric zero points with compressed-tensors 0.20 (symmetric ones load either way,
-    see test_symmetric_export_loads_without_any_option) and keeps weights packed until the first forward."""
-    config = CompressedTensorsConfig(dequantize=True)
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config).eval()
+    """`AutoModelForCausalLM.from_pretrained(folder)`, weights decompressed. Asymmetric exports need
+    dequantize=True (the old run_compressed=False): transformers' default path cannot load packed asymmetric zero
+    points with compressed-tensors 0.20. Symmetric ones take the default path, whose packed weights
+    compressed-tensors decompresses on the first forward (its dequantizing path would apply the first scheme of a
+    mixed-precision config to every layer)."""
+    groups = quantization_config(folder).get("config_groups") or {}
+    if any(not group["weights"]["symmetric"] for group in groups.values()):
+        return AutoModelForCausalLM.from_pretrained(folder, quantization_config=CompressedTensorsConfig(
+            dequantize=True)).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        model(torch.zeros(1, 1, dtype=torch.long))  # compressed-tensors' hook decompresses on the first forward
+    return model
 
 
 def quantization_config(folder: Path) -> dict[str, Any]:
@@ -146,6 +156,7 @@ def test_group_size_that_does_not_divide_a_row_is_refused(tmp_path: Path) -> Non
 @pytest.mark.parametrize(("step", "reason"), [
     ({"type": "quantize", "method": "kmeans"}, "k-means codebook"),
     ({"type": "quantize", "method": "dynamic"}, "W8A8"),
+    ({"type": "quantize", "method": "mixed", "symmetric": False}, "asymmetric zero points"),
     ({"type": "prune", "method": "structured"}, "structurally pruned"),
     ({"type": "decompose", "method": "svd", "rank_ratio": 0.5}, "low-rank"),
     ({"type": "lora", "merge": False}, "unmerged LoRA"),
@@ -163,3 +174,29 @@ def test_entropy_coding_is_refused_and_exports_are_listed_once() -> None:
         JobSpec(steps=[{"type": "quantize"}], export=["compressed-tensors", "compressed-tensors"])
     both = JobSpec(steps=[{"type": "quantize"}], export=["onnx", "compressed-tensors"])
     assert both.export == ["onnx", "compressed-tensors"]
+
+
+def test_mixed_precision_gets_one_group_per_width(tmp_path: Path) -> None:
+    mixed = {"type": "quantize", "method": "mixed", "bits": [4, 8], "budget": {"avg_bits": 6.0},
+             "granularity": "per_group", "group_size": 32, "include_embeddings": False, "calibration": CALIBRATION}
+    state, artifact, export = compress_and_export([mixed], tmp_path)
+    groups = quantization_config(export.folder)["config_groups"].values()
+    widths = {state.encodings[f"{name}.weight"].meta["bits"]: group["weights"]["num_bits"]
+              for group in groups for name in group["targets"]}
+    assert sorted(widths.items()) == [(4, 4), (8, 8)]  # every module's group has its own chosen width
+    assert sum(len(group["targets"]) for group in groups) == export.quantized_modules == 14
+    ours, theirs = load_compressed(artifact), load_exported(export.folder)
+    for name, weight in ours.named_parameters():
+        assert torch.equal(theirs.get_parameter(name), weight), name
+
+
+def test_job_writes_the_folder_into_the_artifact_and_checks_it_in_transformers(tmp_path: Path) -> None:
+    folder = save_model_folder(tiny_llama(), tmp_path / "model")
+    spec = JobSpec(steps=[INT4_G32], export=["compressed-tensors"])
+    outcome = execute_job(folder, spec, tmp_path / "work", StepContext(), StepHooks(), {"job_id": "test"})
+    after = outcome.metrics["after"]
+    assert after["compressed_tensors_output_cosine"] == pytest.approx(after["output_cosine"], abs=1e-6)
+    assert after["compressed_tensors"]["format"] == "pack-quantized"
+    assert after["compressed_tensors"]["quantized_modules"] == 14
+    names = zipfile.ZipFile(outcome.artifact).namelist()
+    assert {"compressed-tensors/config.json", "compressed-tensors/model.safetensors"} <= set(names)
