@@ -134,7 +134,7 @@ def _plans(model: nn.Module, encodings: dict[str, Encoding],
     for name, encoding in encodings.items():
         module_name, _, param = name.rpartition(".")
         module = modules.get(module_name)
-        plan = _plan(name, encoding, module)
+        plan = _plan(name, encoding)
         if plan is None:
             continue
         if param != "weight" or not isinstance(module, nn.Linear):
@@ -146,7 +146,7 @@ def _plans(model: nn.Module, encodings: dict[str, Encoding],
     return plans, dense
 
 
-def _plan(name: str, encoding: Encoding, module: nn.Module | None) -> _Plan | None:
+def _plan(name: str, encoding: Encoding) -> _Plan | None:
     """compressed-tensors' scheme for one encoding, or None for a float one (pruned but not quantized)."""
     if encoding.format == SPARSE_BITMASK:
         _, encoding = unwrap(encoding)
