@@ -105,7 +105,7 @@ def save_compressed(
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
     if source_dir is not None:
-        _copy_tokenizer_files(source_dir, out_dir)
+        copy_tokenizer_files(source_dir, out_dir)
     return out_dir
 
 
@@ -173,7 +173,8 @@ def _encoding_record(encoding: Encoding) -> dict[str, Any]:
     return {"format": encoding.format, "meta": encoding.meta, "tensors": sorted(encoding.tensors)}
 
 
-def _copy_tokenizer_files(source_dir: Path, out_dir: Path) -> None:
+def copy_tokenizer_files(source_dir: Path, out_dir: Path) -> None:
+    """Copy the tokenizer files of `source_dir` (regular files only, never pickles or code) into `out_dir`."""
     for pattern in TOKENIZER_PATTERNS:
         for path in source_dir.glob(pattern):
             # A symlink could point anywhere on the host, so only regular files are copied.
@@ -182,7 +183,7 @@ def _copy_tokenizer_files(source_dir: Path, out_dir: Path) -> None:
 
 
 def _load_folder(folder: Path) -> PreTrainedModel:
-    manifest = _read_manifest(folder)
+    manifest = read_manifest(folder)
     config = read_config(folder)
     state_dict = _read_state_dict(folder / WEIGHTS_FILE, manifest)
     cls = model_class_for(config)
@@ -199,7 +200,8 @@ def _load_folder(folder: Path) -> PreTrainedModel:
     return model.eval()
 
 
-def _read_manifest(folder: Path) -> _Manifest:
+def read_manifest(folder: Path) -> _Manifest:
+    """The validated compression.json of an artifact folder; UnsupportedModel if it is missing or invalid."""
     path = folder / MANIFEST_FILE
     if not path.is_file():
         raise UnsupportedModel(f"{MANIFEST_FILE} is missing: this is not a compressed model folder")
@@ -207,6 +209,19 @@ def _read_manifest(folder: Path) -> _Manifest:
         return _Manifest.model_validate_json(path.read_bytes())
     except ValidationError as exc:
         raise UnsupportedModel(f"{MANIFEST_FILE} is invalid: {exc}") from exc
+
+
+def stored_encodings(folder: Path) -> dict[str, Encoding]:
+    """The encodings of an artifact folder as saved (packed tensors, not decoded), keyed by parameter name."""
+    manifest = read_manifest(folder)
+    try:
+        stored = load_file(folder / WEIGHTS_FILE)
+        return {
+            name: Encoding(record.format, {key: stored[f"{name}.{key}"] for key in record.tensors}, record.meta)
+            for name, record in manifest.encodings.items()
+        }
+    except (OSError, KeyError, safetensors.SafetensorError) as exc:
+        raise UnsupportedModel(f"{WEIGHTS_FILE} does not match {MANIFEST_FILE}: {exc!r}") from exc
 
 
 def _read_state_dict(path: Path, manifest: _Manifest) -> dict[str, torch.Tensor]:

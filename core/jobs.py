@@ -19,10 +19,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from core.compressed import load_compressed, save_compressed
 from core.compression import metrics
+from core.compression.export_rules import COMPRESSED_TENSORS, ONNX
 from core.compression.pipeline import StepHooks, run_pipeline
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext, StepReport
-from core.errors import StepFailed
+from core.errors import StepFailed, UnsupportedModel
 from core.export import export_onnx
 from core.modelio import load_model
 
@@ -71,9 +72,12 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     before["latency_ms"], after["latency_ms"] = metrics.interleaved_latency_ms(
         [load_model(model_dir, ctx.device), loaded], probe.inputs
     )
-    if "onnx" in spec.export:
+    if ONNX in spec.export:
         ctx.report(0.95, "exporting to ONNX")
         after["onnx_output_cosine"] = _export_onnx(loaded, folder, probe)
+    if COMPRESSED_TENSORS in spec.export:
+        ctx.report(0.96, "exporting to compressed-tensors")
+        after.update(_export_compressed_tensors(folder, probe, ctx.device))
     archive = _zip_folder(folder, work_dir / "model.zip")
     return JobOutcome(archive, _summary(before, after, archive, ctx))
 
@@ -91,6 +95,28 @@ def _export_onnx(model: Any, folder: Path, probe: "_Probe") -> float:
     feeds = {i.name: probe.inputs[i.name].cpu().numpy() for i in session.get_inputs()}
     outputs = torch.from_numpy(session.run(None, feeds)[0])
     return metrics.output_cosine(probe.reference.cpu(), outputs, probe.inputs.get("attention_mask"))
+
+
+def _export_compressed_tensors(folder: Path, probe: "_Probe", device: torch.device) -> dict[str, Any]:
+    """Write the compressed-tensors folder inside the artifact and load it back with transformers' own loader: the
+    cosine of its outputs vs the original model's, its format and the encoded weights it keeps as plain values
+    go into the job's metrics."""
+    from core.compressed_tensors_export import CT_FOLDER, export_compressed_tensors, load_compressed_tensors
+
+    try:
+        export = export_compressed_tensors(folder, folder / CT_FOLDER)
+    except (UnsupportedModel, RuntimeError) as exc:
+        raise StepFailed(f"compressed-tensors export failed: {exc}") from exc
+    loaded = load_compressed_tensors(export.folder).to(device)
+    return {
+        "compressed_tensors_output_cosine": probe.cosine(loaded),
+        "compressed_tensors": {
+            "format": export.format,
+            "quantized_modules": export.quantized_modules,
+            "plain_weights": export.dense_weights,
+            "sparsity_structure": (export.sparsity or {}).get("sparsity_structure"),
+        },
+    }
 
 
 def _scaled(ctx: StepContext, low: float, high: float, work_dir: Path) -> StepContext:

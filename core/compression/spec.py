@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 from core.compression.configs import decompose, distill, encode, lora, prune, quantize
 from core.compression.configs.base import StepConfig
 from core.compression.configs.quantize import QuantizeRTN
+from core.compression.export_rules import check_exports
 from core.compression.order import check_order
 
 # Add a family's CONFIGS here; its first config's method is the family default.
@@ -61,14 +62,18 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: list[StepSpec] = Field(min_length=1, max_length=32)
-    export: list[Literal["onnx"]] = Field(
-        default_factory=list, max_length=1,
-        description='extra formats written into the artifact: "onnx" adds model.onnx (runs in onnxruntime)',
+    export: list[Literal["onnx", "compressed-tensors"]] = Field(
+        default_factory=list, max_length=2,
+        description='extra formats written into the artifact: "onnx" adds model.onnx (runs in onnxruntime); '
+                    '"compressed-tensors" adds the folder compressed-tensors/ (transformers and vLLM load it)',
     )
 
     @model_validator(mode="after")
     def _order_can_work(self) -> Self:
         check_order(self.steps)
+        if len(set(self.export)) != len(self.export):
+            raise ValueError(f"export lists a format twice: {self.export}")
+        check_exports(self.steps, self.export)
         return self
 
 

@@ -86,3 +86,13 @@ def test_model_with_an_active_job_cannot_be_deleted(client, auth, upload):
     client.post("/v1/jobs", json={"model_id": model["id"], "steps": [INT8]}, headers=auth)
     response = client.delete(f"/v1/models/{model['id']}", headers=auth)
     assert response.status_code == 409
+
+
+def test_export_that_cannot_hold_the_recipe_is_422_with_the_reason(client, auth, upload):
+    model = upload()
+    body = {"model_id": model["id"], "steps": [{"type": "quantize", "method": "kmeans"}],
+            "export": ["compressed-tensors"]}
+    response = client.post("/v1/jobs", json=body, headers=auth)
+    assert response.status_code == 422
+    assert "k-means codebook has no compressed-tensors format" in response.text
+    assert queued_job_ids() == []

@@ -163,3 +163,27 @@ def test_int8_dynamic_job_exports_onnx_that_runs_in_onnxruntime(redis_stack, tmp
     assert job["metrics"]["after"]["onnx_output_cosine"] >= 0.99
     archive = download(redis_stack, job["artifacts"][0], tmp_path / "int8.zip")
     assert "model.onnx" in zipfile.ZipFile(archive).namelist()
+
+
+def test_int4_job_exports_compressed_tensors_that_transformers_loads(redis_stack, tmp_path):
+    import zipfile
+
+    from transformers import AutoModelForCausalLM
+
+    files = {"file": ("model.zip", zip_folder(save_model_folder(tiny_llama(), tmp_path / "llama")), "application/zip")}
+    model_id = redis_stack.post("/v1/models", files=files).json()["id"]
+    step = {"type": "quantize", "bits": 4, "granularity": "per_group", "group_size": 32}
+    body = {"model_id": model_id, "steps": [step], "export": ["compressed-tensors"]}
+    submitted = redis_stack.post("/v1/jobs", json=body)
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for(redis_stack, submitted.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    after = job["metrics"]["after"]
+    assert after["compressed_tensors"]["format"] == "pack-quantized"
+    assert abs(after["compressed_tensors_output_cosine"] - after["output_cosine"]) < 1e-6
+    archive = download(redis_stack, job["artifacts"][0], tmp_path / "int4.zip")
+    zipfile.ZipFile(archive).extractall(tmp_path / "artifact")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "artifact" / "compressed-tensors").eval()
+    ids = torch.arange(16).view(1, 16)
+    with torch.no_grad():
+        assert torch.equal(theirs(ids).logits, load_compressed(archive)(ids).logits)
