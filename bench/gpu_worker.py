@@ -28,7 +28,7 @@ NAME = "gpu_worker"
 COMMAND = f"python -m bench.{NAME} --out results.json && python -m bench.{NAME} --publish results.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")
-DEADLINE_S = 420
+DEADLINE_S = 300
 
 
 def recipes(dataset_id: str, train_steps: int) -> dict[str, list[dict[str, Any]]]:
@@ -167,10 +167,14 @@ def _summary(job: dict[str, Any]) -> dict[str, Any]:
         "error": job.get("error"),
         "device": metrics.get("device"),
         "seconds": _seconds(job["started_at"], job["finished_at"]),
-        "steps": [{"step": f"{step['type']} {step['config'].get('method', '')}".strip(), "seconds": _seconds(step.get("started_at"),
-                   step.get("finished_at")), "metrics": step.get("metrics")} for step in job["steps"]],
+        "steps": [_step_summary(step) for step in job["steps"]],
         "metrics": metrics,
     }
+
+
+def _step_summary(step: dict[str, Any]) -> dict[str, Any]:
+    name = f"{step['type']} {step['config'].get('method', '')}".strip()
+    return {"step": name, "seconds": _seconds(step["started_at"], step["finished_at"]), "metrics": step["metrics"]}
 
 
 def _seconds(start: str | None, end: str | None) -> float | None:

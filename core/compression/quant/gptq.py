@@ -52,10 +52,10 @@ def _gptq(
     w[:, dead] = 0
     # Static scales; without act_order each group's are replaced when reached.
     params = searched_grid_params(w, grid, torch.diag(h)) if clip_search else grid_params(w, grid)
-    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1])
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1], device=w.device)
     w, hinv = w[:, order], _inverse_cholesky(h[order][:, order], dampening)
     dynamic = grid.granularity == "per_group" and not act_order
-    codes = torch.zeros(w.shape[1], w.shape[0], dtype=torch.uint8)
+    codes = torch.zeros(w.shape[1], w.shape[0], dtype=torch.uint8, device=w.device)
     step = _block_width(grid, block_columns) if dynamic else block_columns
     for start in range(0, w.shape[1], step):
         end = min(start + step, w.shape[1])
@@ -113,7 +113,7 @@ def _inverse_cholesky(h: torch.Tensor, dampening: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, in float64 for stability; λ grows until H is definite."""
     mean_diag = torch.diag(h).mean()
     for attempt in range(CHOLESKY_RETRIES):
-        damped = h + torch.eye(h.shape[0], dtype=h.dtype) * dampening * 10**attempt * mean_diag
+        damped = h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * dampening * 10**attempt * mean_diag
         factor, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             inverse = torch.cholesky_inverse(factor)

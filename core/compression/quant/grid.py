@@ -79,7 +79,8 @@ def searched_grid_params(
     if grid.granularity == "per_tensor":
         return grid_params(weight, grid)
     groups = _grouped(weight.float(), grid)
-    column_weight = torch.ones(weight.shape[1]) if importance is None else importance.float().clamp(min=0)
+    ones = torch.ones(weight.shape[1], device=weight.device)
+    column_weight = ones if importance is None else importance.float().clamp(min=0)
     column_weight = F.pad(column_weight, (0, groups.shape[1] * groups.shape[2] - weight.shape[1]))
     column_weight = column_weight.view(1, groups.shape[1], groups.shape[2])
     low, high = groups.amin(dim=2).clamp(max=0), groups.amax(dim=2).clamp(min=0)

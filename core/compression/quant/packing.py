@@ -48,7 +48,7 @@ def _check_bits(bits: int) -> None:
 def _pack_whole(flat: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
     padded = torch.nn.functional.pad(flat, (0, -flat.numel() % per_byte)).view(-1, per_byte)
-    packed = torch.zeros(padded.shape[0], dtype=torch.uint8)
+    packed = torch.zeros(padded.shape[0], dtype=torch.uint8, device=flat.device)
     for slot in range(per_byte):  # a few shifts over the whole tensor: vectorised, no per-code Python
         packed |= padded[:, slot] << (slot * bits)
     return packed
@@ -63,7 +63,7 @@ def _unpack_whole(packed: torch.Tensor, bits: int) -> torch.Tensor:
 def _pack_stream(flat: torch.Tensor, bits: int) -> torch.Tensor:
     # 8 codes of `bits` bits make one word of `bits` bytes (at most 56 bits: int64 holds it).
     padded = torch.nn.functional.pad(flat, (0, -flat.numel() % 8)).view(-1, 8).to(torch.int64)
-    words = torch.zeros(padded.shape[0], dtype=torch.int64)
+    words = torch.zeros(padded.shape[0], dtype=torch.int64, device=flat.device)
     for slot in range(8):
         words |= padded[:, slot] << (slot * bits)
     return torch.stack([(words >> (8 * byte)) & 0xFF for byte in range(bits)], dim=1).to(torch.uint8).reshape(-1)
@@ -71,7 +71,7 @@ def _pack_stream(flat: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _unpack_stream(packed: torch.Tensor, bits: int) -> torch.Tensor:
     rows = packed.view(-1, bits).to(torch.int64)
-    words = torch.zeros(rows.shape[0], dtype=torch.int64)
+    words = torch.zeros(rows.shape[0], dtype=torch.int64, device=packed.device)
     for byte in range(bits):
         words |= rows[:, byte] << (8 * byte)
     mask = (1 << bits) - 1

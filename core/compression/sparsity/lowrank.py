@@ -73,7 +73,7 @@ def _cholesky(gram: torch.Tensor, dampening: float) -> torch.Tensor:
     # More damping until X^T X + λI is positive definite (inputs that never fire make it singular).
     mean_diag = gram.diagonal().mean().clamp(min=1e-12)
     for attempt in range(8):
-        damping = torch.eye(len(gram), dtype=gram.dtype) * dampening * 10**attempt * mean_diag
+        damping = torch.eye(len(gram), dtype=gram.dtype, device=gram.device) * dampening * 10**attempt * mean_diag
         lower, info = torch.linalg.cholesky_ex(gram + damping)
         if int(info) == 0:
             return lower

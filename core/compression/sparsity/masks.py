@@ -21,12 +21,12 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """A bool tensor as uint8 bytes, 8 positions per byte, most significant bit first (numpy.packbits order)."""
     flat = mask.flatten().to(torch.uint8)
     flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
-    return (flat.view(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+    return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
     numel = int(torch.Size(shape).numel())
-    bits = packed.unsqueeze(1).bitwise_and(_BIT_WEIGHTS).ne(0).flatten()
+    bits = packed.unsqueeze(1).bitwise_and(_BIT_WEIGHTS.to(packed.device)).ne(0).flatten()
     return bits[:numel].view(*shape)
 
 

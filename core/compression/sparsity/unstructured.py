@@ -8,7 +8,7 @@ NM = tuple[int, int]
 def smallest_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask that prunes exactly round(sparsity × numel) entries with the smallest scores (ties by index)."""
     pruned = round(sparsity * scores.numel())
-    mask = torch.ones(scores.numel(), dtype=torch.bool)
+    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if pruned:
         mask[torch.topk(scores.flatten(), pruned, largest=False, sorted=False).indices] = False
     return mask.view(scores.shape)
