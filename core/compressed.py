@@ -164,9 +164,9 @@ def _shared_groups(state_dict: dict[str, torch.Tensor]) -> list[list[str]]:
 
 def _encoded_tensors(name: str, encoding: Encoding, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     # A step that changed the weight after it was encoded would make the artifact compute something else.
-    if not torch.equal(decode(encoding).to(weight.dtype), weight):
+    if not torch.equal(decode(encoding).to(weight.device, weight.dtype), weight):
         raise ValueError(f"{name} was modified after it was encoded; the encoding is stale")
-    return {f"{name}.{key}": tensor.contiguous() for key, tensor in encoding.tensors.items()}
+    return {f"{name}.{key}": tensor.contiguous().cpu() for key, tensor in encoding.tensors.items()}
 
 
 def _encoding_record(encoding: Encoding) -> dict[str, Any]:

@@ -79,6 +79,11 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
+def on_device(batch: Batch, device: torch.device) -> Batch:
+    """The calibration batch on the model's device (batches are built on the CPU)."""
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def first_block_inputs(model: nn.Module, block: nn.Module, batches: list[Batch]) -> list[BlockInput]:
     captured: list[BlockInput] = []
 
@@ -87,8 +92,10 @@ def first_block_inputs(model: nn.Module, block: nn.Module, batches: list[Batch])
         raise _Captured
 
     handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    device = next(model.parameters()).device
     try:
         for batch in batches:
+            batch = on_device(batch, device)
             with suppress(_Captured):
                 model(**batch, use_cache=False) if hasattr(model.config, "use_cache") else model(**batch)
     finally:

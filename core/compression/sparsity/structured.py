@@ -19,7 +19,7 @@ from torch import nn
 
 from core.compression.configs.prune import PruneStructured
 from core.compression.rewrites import apply_rewrite, register_rewrite
-from core.compression.sparsity.calibration import Batch, calibration_batches, transformer_blocks
+from core.compression.sparsity.calibration import Batch, calibration_batches, on_device, transformer_blocks
 from core.compression.sparsity.select import matches, refuse_encoded
 from core.compression.state import ModelState, Rewrite, StepContext, StepReport
 from core.errors import InvalidSpec
@@ -186,8 +186,10 @@ def _l1_score(model: nn.Module, group: UnitGroup) -> torch.Tensor:
 def _column_scores(model: nn.Module, consumers: list[nn.Module], batches: list[Batch],
                    importance: str) -> list[torch.Tensor]:
     """Per input column of each consumer: mean|x|·‖W[:, j]‖ ("activation") or |Σ x·∂L/∂x| ("taylor")."""
-    totals: list[torch.Tensor] = [torch.zeros(_in_width(c), dtype=torch.float64) for c in consumers]
+    device = next(model.parameters()).device
+    totals = [torch.zeros(_in_width(c), dtype=torch.float64, device=device) for c in consumers]
     for batch in batches:
+        batch = on_device(batch, device)
         with _consumer_inputs(consumers, keep_grad=importance == "taylor") as inputs:
             if importance == "taylor":
                 with torch.enable_grad():
@@ -268,7 +270,9 @@ def _block_scores(state: ModelState, config: PruneStructured, ctx: StepContext,
         return torch.tensor([_mean_abs_weight(block) for block in blocks]), []
     data = calibration_batches(state, config, ctx)
     totals = torch.zeros(len(blocks), dtype=torch.float64)
+    device = next(state.model.parameters()).device
     for batch in data.batches:
+        batch = on_device(batch, device)
         with _block_io(blocks, keep_grad=config.importance == "taylor") as io:
             if config.importance == "taylor":
                 with torch.enable_grad():
