@@ -154,6 +154,7 @@ def reencode(encoding: Encoding, weight: torch.Tensor) -> Encoding | None:
     form = form_for(encoding)
     if form is None:
         return None
+    form = form.cpu()  # its mask came from the encoding, which may live on the GPU; the refit happens on the CPU
     inner = _on_cpu(form.refit(weight.detach().cpu()))
     return inner if form.mask is None else sparse_encoding(form.mask, inner)
 
