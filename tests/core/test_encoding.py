@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.compression.encoding import decode, quantize_rtn
+from core.compression.encoding import decode, decode_into, quantize_rtn
 from core.compression.state import Encoding
 from core.errors import UnsupportedModel
 
@@ -84,3 +84,18 @@ def test_bad_arguments_and_unknown_format_are_rejected() -> None:
         quantize_rtn(WEIGHT, granularity="per_group")  # type: ignore[arg-type]
     with pytest.raises(UnsupportedModel, match="nf4"):
         decode(Encoding(format="nf4", tensors={}))
+
+
+def test_int8_rows_in_blocks_match_the_whole_tensor_formula_and_decode_in_place() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(3000, 200)  # several row blocks of the fast path
+    weight[7] = 0.0  # an all-zero row keeps scale 1
+    encoding = quantize_rtn(weight, 8, "per_channel", True)
+    scale = weight.abs().amax(dim=1, keepdim=True) / 127
+    scale[7] = 1.0
+    reference = torch.clamp(torch.round(weight / scale), -127, 127)
+    assert torch.allclose(encoding.tensors["scale"], scale)
+    assert (encoding.tensors["qweight"].float() - reference).abs().max() <= 1  # x·(1/s) vs x/s at exact ties
+    into = torch.empty_like(weight)
+    decode_into(encoding, into)
+    assert torch.equal(into, decode(encoding))

@@ -5,7 +5,7 @@ import torch
 
 from core.compression.encoding import decode, quantize_rtn
 from core.compression.quant.gptq import gptq_quantize
-from core.compression.quant.grid import IntGrid, dequantize_codes
+from core.compression.quant.grid import IntGrid, dequantize_codes, grid_params, quantize_codes, searched_grid_params
 from tests.core.quant_helpers import cosine_vs_fp32, quantize_with
 from tests.models import tiny_bert, tiny_llama, tiny_tokenizer
 
@@ -70,3 +70,33 @@ def test_weights_outside_blocks_fall_back_to_rtn_and_say_so() -> None:
     assert any("model.embed_tokens.weight" in note and "round-to-nearest" in note for note in report.notes)
     assert any("seeded random token ids" in note for note in report.notes)
     assert {encoding.format for encoding in state.encodings.values()} == {"packed_int"}
+
+
+def test_clip_search_never_rounds_worse_and_wins_on_heavy_tails() -> None:
+    weight = heavy_tailed(16, 64)
+    grid = IntGrid(4, False, "per_group", 32)
+    plain, searched = grid_params(weight, grid), searched_grid_params(weight, grid)
+    plain_error = (dequantize_codes(quantize_codes(weight, plain, grid), plain, grid) - weight).square()
+    searched_error = (dequantize_codes(quantize_codes(weight, searched, grid), searched, grid) - weight).square()
+    per_group = [(e.view(16, 2, 32).sum(dim=2)) for e in (plain_error, searched_error)]
+    assert bool((per_group[1] <= per_group[0] + 1e-6).all())
+    assert float(searched_error.sum()) < 0.97 * float(plain_error.sum())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_clip_search_beats_round_to_nearest(act_order: bool) -> None:
+    generator = torch.Generator().manual_seed(3)
+    inputs = torch.randn(256, 8, generator=generator) @ torch.randn(8, 64, generator=generator)  # correlated
+    weight, inputs = heavy_tailed(16, 64), inputs + 0.05 * torch.randn(256, 64, generator=generator)
+    grid = IntGrid(4, False, "per_group", 32)
+    codes, params = gptq_quantize(weight, inputs.T @ inputs, grid, act_order=act_order, clip_search=True)
+    rtn = decode(quantize_rtn(weight, 4, "per_group", False, 32))
+    assert output_error(weight, dequantize_codes(codes, params, grid), inputs) < 0.7 * output_error(weight, rtn, inputs)
+
+
+def heavy_tailed(rows: int, columns: int) -> torch.Tensor:
+    """Gaussian weights with a few large outliers, which stretch min/max ranges."""
+    generator = torch.Generator().manual_seed(4)
+    weight = torch.randn(rows, columns, generator=generator)
+    outliers = torch.rand(rows, columns, generator=generator) < 0.02
+    return torch.where(outliers, weight * 8, weight)

@@ -24,6 +24,7 @@ class _Columns:
     weights: torch.Tensor  # (block columns, rows), updated in place as errors are spread
     scale: torch.Tensor  # (block columns, rows or 1)
     zero: torch.Tensor  # (block columns, rows or 1), float codes of 0.0
+    importance: torch.Tensor | None = None  # (block columns,) Hessian diagonal, when group ranges are searched
 
 
 def gptq_quantize(
@@ -57,9 +58,11 @@ def _gptq(
     dynamic = grid.granularity == "per_group" and not act_order
     codes = torch.zeros(w.shape[1], w.shape[0], dtype=torch.uint8, device=w.device)
     step = _block_width(grid, block_columns) if dynamic else block_columns
+    importance = torch.diag(h)[order].float() if clip_search and dynamic else None
     for start in range(0, w.shape[1], step):
         end = min(start + step, w.shape[1])
-        block = _Columns(w[:, start:end].T.contiguous(), *_block_params(params, grid, order[start:end]))
+        block = _Columns(w[:, start:end].T.contiguous(), *_block_params(params, grid, order[start:end]),
+                         None if importance is None else importance[start:end])
         errors = _quantize_block(block, hinv[start:end, start:end], codes[start:end], params, grid, start, dynamic)
         w[:, end:] -= errors.T @ hinv[start:end, end:]  # lazy batch update of the columns after the block
     return codes.T[:, torch.argsort(order)].contiguous(), params
@@ -95,7 +98,11 @@ def _block_params(params: GridParams, grid: IntGrid, columns: torch.Tensor) -> t
 
 def _refresh_group(block: _Columns, j: int, width: int, params: GridParams, grid: IntGrid, group: int) -> None:
     """Scales of the group starting at block column j, from its current (error-updated) weights."""
-    fresh = grid_params(block.weights[j : j + width].T, replace(grid, granularity="per_channel", group_size=None))
+    columns, row_grid = block.weights[j : j + width].T, replace(grid, granularity="per_channel", group_size=None)
+    if block.importance is None:
+        fresh = grid_params(columns, row_grid)
+    else:
+        fresh = searched_grid_params(columns, row_grid, block.importance[j : j + width])
     params.scale[:, group] = fresh.scale[:, 0]
     block.scale[j : j + width] = fresh.scale[:, 0].float()
     if params.zero_point is not None and fresh.zero_point is not None:
