@@ -34,7 +34,9 @@ def create_job(
     if idempotency_key and (existing := jobs.by_idempotency_key(idempotency_key)):
         return _replay(existing, request_hash, request, response)
     models.get(body.model_id)
-    spec = body.model_dump(mode="json", exclude={"model_id", "queue"})
+    # Stored as the user wrote it: the worker validates the same fields again and fills the same defaults, whereas
+    # dumped defaults would count as given (e.g. a default `percentile` beside observer "mse" is refused).
+    spec = body.model_dump(mode="json", exclude={"model_id", "queue"}, exclude_unset=True)
     _check_references(spec, Datasets(session, jobs.tenant_id), models)
     try:
         job = jobs.add_job(body.model_id, spec, body.queue or settings.default_queue, idempotency_key, request_hash)

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import redis
 
 from tests.conftest import REDIS_URL
@@ -96,3 +97,19 @@ def test_export_that_cannot_hold_the_recipe_is_422_with_the_reason(client, auth,
     assert response.status_code == 422
     assert "k-means codebook has no compressed-tensors format" in response.text
     assert queued_job_ids() == []
+
+
+@pytest.mark.parametrize("step", [  # each was accepted here, then refused by the worker when defaults were stored
+    {"type": "quantize", "method": "static", "observer": "mse"},
+    {"type": "quantize", "method": "gptq", "granularity": "per_channel"},
+    {"type": "prune", "method": "magnitude", "pattern": "1:4"},
+    {"type": "distill", "epochs": 1},
+])
+def test_the_stored_recipe_validates_again_as_the_worker_reads_it(client, auth, upload, step):
+    from core.compression.spec import JobSpec
+
+    response = client.post("/v1/jobs", json={"model_id": upload()["id"], "steps": [step]}, headers=auth)
+    assert response.status_code == 202, response.text
+    stored = response.json()["steps"][0]["config"]
+    assert stored == step
+    JobSpec.model_validate({"steps": [stored]})
