@@ -60,6 +60,8 @@ class _TenantScoped:
         self.tenant_id = tenant_id
 
     def get(self, row_id: str) -> Any:
+        if "\x00" in row_id:  # PostgreSQL text cannot hold a NUL, so no such row exists (and the query would fail)
+            raise NotFound(f"{self.noun} {row_id!r} not found")
         row = self.session.scalar(
             select(self.row_type).where(self.row_type.id == row_id, self.row_type.tenant_id == self.tenant_id)
         )
