@@ -11,8 +11,6 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
-from core.settings import get_settings
-
 pytestmark = pytest.mark.safety
 # 25 cases per operation keep the whole run near 30 s on two cores; MCS_FUZZ_EXAMPLES=500 digs deeper.
 EXAMPLES_PER_OPERATION = int(os.environ.get("MCS_FUZZ_EXAMPLES", "25"))
@@ -34,20 +32,13 @@ def _operations() -> list[str]:
 
 
 @pytest.fixture()
-def fuzz_schema(db, monkeypatch):  # noqa: ANN001, ANN201
-    """The real app's schema, served in-process, with the rate limit off: hundreds of requests from one key must
-    reach the routes."""
-    from api.main import create_app
-
-    monkeypatch.setenv("MCS_RATE_LIMIT_PER_MINUTE", "0")
-    get_settings.cache_clear()
-    schema = schemathesis.openapi.from_asgi("/openapi.json", create_app())
+def fuzz_schema(unlimited_app):  # noqa: ANN001, ANN201
+    """The real app's schema, served in-process, rate limit off (hundreds of requests come from one key)."""
+    schema = schemathesis.openapi.from_asgi("/openapi.json", unlimited_app)
     # Unknown query parameters are ignored, as HTTP APIs conventionally do; every other kind of invalid input must
     # be refused.
     schema.config.generation.update(allow_extra_parameters=False)
-    yield schema
-    monkeypatch.undo()
-    get_settings.cache_clear()
+    return schema
 
 
 @pytest.mark.parametrize("label", _operations())
