@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from api import errors
 from api.limits import BodySizeLimit
-from api.ratelimit import RateLimit
+from api.ratelimit import RateLimit, rate_limit_buckets
 from api.routers import artifacts, datasets, health, jobs, models
 from core.scratch import remove_stale_scratch
 from core.settings import get_settings
@@ -38,7 +38,7 @@ def create_app() -> FastAPI:
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 64 * 1024)
     # added last, so it runs first: a client over its limit costs no body parsing and no database query
-    app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst)
+    app.add_middleware(RateLimit, buckets=rate_limit_buckets(settings))
     errors.install(app)
     for module in (health, models, datasets, jobs, artifacts):
         app.include_router(module.router)
