@@ -3,7 +3,8 @@
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header, Query
+from fastapi import Depends, Query
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from core.db.models import Tenant
@@ -30,14 +31,19 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
+# Declared as a security scheme so the OpenAPI document (and clients generated from it) know every /v1 route needs a
+# key; auto_error is off so that a missing key gets our 401 error body rather than FastAPI's.
+bearer = HTTPBearer(auto_error=False, description="an API key from `mcs keys create`")
+
+
 def current_tenant(
     session: SessionDep,
-    authorization: Annotated[str | None, Header(description="Bearer <API key>")] = None,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Tenant:
-    scheme, _, key = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    key = credentials.credentials.strip() if credentials else ""
+    if not key:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` (create one with `mcs keys create`)")
-    tenant = Tenants(session).for_api_key(key.strip())
+    tenant = Tenants(session).for_api_key(key)
     if tenant is None:
         raise Unauthorized("the API key is unknown or revoked")
     return tenant

@@ -1,6 +1,7 @@
 """One handler maps the core error hierarchy (and request validation) to `{"error": {code, message, details}}`."""
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -8,6 +9,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.schemas import ErrorOut
 from core import errors
 
 log = logging.getLogger(__name__)
@@ -26,6 +28,31 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.StorageFailed: 507,
     errors.Unavailable: 503,
 }
+
+
+DESCRIPTIONS = {
+    400: "Malformed or unsafe input: an unreadable body or multipart form, a refused upload",
+    401: "Missing, unknown or revoked API key",
+    404: "No such id for this tenant (another tenant's id looks the same)",
+    409: "Conflicts with the current state (a finished job, an active job, a reused Idempotency-Key)",
+    413: "Request body or upload over its limit",
+    416: "Malformed or unsatisfiable Range",
+    422: "Invalid request: every bad field is listed in `details`",
+    429: "Rate limit of this API key exceeded; see Retry-After",
+    503: "Database unreachable; see Retry-After",
+    507: "The service is out of storage space",
+}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "string"}}}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route can answer, all with the one error body."""
+    return {status: {"model": ErrorOut, "description": DESCRIPTIONS[status],
+                     **({"headers": RETRY_AFTER} if status == 429 else {})} for status in statuses}
+
+
+# Every /v1 route needs a key, validates its input, is rate limited and reads the database.
+V1_ERRORS = error_responses(401, 422, 429, 503)
 
 
 def error_response(status: int, code: str, message: str, details: object = None,

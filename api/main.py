@@ -1,12 +1,29 @@
 """The ASGI app: `uvicorn api.main:app`."""
 
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from api import errors
 from api.limits import BodySizeLimit
-from api.ratelimit import RateLimit
+from api.ratelimit import RateLimit, rate_limit_buckets
 from api.routers import artifacts, datasets, health, jobs, models
+from core.scratch import remove_stale_scratch
 from core.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+
+@asynccontextmanager
+async def sweep_at_startup(app: FastAPI) -> AsyncIterator[None]:
+    """An API process killed mid-upload leaves its scratch folder behind: remove stale ones when an API starts, so
+    that a deployment without workers on this volume is swept too (workers also sweep every MCS_SWEEP_INTERVAL_S)."""
+    removed = remove_stale_scratch(get_settings())
+    if removed:
+        log.warning("removed %d stale upload folder(s) left by a stopped API process", removed)
+    yield
 
 
 def create_app() -> FastAPI:
@@ -15,12 +32,13 @@ def create_app() -> FastAPI:
         title="Model compression service",
         version="0.1.0",
         description="Upload a Hugging Face model, run a compression recipe on a worker, download the result.",
+        lifespan=sweep_at_startup,
         form_limits={"max_files": settings.max_form_files, "max_fields": settings.max_form_fields,
                      "max_part_size": settings.max_form_field_bytes},
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 64 * 1024)
     # added last, so it runs first: a client over its limit costs no body parsing and no database query
-    app.add_middleware(RateLimit, per_minute=settings.rate_limit_per_minute, burst=settings.rate_limit_burst)
+    app.add_middleware(RateLimit, buckets=rate_limit_buckets(settings))
     errors.install(app)
     for module in (health, models, datasets, jobs, artifacts):
         app.include_router(module.router)

@@ -1,20 +1,42 @@
 """Per-API-key rate limit: a token bucket per key (or per client address when no key is sent), answered with 429
-and `Retry-After` before any route runs. Buckets live in the API process: with N API processes a key gets up to
-N times the limit, which bounds abuse without a shared store; MCS_RATE_LIMIT_PER_MINUTE=0 turns it off."""
+and `Retry-After` before any route runs; MCS_RATE_LIMIT_PER_MINUTE=0 turns it off.
+
+With Redis as the broker, the buckets live in Redis and every API process shares them (one atomic Lua script per
+request). The embedded default has no Redis: its buckets live in the API process, which is then the only one."""
 
 import hashlib
+import logging
 import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import anyio
+import redis
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import error_response
 from core.errors import RateLimited
+from core.settings import Settings
 
-MAX_TRACKED = 100_000  # least recently seen buckets are dropped beyond this: memory stays bounded
+log = logging.getLogger(__name__)
+MAX_TRACKED = 100_000  # least recently seen local buckets are dropped beyond this: memory stays bounded
 EXEMPT = ("/healthz", "/readyz")
+REDIS_PREFIX = "mcs:ratelimit:"
+# Refill by the time elapsed on Redis's own clock (API hosts' clocks need not agree), spend one token or return the
+# seconds until one is due. The bucket expires once it would be full again, so idle keys cost no memory.
+BUCKET_SCRIPT = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1e6
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
+local tokens = math.min(burst, (tonumber(state[1]) or burst) + (now - (tonumber(state[2]) or now)) * rate)
+local wait = 0
+if tokens < 1 then wait = (1 - tokens) / rate else tokens = tokens - 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(now))
+redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
+return tostring(wait)
+"""
 
 
 @dataclass
@@ -23,27 +45,17 @@ class _Bucket:
     updated: float
 
 
-class RateLimit:
-    def __init__(self, app: ASGIApp, per_minute: int, burst: int) -> None:
-        self.app = app
+class LocalBuckets:
+    """Token buckets in this process's memory."""
+
+    def __init__(self, per_minute: int, burst: int) -> None:
         self.rate, self.burst = per_minute / 60, burst
         self.buckets: OrderedDict[str, _Bucket] = OrderedDict()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.rate == 0 or scope["path"] in EXEMPT:
-            await self.app(scope, receive, send)
-            return
-        wait_s = self._take(_client_key(scope))
-        if wait_s > 0:
-            retry_after = str(math.ceil(wait_s))
-            message = f"too many requests for this API key; retry in {retry_after} s"
-            response = error_response(429, RateLimited.code, message, {"retry_after_s": int(retry_after)},
-                                      headers={"Retry-After": retry_after})
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+    async def take(self, key: str) -> float:
+        return self.take_now(key)
 
-    def _take(self, key: str) -> float:
+    def take_now(self, key: str) -> float:
         """Spend one token; return 0, or the seconds until a token is available."""
         now = time.monotonic()
         bucket = self.buckets.pop(key, None) or _Bucket(float(self.burst), now)
@@ -56,6 +68,62 @@ class RateLimit:
             return (1 - bucket.tokens) / self.rate
         bucket.tokens -= 1
         return 0.0
+
+
+class RedisBuckets:
+    """Token buckets in Redis, shared by every API process. If Redis is unreachable the limit falls back to this
+    process's own buckets: requests are still limited, and not refused because a limiter is down."""
+
+    def __init__(self, url: str, per_minute: int, burst: int) -> None:
+        # a sync client run in a worker thread: an asyncio client would be bound to one event loop
+        self.client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        self.script = self.client.register_script(BUCKET_SCRIPT)
+        self.rate, self.burst = per_minute / 60, burst
+        self.fallback = LocalBuckets(per_minute, burst)
+        self.redis_up = True
+
+    async def take(self, key: str) -> float:
+        return await anyio.to_thread.run_sync(self.take_now, key)
+
+    def take_now(self, key: str) -> float:
+        try:
+            wait_s = float(self.script(keys=[REDIS_PREFIX + key], args=[self.rate, self.burst]))
+        except redis.RedisError as exc:
+            if self.redis_up:  # log the change, not every request
+                log.warning("rate limit: Redis unreachable (%s); limiting per process until it is back", exc)
+            self.redis_up = False
+            return self.fallback.take_now(key)
+        self.redis_up = True
+        return wait_s
+
+
+def rate_limit_buckets(settings: Settings) -> LocalBuckets | RedisBuckets | None:
+    """Shared buckets when the broker is Redis, this process's otherwise; None when the limit is off."""
+    if settings.rate_limit_per_minute == 0:
+        return None
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return RedisBuckets(settings.broker_url, settings.rate_limit_per_minute, settings.rate_limit_burst)
+    return LocalBuckets(settings.rate_limit_per_minute, settings.rate_limit_burst)
+
+
+class RateLimit:
+    def __init__(self, app: ASGIApp, buckets: LocalBuckets | RedisBuckets | None) -> None:
+        self.app = app
+        self.buckets = buckets
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.buckets is None or scope["path"] in EXEMPT:
+            await self.app(scope, receive, send)
+            return
+        wait_s = await self.buckets.take(_client_key(scope))
+        if wait_s > 0:
+            retry_after = str(math.ceil(wait_s))
+            message = f"too many requests for this API key; retry in {retry_after} s"
+            response = error_response(429, RateLimited.code, message, {"retry_after_s": int(retry_after)},
+                                      headers={"Retry-After": retry_after})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def _client_key(scope: Scope) -> str:

@@ -9,6 +9,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from core.compression.spec import JobSpec
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. `not_found`, `invalid_spec`, `rate_limited`")
+    message: str = Field(description="what is wrong, for a human")
+    details: Any = Field(None, description="structured context: the invalid fields, a job id, a size")
+
+
+class ErrorOut(BaseModel):
+    """Every error response: one body shape for every status."""
+
+    error: ErrorDetail
+
+
 class ModelOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

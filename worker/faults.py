@@ -9,12 +9,9 @@
 
 import errno
 import logging
-import shutil
 import threading
-import time
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,12 +23,12 @@ from core.db.models import JobStatus
 from core.db.repositories import JobRuns
 from core.db.session import session_scope
 from core.errors import JobCancelled, ServiceError, StorageFailed, Unavailable
+from core.scratch import remove_stale_scratch
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 INFRASTRUCTURE_FAULTS = (Unavailable, OperationalError, OSError)
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-SCRATCH_PREFIXES = ("upload-", "dataset-", "job-")
 Failure = tuple[dict[str, Any], JobStatus]
 
 
@@ -148,27 +145,3 @@ def sweep(celery: Celery, task_name: str, settings: Settings) -> tuple[int, int]
         celery.send_task(task_name, args=[job_id], queue=queue)
         log.warning("job %s lost its worker; requeued", job_id)
     return len(requeued), remove_stale_scratch(settings, running)
-
-
-def remove_stale_scratch(settings: Settings, running_job_ids: set[str]) -> int:
-    """Remove scratch a killed API or worker left: upload folders untouched for MCS_SCRATCH_MAX_AGE_S, and job
-    folders of jobs not running (older than a lease, so a job claimed a moment ago keeps its new folder)."""
-    if not settings.work_dir.is_dir():
-        return 0
-    now, removed = time.time(), 0
-    for entry in settings.work_dir.iterdir():
-        job_id = entry.name.removeprefix("job-")
-        if not entry.name.startswith(SCRATCH_PREFIXES) or job_id in running_job_ids:
-            continue
-        max_age = settings.job_lease_s if entry.name.startswith("job-") else settings.scratch_max_age_s
-        if _last_modified(entry) < now - max_age:
-            shutil.rmtree(entry, ignore_errors=True)
-            removed += 1
-    return removed
-
-
-def _last_modified(folder: Path) -> float:
-    try:
-        return max([folder.stat().st_mtime, *(child.stat().st_mtime for child in folder.iterdir())])
-    except OSError:  # removed meanwhile by its owner
-        return time.time()

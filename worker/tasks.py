@@ -88,7 +88,7 @@ def _run_claimed(job: Job, settings: Settings) -> None:
             raise  # retried: work_dir keeps the steps' checkpoints for the next attempt
         if failure[0]["code"] == "internal_error":
             log.exception("job %s crashed", job.id)
-        _end(job.id, *failure)
+        _end(job.id, *failure, attempt=job.attempts)
     shutil.rmtree(work_dir, ignore_errors=True)  # the job ended: its scratch and checkpoints go
 
 
@@ -105,12 +105,14 @@ def _execute(job: Job, store: ArtifactStore, work_dir: Any) -> None:
     artifact = {"name": f"{model.name}-compressed.zip", "storage_key": key, "sha256": _sha256(outcome.artifact),
                 "size_bytes": outcome.artifact.stat().st_size}
     with session_scope() as session:
-        JobRuns(session).succeed(job, outcome.metrics, artifact)
+        if not JobRuns(session).succeed(job, outcome.metrics, artifact):
+            log.warning("job %s: attempt %d lost its lease before it finished; its result is dropped", job.id,
+                        job.attempts)
 
 
-def _end(job_id: str, error: dict[str, Any], status: JobStatus = JobStatus.failed) -> None:
+def _end(job_id: str, error: dict[str, Any], status: JobStatus = JobStatus.failed, attempt: int | None = None) -> None:
     with session_scope() as session:
-        JobRuns(session).fail(job_id, error, status)
+        JobRuns(session).fail(job_id, error, status, attempt)
 
 
 def _release(job_id: str) -> None:

@@ -6,14 +6,22 @@ from fastapi import APIRouter, Header
 from fastapi.responses import StreamingResponse
 
 from api.deps import ArtifactsDep, StoreDep
+from api.errors import V1_ERRORS, error_responses
 from core.errors import RangeNotSatisfiable
 
-router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=V1_ERRORS)
 
 SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+ZIP = {"application/zip": {"schema": {"type": "string", "format": "binary"}}}
+DOWNLOAD_RESPONSES = {
+    200: {"description": "The whole artifact", "content": ZIP},
+    206: {"description": "The requested byte range (`Content-Range`)", "content": ZIP},
+    **error_responses(404, 416),
+}
 
 
-@router.get("/{artifact_id}", name="download_artifact", response_class=StreamingResponse)
+@router.get("/{artifact_id}", name="download_artifact", response_class=StreamingResponse,
+            responses=DOWNLOAD_RESPONSES)
 def download_artifact(
     artifact_id: str,
     artifacts: ArtifactsDep,

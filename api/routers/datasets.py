@@ -4,6 +4,7 @@ from fastapi import APIRouter, File, Form, Response, UploadFile
 from pydantic import BaseModel, ConfigDict
 
 from api.deps import DatasetsDep, PageNumber, PageSize, SessionDep, SettingsDep, StoreDep
+from api.errors import V1_ERRORS, error_responses
 from api.limits import NameField
 from api.schemas import Page
 from api.stored import delete_with_files, discard_unless_committed
@@ -11,7 +12,7 @@ from core.datasets import store_dataset_upload
 from core.db.models import new_id
 from core.uploads import display_name
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=V1_ERRORS)
 
 
 class DatasetOut(BaseModel):
@@ -26,7 +27,7 @@ class DatasetOut(BaseModel):
     created_at: object
 
 
-@router.post("", status_code=201, response_model=DatasetOut)
+@router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(400, 413, 507))
 def upload_dataset(
     datasets: DatasetsDep,
     session: SessionDep,
@@ -56,12 +57,12 @@ def list_datasets(
     return Page.of(datasets.page(page, page_size), DatasetOut.model_validate, page, page_size)
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(404))
 def get_dataset(dataset_id: str, datasets: DatasetsDep) -> DatasetOut:
     return DatasetOut.model_validate(datasets.get(dataset_id))
 
 
-@router.delete("/{dataset_id}", status_code=204)
+@router.delete("/{dataset_id}", status_code=204, responses=error_responses(404))
 def delete_dataset(dataset_id: str, datasets: DatasetsDep, session: SessionDep, store: StoreDep) -> Response:
     dataset = datasets.get(dataset_id)
     delete_with_files(datasets, dataset, session, store)

@@ -1,5 +1,6 @@
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from api import queue
@@ -8,13 +9,19 @@ from api.deps import SessionDep
 router = APIRouter(tags=["health"])
 
 
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, bool]
+
+
 @router.get("/healthz")
 def healthz() -> dict[str, str]:
     """The process is alive."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "The database or the broker is unreachable"}})
 def readyz(session: SessionDep) -> JSONResponse:
     """The database and the broker are reachable (503 otherwise, naming which is not)."""
     checks = {"database": _database_ok(session), "broker": queue.broker_reachable()}

@@ -8,17 +8,18 @@ from sqlalchemy.exc import IntegrityError
 
 from api import queue
 from api.deps import JobsDep, ModelsDep, PageNumber, PageSize, SessionDep, SettingsDep
+from api.errors import V1_ERRORS, error_responses
 from api.schemas import JobCreate, JobOut, Page
 from core.db.models import Dataset, Job, JobStatus
 from core.db.repositories import Datasets, Models
 from core.errors import Conflict, InvalidSpec
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS)
 TRAINING_STEPS = ("distill", "lora")
 MIN_TRAINING_SAMPLES = 2
 
 
-@router.post("", status_code=202, response_model=JobOut)
+@router.post("", status_code=202, response_model=JobOut, responses=error_responses(400, 404, 409, 413))
 def create_job(
     body: JobCreate,
     request: Request,
@@ -61,12 +62,12 @@ def list_jobs(
     return Page.of(jobs.page(page, page_size, *filters), lambda job: job_out(job, request), page, page_size)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
 def get_job(job_id: str, jobs: JobsDep, request: Request) -> JobOut:
     return job_out(jobs.get(job_id), request)
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409))
 def cancel_job(job_id: str, jobs: JobsDep, session: SessionDep, request: Request) -> JobOut:
     """Cancel: a queued job never starts; a running one stops at the next step boundary at the latest."""
     job = jobs.cancel(jobs.get(job_id))

@@ -3,6 +3,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Response, UploadFile
 
 from api.deps import ModelsDep, PageNumber, PageSize, SessionDep, SettingsDep, StoreDep
+from api.errors import V1_ERRORS, error_responses
 from api.limits import NameField
 from api.schemas import ModelOut, Page
 from api.stored import delete_with_files, discard_unless_committed
@@ -11,10 +12,10 @@ from core.db.repositories import Jobs
 from core.errors import Conflict
 from core.uploads import display_name, store_model_upload
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=V1_ERRORS)
 
 
-@router.post("", status_code=201, response_model=ModelOut)
+@router.post("", status_code=201, response_model=ModelOut, responses=error_responses(400, 413, 507))
 def upload_model(
     models: ModelsDep,
     session: SessionDep,
@@ -50,12 +51,12 @@ def list_models(
     return Page.of(models.page(page, page_size), ModelOut.model_validate, page, page_size)
 
 
-@router.get("/{model_id}", response_model=ModelOut)
+@router.get("/{model_id}", response_model=ModelOut, responses=error_responses(404))
 def get_model(model_id: str, models: ModelsDep) -> ModelOut:
     return ModelOut.model_validate(models.get(model_id))
 
 
-@router.delete("/{model_id}", status_code=204)
+@router.delete("/{model_id}", status_code=204, responses=error_responses(404, 409))
 def delete_model(model_id: str, models: ModelsDep, session: SessionDep, store: StoreDep) -> Response:
     model = models.get(model_id)
     if Jobs(session, models.tenant_id).active_for_model(model_id):

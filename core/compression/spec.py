@@ -6,9 +6,12 @@ step without `method` gets its family's default (the first config listed). The s
 model, and every bad field is reported at once as a 422.
 """
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Self, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, GetJsonSchemaHandler, Tag, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from core.compression.configs import decompose, distill, encode, lora, prune, quantize
 from core.compression.configs.base import StepConfig
@@ -44,8 +47,29 @@ def _discriminate(value: Any) -> str | None:
     return f"{step_type}:{get('method', default)}" if default else str(step_type)
 
 
+@dataclass(frozen=True)
+class _DocumentedTag:
+    """Marks a config's tag fields required in its JSON schema, as `_discriminate` requires them: `type` always,
+    `method` unless it is the family default. Without this the OpenAPI document would call a step without `type`
+    valid (the field has a default) while the parser refuses it."""
+
+    fields: tuple[str, ...]
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        json_schema = handler(schema)
+        target = handler.resolve_ref_schema(json_schema)
+        target["required"] = sorted({*target.get("required", []), *self.fields})
+        return json_schema
+
+
+def _tag_fields(config: type[StepConfig], family: tuple[type[StepConfig], ...]) -> _DocumentedTag:
+    has_method = _default(config, "method") is not None
+    return _DocumentedTag(("type", "method") if has_method and config is not family[0] else ("type",))
+
+
 TAGS = [step_tag(config) for family in FAMILIES for config in family]
-_MEMBERS = tuple(Annotated[config, Tag(step_tag(config))] for family in FAMILIES for config in family)
+_MEMBERS = tuple(Annotated[config, Tag(step_tag(config)), _tag_fields(config, family)]
+                 for family in FAMILIES for config in family)
 StepSpec = Annotated[
     Union.__getitem__(_MEMBERS),  # a Union built from the tuple of tagged configs
     Discriminator(

@@ -60,6 +60,8 @@ class _TenantScoped:
         self.tenant_id = tenant_id
 
     def get(self, row_id: str) -> Any:
+        if "\x00" in row_id:  # PostgreSQL text cannot hold a NUL, so no such row exists (and the query would fail)
+            raise NotFound(f"{self.noun} {row_id!r} not found")
         row = self.session.scalar(
             select(self.row_type).where(self.row_type.id == row_id, self.row_type.tenant_id == self.tenant_id)
         )
@@ -207,19 +209,24 @@ class JobRuns:
             .values(status=JobStatus.succeeded, finished_at=utcnow(), metrics=metrics, notes=notes)
         )
 
-    def succeed(self, job: Job, metrics: dict[str, Any], artifact: dict[str, Any]) -> None:
+    def succeed(self, job: Job, metrics: dict[str, Any], artifact: dict[str, Any]) -> bool:
         """Record the artifact and end the job in one transaction; the artifact key is fixed per job, so a
-        retried job replaces its row instead of leaving a second one."""
+        retried job replaces its row instead of leaving a second one. Records nothing and returns False when this
+        run no longer holds the job (it ended, or its lease expired and it was requeued or taken by another run)."""
+        if not self._end(job.id, JobStatus.succeeded, job.attempts, metrics=metrics, progress=1.0, message="done"):
+            return False
         existing = self.session.scalar(select(Artifact).where(Artifact.storage_key == artifact["storage_key"]))
         if existing is not None:
             self.session.delete(existing)
             self.session.flush()
         self.session.add(Artifact(tenant_id=job.tenant_id, job_id=job.id, **artifact))
-        self._end(job.id, JobStatus.succeeded, metrics=metrics, progress=1.0, message="done")
+        return True
 
-    def fail(self, job_id: str, error: dict[str, Any], status: JobStatus = JobStatus.failed) -> None:
-        self._end(job_id, status, error=error)
-        self._end_steps(job_id, status)
+    def fail(self, job_id: str, error: dict[str, Any], status: JobStatus = JobStatus.failed,
+             attempt: int | None = None) -> None:
+        """End a job that has not ended yet; with `attempt`, only while that run still holds it (see `succeed`)."""
+        if self._end(job_id, status, attempt, error=error):
+            self._end_steps(job_id, status)
 
     def _end_steps(self, job_id: str, status: JobStatus) -> None:
         self.session.execute(
@@ -271,8 +278,11 @@ class JobRuns:
         query = select(Job).where(Job.status == JobStatus.queued, Job.created_at < older_than)
         return self.session.scalars(query).all()
 
-    def _end(self, job_id: str, status: JobStatus, **values: Any) -> None:
-        self.session.execute(
-            update(Job).where(Job.id == job_id, Job.status.not_in(TERMINAL))
-            .values(status=status, finished_at=utcnow(), lease_expires_at=None, **values)
-        )
+    def _end(self, job_id: str, status: JobStatus, attempt: int | None = None, **values: Any) -> bool:
+        where = [Job.id == job_id, Job.status.not_in(TERMINAL)]
+        if attempt is not None:  # a run whose lease expired may still finish: the job is no longer its to end
+            where += [Job.status == JobStatus.running, Job.attempts == attempt]
+        ended = self.session.execute(
+            update(Job).where(*where).values(status=status, finished_at=utcnow(), lease_expires_at=None, **values)
+        ).rowcount
+        return bool(ended)

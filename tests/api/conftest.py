@@ -4,11 +4,25 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from core.db.repositories import Tenants
 from core.db.session import session_scope
+from core.settings import get_settings
 from tests.models import save_model_folder, tiny_bert
+
+
+@pytest.fixture()
+def unlimited_app(db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FastAPI]:
+    """The real app with the rate limit off, for tests that send hundreds of requests with one key."""
+    from api.main import create_app
+
+    monkeypatch.setenv("MCS_RATE_LIMIT_PER_MINUTE", "0")
+    get_settings.cache_clear()
+    yield create_app()
+    monkeypatch.undo()
+    get_settings.cache_clear()
 
 
 @pytest.fixture()

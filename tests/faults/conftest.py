@@ -17,7 +17,7 @@ import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from cli.stack import free_port, spawn, wait_ready
-from tests.api.conftest import auth, bert_folder, client, upload  # noqa: F401 (shared fixtures)
+from tests.api.conftest import auth, bert_folder, client, unlimited_app, upload  # noqa: F401 (shared fixtures)
 from tests.e2e.test_service import create_key
 from tests.models import save_model_folder
 

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
+from cli.stack import spawn
 from tests.api.conftest import zip_folder
 from tests.models import save_model_folder, tiny_bert
 
@@ -89,6 +91,30 @@ def test_soft_time_limit_ends_the_job_timeout_after_cleanup(stack, slow_model):
     assert (job["status"], job["error"]["code"]) == ("failed", "timeout")
     assert "soft time limit of 2 s" in job["error"]["message"] and job["attempts"] == 1
     assert scratch(services) == []
+
+
+# A worker whose steps never see the soft limit, like a step stuck in native code that never returns to Python:
+# only the hard limit, which kills the pool process, can stop it.
+WORKER_WITHOUT_SOFT_LIMIT = ("from worker.celery_app import app; app.conf.task_soft_time_limit = None; "
+                             "from cli.main import main; main(['worker', '--queues', 'cpu'])")
+
+
+def test_hard_time_limit_kills_the_pool_process_and_the_main_process_cleans_up(stack, slow_model):
+    services = stack(job_soft_time_limit_s="3", job_hard_time_limit_s="4", job_max_attempts="3")
+    client = services.start_api()
+    services.processes["worker"] = spawn([sys.executable, "-c", WORKER_WITHOUT_SOFT_LIMIT], services.env,
+                                         services.root / "worker.log")
+    job_id = submit(client, slow_model, [INT8] * 8)
+    wait_for(client, job_id, running(1))
+    children = services.pool_processes()
+    assert scratch(services) == [f"job-{job_id}"]  # mid-step: the run's scratch folder exists
+    job = wait_for(client, job_id, ended, 60)
+    assert (job["status"], job["error"]["code"], job["attempts"]) == ("failed", "timeout", 1), job
+    assert "hard time limit of 4 s" in job["error"]["message"]
+    assert psutil.wait_procs(children, timeout=15)[1] == []  # the pool process that ran the job was killed
+    assert scratch(services) == [] and job["artifacts"] == []
+    time.sleep(2)  # the message was acknowledged: nothing runs the job again
+    assert client.get(f"/v1/jobs/{job_id}").json()["attempts"] == 1
 
 
 def test_disk_full_fails_with_storage_and_leaves_no_temp_file(stack, slow_model, tmp_path):

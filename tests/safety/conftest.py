@@ -4,7 +4,7 @@ was stored or left in scratch, and that no code ran."""
 from pathlib import Path
 
 from core.settings import get_settings
-from tests.api.conftest import auth, bert_folder, client, other_auth, upload  # noqa: F401 (shared fixtures)
+from tests.api.conftest import auth, bert_folder, client, other_auth, unlimited_app, upload  # noqa: F401 (shared fixtures)
 
 
 def leftovers() -> list[Path]:

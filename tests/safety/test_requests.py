@@ -8,6 +8,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import httpx
 import pytest
@@ -194,8 +195,9 @@ def finished(client, auth, upload, tmp_path) -> dict:
     get_store().put_file(key, tmp_path / "a.zip")
     with session_scope() as session:
         runs = JobRuns(session)
-        runs.succeed(runs.get(job_id), {}, {"name": "a.zip", "storage_key": key, "size_bytes": len(payload),
-                                            "sha256": hashlib.sha256(payload).hexdigest()})
+        job = runs.claim(job_id, timedelta(seconds=60), max_attempts=1)  # a run holds the job it ends
+        runs.succeed(job, {}, {"name": "a.zip", "storage_key": key, "size_bytes": len(payload),
+                               "sha256": hashlib.sha256(payload).hexdigest()})
     dataset = client.post("/v1/datasets", files={"file": ("d.txt", b"hello\n")}, headers=auth).json()
     job = client.get(f"/v1/jobs/{job_id}", headers=auth).json()
     return {"model": model["id"], "job": job_id, "artifact": job["artifacts"][0], "dataset": dataset["id"],
