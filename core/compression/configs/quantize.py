@@ -82,7 +82,7 @@ class QuantizeGPTQ(_IntGridFields):
     block_columns: int = Field(default=128, ge=8, le=4096, description="columns updated together (speed only)")
     act_order: bool = Field(default=True, description="quantize columns with the largest activations first")
     clip_search: bool = Field(
-        default=False, description="shrink each group's range where that lowers its activation-weighted error"
+        default=True, description="shrink each group's range where that lowers its activation-weighted error"
     )
     calibration: CalibrationData = Field(default_factory=CalibrationData)
 
