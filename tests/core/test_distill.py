@@ -26,6 +26,16 @@ def test_distill_recovers_a_pruned_encoder_on_heldout_text() -> None:
     assert m["sparsity_before"] == m["sparsity_after"] == 0.5
 
 
+@pytest.mark.parametrize("loss", [{"embedding": 1.0}, {"hidden_mse": 1.0, "hidden_layers": "last", "embedding": 1.0}])
+def test_embedding_objective_raises_heldout_cosine_by_a_margin(loss: dict) -> None:
+    # 80% pruning: the tiny encoder's sentence embeddings barely move at 50% (cosine 0.9998 before training).
+    _, [_, report] = run(tiny_bert(), [{**PRUNE, "sparsity": 0.8}, _distill(loss=loss)])
+    m = report.metrics
+    assert 1 - m["heldout_cosine_after"] < 0.3 * (1 - m["heldout_cosine_before"])
+    assert m["train_loss_last"] < 0.5 * m["train_loss_first"]
+    assert m["sparsity_after"] == m["sparsity_before"] == pytest.approx(0.8, abs=1e-3)
+
+
 def test_distill_keeps_pruned_weights_zero_and_encodings_fresh() -> None:
     state, _ = run(tiny_llama(), [PRUNE, _distill(max_steps=10)])
     assert state.encodings

@@ -1,6 +1,7 @@
 """LoRA recovery on tiny seeded models: only adapters train, a merge keeps pruning masks bit-exact and quantized
 weights on their encodings, unmerged adapters survive the artifact round trip."""
 
+import pytest
 import torch
 
 from core.compressed import load_compressed, save_compressed
@@ -52,3 +53,12 @@ def test_only_adapters_train_and_unmerged_adapters_survive_the_artifact(tmp_path
     folder = save_compressed(state, tmp_path / "artifact", {})
     ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(load_compressed(folder)(ids).logits, state.model(ids).logits)
+
+
+def test_adapters_of_pruned_weights_train_masked_so_the_merge_loses_nothing() -> None:
+    state, [_, report] = run(tiny_llama(), [PRUNE, _lora(merge=True)])
+    m = report.metrics
+    assert m["heldout_loss_after"] < 0.9 * m["heldout_loss_before"]
+    # Training saw W + ΔW ⊙ mask, which is exactly what the merge stores.
+    assert m["heldout_loss_merged"] == pytest.approx(m["heldout_loss_after"], rel=1e-4)
+    assert m["heldout_perplexity_merged"] == pytest.approx(m["heldout_perplexity_after"], rel=1e-4)

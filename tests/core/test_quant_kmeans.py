@@ -1,10 +1,16 @@
-"""k-means weight sharing: decoded weights stay on their codebook, clustered data is recovered exactly."""
+"""k-means weight sharing: decoded weights stay on their codebook, clustered data is recovered exactly, a pruned
+weight clusters and stores its kept values only."""
 
 import pytest
 import torch
 
 from core.compression.encoding import decode, quantize_rtn
+from core.compression.pipeline import run_pipeline
 from core.compression.quant.kmeans import quantize_kmeans
+from core.compression.quant.packing import packed_size
+from core.compression.sparsity.masks import SPARSE_BITMASK, sparse_encoding, unwrap
+from core.compression.spec import JobSpec
+from core.compression.state import ModelState, StepContext
 from tests.core.quant_helpers import cosine_vs_fp32, quantize_with
 from tests.models import tiny_bert, tiny_llama
 
@@ -45,3 +51,31 @@ def test_kmeans_step_on_tiny_models(build) -> None:  # noqa: ANN001
     assert cosine_vs_fp32(build(), state.model) >= 0.98
     assert all(encoding.format == "kmeans" for encoding in state.encodings.values())
     assert report.metrics["bits"] == 4
+
+
+def test_pruned_weight_clusters_and_stores_its_kept_values_only() -> None:
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+    mask = weight.abs() > weight.abs().median()  # half the weights pruned
+    pruned = weight * mask
+    encoding = sparse_encoding(mask, quantize_kmeans(pruned, 4, "per_channel", 20, mask=mask))
+    decoded = decode(encoding)
+    assert torch.equal(decoded == 0, ~mask)  # pruned exactly zero, kept values on a nonzero centroid
+    assert encoding.tensors["inner.indices"].numel() == packed_size(int(mask.sum()), 4)  # kept indices only
+    # No centroid is spent on the zeros, so the kept values fit better than when clustered with them.
+    blind = decode(sparse_encoding(mask, quantize_kmeans(pruned, 4, "per_channel", 20)))
+    assert (decoded - pruned).norm() < 0.7 * (blind - pruned).norm()
+    mask_back, inner = unwrap(encoding)
+    assert torch.equal(mask_back, mask) and torch.equal(decode(inner) * mask, decoded)
+
+
+def test_prune_then_kmeans_step_keeps_masks_and_halves_the_indices() -> None:
+    state = ModelState(tiny_bert())
+    steps = [{"type": "prune", "method": "magnitude", "sparsity": 0.5}, {"type": "quantize", "method": "kmeans"}]
+    run_pipeline(state, JobSpec.model_validate({"steps": steps}).steps, StepContext())
+    pruned = {name: e for name, e in state.encodings.items() if e.format == SPARSE_BITMASK}
+    assert pruned and all(e.format == "kmeans" for n, e in state.encodings.items() if n not in pruned)  # embeddings
+    for name, encoding in pruned.items():
+        weight = state.model.get_parameter(name)
+        assert encoding.meta["inner_format"] == "kmeans" and encoding.meta["compacted_packed"] == ["indices"]
+        assert torch.equal(decode(encoding), weight)
+        assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)

@@ -1,6 +1,6 @@
 """Fields shared by the training steps (distill, lora): data, teacher, schedule, checkpoints."""
 
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
@@ -14,7 +14,10 @@ class DistillLoss(BaseModel):
     """Weights of the distillation objectives; at least one must be positive.
 
     logits_kl: KL divergence of the student's from the teacher's softened token distributions (causal LMs).
-    hidden_mse: mean squared error of hidden states (every mapped layer), scaled by the teacher's variance.
+    hidden_mse: squared error of hidden states relative to the teacher's, at the layers `hidden_layers` names.
+    hidden_layers: "all" (every mapped layer, the output counted twice) or "last" (the model's output only).
+    embedding: 1 − cosine of the sentence embeddings (mean of the last hidden state over real tokens), the number
+        encoders are judged by.
     attention: mean squared error of attention probabilities (slower: needs eager attention).
     """
 
@@ -22,12 +25,14 @@ class DistillLoss(BaseModel):
 
     logits_kl: float = Field(0.0, ge=0, le=100)
     hidden_mse: float = Field(0.0, ge=0, le=100)
+    hidden_layers: Literal["all", "last"] = "all"
+    embedding: float = Field(0.0, ge=0, le=100)
     attention: float = Field(0.0, ge=0, le=100)
 
     @model_validator(mode="after")
     def _some_weight(self) -> Self:
-        if self.logits_kl + self.hidden_mse + self.attention <= 0:
-            raise ValueError("at least one of logits_kl, hidden_mse, attention must be positive")
+        if self.logits_kl + self.hidden_mse + self.embedding + self.attention <= 0:
+            raise ValueError("at least one of logits_kl, hidden_mse, embedding, attention must be positive")
         return self
 
 

@@ -19,21 +19,28 @@ ROWS_PER_CHUNK_VALUES = 1 << 22  # values per chunk of rows: bounds the temporar
 
 @torch.no_grad()
 def quantize_kmeans(
-    weight: torch.Tensor, bits: int, granularity: Literal["per_tensor", "per_channel"], iterations: int
+    weight: torch.Tensor, bits: int, granularity: Literal["per_tensor", "per_channel"], iterations: int,
+    mask: torch.Tensor | None = None,
 ) -> Encoding:
     """The `kmeans` encoding of a 2-D weight: 2**bits centroids per row (`per_channel`) or per tensor.
+
+    mask: the kept positions of a pruned weight; the centroids then fit the kept values only (as in Deep
+    Compression), and wrapping the result with `sparse_encoding` stores the indices of kept positions only.
 
     Example: `decode(quantize_kmeans(linear.weight, 4, "per_channel", 20))` uses at most 16 values per row.
     """
     if weight.ndim != 2:
         raise ValueError(f"kmeans needs a 2-D weight, got shape {tuple(weight.shape)}")
     rows, columns = weight.shape
-    values = weight.detach().float().reshape(rows if granularity == "per_channel" else 1, -1)
+    groups = rows if granularity == "per_channel" else 1
+    values = weight.detach().float().reshape(groups, -1)
+    kept = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.reshape(groups, -1).to(values.device)
     chunk = max(1, ROWS_PER_CHUNK_VALUES // values.shape[1])
-    parts = [_codebook_and_indices(part, 2**bits, iterations) for part in values.split(chunk)]
+    parts = [_codebook_and_indices(part, keep, 2**bits, iterations)
+             for part, keep in zip(values.split(chunk), kept.split(chunk), strict=True)]
     codebook = torch.cat([book for book, _ in parts])
     indices = torch.cat([index for _, index in parts])
-    meta = {"bits": bits, "shape": [rows, columns], "granularity": granularity}
+    meta = {"bits": bits, "shape": [rows, columns], "granularity": granularity, "packed": ["indices"]}
     return Encoding(KMEANS, {"indices": pack_bits(indices, bits), "codebook": codebook}, meta)
 
 
@@ -45,11 +52,14 @@ def _decode_kmeans(encoding: Encoding) -> torch.Tensor:
     return codebook.gather(1, indices.view(codebook.shape[0], -1)).view(rows, columns)
 
 
-def _codebook_and_indices(values: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd iterations on each row of `values`; returns (float16 codebook (rows, k), uint8 indices)."""
-    centroids = _quantile_seeds(values, k)
+def _codebook_and_indices(values: torch.Tensor, kept: torch.Tensor, k: int,
+                          iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations on the `kept` entries of each row of `values`; returns (float16 codebook (rows, k), uint8
+    indices of every entry)."""
+    centroids = _quantile_seeds(values, kept, k)
+    weights = kept.float()
     for _ in range(iterations):
-        updated = _centroid_means(values, nearest(values, centroids), centroids)
+        updated = _centroid_means(values, weights, nearest(values, centroids), centroids)
         if torch.equal(updated, centroids):
             break
         centroids = updated
@@ -64,15 +74,19 @@ def nearest(values: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(midpoints, values.contiguous())
 
 
-def _quantile_seeds(values: torch.Tensor, k: int) -> torch.Tensor:
-    ordered = values.sort(dim=1).values
-    positions = ((torch.arange(k) + 0.5) / k * (values.shape[1] - 1)).round().long()
-    return ordered[:, positions]
+def _quantile_seeds(values: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
+    """Evenly spaced quantiles of each row's kept values (the unkept sort last, past every position used)."""
+    ordered = values.masked_fill(~kept, float("inf")).sort(dim=1).values
+    last = (kept.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+    positions = ((torch.arange(k) + 0.5) / k * last).round().long()
+    seeds = ordered.gather(1, positions)
+    return torch.where(seeds.isfinite(), seeds, torch.zeros((), dtype=seeds.dtype))  # a row with nothing kept
 
 
-def _centroid_means(values: torch.Tensor, assignment: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """Each centroid moves to the mean of its values; one that lost all its values stays where it was."""
-    sums = torch.zeros_like(centroids).scatter_add_(1, assignment, values)
-    counts = torch.zeros_like(centroids).scatter_add_(1, assignment, torch.ones_like(values))
+def _centroid_means(values: torch.Tensor, weights: torch.Tensor, assignment: torch.Tensor,
+                    centroids: torch.Tensor) -> torch.Tensor:
+    """Each centroid moves to the mean of its (kept) values; one that lost all its values stays where it was."""
+    sums = torch.zeros_like(centroids).scatter_add_(1, assignment, values * weights)
+    counts = torch.zeros_like(centroids).scatter_add_(1, assignment, weights)
     means = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
     return means.sort(dim=1).values

@@ -9,6 +9,8 @@ quantization step keeps both savings by wrapping its own encoding: `keep_sparse(
 import torch
 
 from core.compression.encoding import decode, register_decoder
+from core.compression.quant.packing import pack_bits as pack_codes
+from core.compression.quant.packing import unpack_bits as unpack_codes
 from core.compression.state import Encoding, ModelState
 
 SPARSE_BITMASK = "sparse_bitmask"
@@ -41,17 +43,25 @@ def _decode_dense_float(encoding: Encoding) -> torch.Tensor:
 
 
 def sparse_encoding(mask: torch.Tensor, inner: Encoding) -> Encoding:
-    """Wrap `inner` (an encoding of the whole weight) so that only the positions where `mask` is True are stored."""
+    """Wrap `inner` (an encoding of the whole weight) so that only the positions where `mask` is True are stored.
+
+    Inner tensors of the weight's shape are compacted, and so are the bit-packed code tensors that `inner.meta`
+    lists under "packed" (one `inner.meta["bits"]`-bit code per position, e.g. k-means indices)."""
     shape = list(mask.shape)
     tensors = {"mask": pack_bits(mask)}
-    compacted = []
+    compacted, packed = [], []
     for key, tensor in inner.tensors.items():
         if list(tensor.shape) == shape:
             tensors[_INNER + key] = tensor[mask].contiguous()
             compacted.append(key)
+        elif key in inner.meta.get("packed", ()):
+            codes = unpack_codes(tensor, inner.meta["bits"], mask.numel())
+            tensors[_INNER + key] = pack_codes(codes[mask.flatten()], inner.meta["bits"])
+            packed.append(key)
         else:
             tensors[_INNER + key] = tensor
-    meta = {"shape": shape, "inner_format": inner.format, "inner_meta": inner.meta, "compacted": compacted}
+    meta = {"shape": shape, "inner_format": inner.format, "inner_meta": inner.meta, "compacted": compacted,
+            "compacted_packed": packed}
     return Encoding(format=SPARSE_BITMASK, tensors=tensors, meta=meta)
 
 
@@ -67,6 +77,11 @@ def unwrap(encoding: Encoding) -> tuple[torch.Tensor, Encoding]:
             full = tensor.new_zeros(mask.shape)
             full[mask] = tensor
             tensor = full
+        elif name in encoding.meta.get("compacted_packed", ()):
+            bits = encoding.meta["inner_meta"]["bits"]
+            codes = torch.zeros(mask.numel(), dtype=torch.uint8)
+            codes[mask.flatten()] = unpack_codes(tensor, bits, int(mask.sum()))
+            tensor = pack_codes(codes, bits)
         tensors[name] = tensor
     return mask, Encoding(format=encoding.meta["inner_format"], tensors=tensors, meta=encoding.meta["inner_meta"])
 

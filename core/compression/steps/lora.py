@@ -3,11 +3,13 @@
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
+from torch.nn.utils import parametrize
 
 from core.compression.configs.lora import LoRA
 from core.compression.encoding import decode
 from core.compression.registry import register_step
 from core.compression.rewrites import apply_rewrite, register_rewrite, set_submodule
+from core.compression.sparsity.masks import mask_of
 from core.compression.state import ModelState, Rewrite, StepContext, StepReport
 from core.compression.training.constraints import form_for, reencode
 from core.compression.training.objectives import Distillation, default_loss, evaluate, is_causal_lm
@@ -38,10 +40,13 @@ def lora_step(state: ModelState, config: LoRA, ctx: StepContext) -> StepReport:
     apply_rewrite(state, adapters)
     _move_encodings(state, targets, ".weight", ".base_layer.weight")
     state.model.to(ctx.device)
+    masked = _mask_deltas(state, targets) if config.merge else []
     params = {name: p for name, p in state.model.named_parameters() if ".lora_" in name}
     objective = Distillation(teacher, config.loss or default_loss(state.model), config.temperature,
                              list(range(getattr(state.model.config, "num_hidden_layers", 0))))
     outcome = fit(state, config, ctx, objective, params, data, task=config.objective == "task")
+    for base in masked:
+        parametrize.remove_parametrizations(base, "weight", leave_parametrized=False)
     if config.merge:
         _merge(state, targets)
         state.rewrites.remove(adapters)  # the modules are plain Linears again
@@ -90,6 +95,35 @@ def _move_encodings(state: ModelState, targets: list[str], old: str, new: str) -
     for name in targets:
         if f"{name}{old}" in state.encodings:
             state.encodings[f"{name}{new}"] = state.encodings.pop(f"{name}{old}")
+
+
+class _MaskedDelta(nn.Module):
+    """Parametrization of a pruned base weight while its adapter trains: W + ΔW ⊙ mask, so the model trains exactly
+    as it will be once merged (a merge re-applies the mask, which would otherwise drop the delta's pruned half)."""
+
+    def __init__(self, layer: nn.Module, keep: torch.Tensor) -> None:
+        super().__init__()
+        self._layer = (layer,)  # a tuple, so the adapter layer is not registered as a child (it is the parent)
+        self.register_buffer("keep", keep, persistent=False)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self._layer[0].get_delta_weight(ADAPTER).to(weight.dtype) * self.keep
+
+
+def _mask_deltas(state: ModelState, targets: list[str]) -> list[nn.Module]:
+    """Route the adapters of pruned targets through their base weight, masked; return those base layers."""
+    bases = []
+    for name in targets:
+        mask = mask_of(state, f"{name}.base_layer.weight")
+        if mask is None:
+            continue
+        layer = state.model.get_submodule(name)
+        layer.set_adapter([])  # peft's own unmasked path off; the parametrization applies the delta instead
+        base = layer.get_base_layer()
+        keep = mask.to(base.weight.device, base.weight.dtype)
+        parametrize.register_parametrization(base, "weight", _MaskedDelta(layer, keep), unsafe=True)
+        bases.append(base)
+    return bases
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ from core.compression.configs.quantize import QuantizeKMeans
 from core.compression.quant.kmeans import quantize_kmeans
 from core.compression.quant.modules import quantize_selected
 from core.compression.registry import register_step
+from core.compression.sparsity.masks import mask_of
 from core.compression.state import Encoding, ModelState, StepContext, StepReport
 
 
@@ -14,14 +15,18 @@ def quantize_kmeans_step(state: ModelState, config: QuantizeKMeans, ctx: StepCon
     """Replace each selected Linear (and Embedding) weight by its nearest codebook values, in place.
 
     The codebook of each row (or tensor) holds 2**bits float16 centroids; the artifact stores bit-packed indices
-    into it, and the in-memory weight is overwritten with the decoded values.
+    into it, and the in-memory weight is overwritten with the decoded values. After a prune step the centroids fit
+    the kept weights only and pruned positions store no index (Deep Compression's order: prune, then share).
 
     Example recipe step: `{"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_channel"}`.
     """
     codebooks = "per row" if config.granularity == "per_channel" else "per tensor"
+    # A pruned weight's centroids fit its kept values only, and only their indices are stored.
+    masks = {id(state.model.get_parameter(name)): mask for name in state.encodings
+             if (mask := mask_of(state, name)) is not None}
 
     def encode(weight: nn.Parameter) -> Encoding:
-        return quantize_kmeans(weight, config.bits, config.granularity, config.iterations)
+        return quantize_kmeans(weight, config.bits, config.granularity, config.iterations, masks.get(id(weight)))
 
     describe = f"share {2**config.bits} float16 centroids {codebooks}; indices bit-packed"
     return quantize_selected(state, config, ctx, encode, config.bits, describe)

@@ -90,8 +90,9 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]
         prefix = f"opt/{index}/"
         state = {key.removeprefix(prefix): value for key, value in tensors.items() if key.startswith(prefix)}
         if state:
-            # AdamW keeps `step` as a CPU float tensor, the moments on the parameter's device.
-            optimizer.state[p] = {k: v if k == "step" else v.to(p.device) for k, v in state.items()}
+            # Plain AdamW keeps `step` as a CPU float tensor, fused AdamW on the parameter's device like the moments.
+            step_device = p.device if optimizer.defaults.get("fused") else torch.device("cpu")
+            optimizer.state[p] = {k: v.to(step_device if k == "step" else p.device) for k, v in state.items()}
 
 
 def _write_atomic(path: Path, text: str) -> None:

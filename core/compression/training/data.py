@@ -3,8 +3,7 @@ on), then each row cut into windows of at most `seq_len` tokens, batched with ri
 
 import math
 import random
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from core.compression.configs.training import TrainingStep
 from core.errors import InvalidSpec
 
 MAX_EVAL_WINDOWS = 64
+BUCKET_BATCHES = 32  # batches whose rows are sorted by length together
 MAX_PASSES = 50  # more passes over the same windows than this memorises the text instead of recovering the model
 Inputs = dict[str, torch.Tensor]
 
@@ -38,17 +38,36 @@ class TrainingData:
     heldout: Windows
     steps: int
     notes: list[str]
+    _epoch: dict[tuple[int, int, int], list[list[int]]] = field(default_factory=dict, repr=False)
 
     def train_batch(self, step: int, batch_size: int, seed: int) -> Inputs:
-        """The batch of optimizer step `step`: a pure function of the step, so a resumed run sees the same data."""
-        count = len(self.train.rows)
-        first = step * batch_size
-        indices = [_epoch_order(count, seed, (first + i) // count)[(first + i) % count] for i in range(batch_size)]
-        return self.train.batch(indices)
+        """The batch of optimizer step `step`: a pure function of the step, so a resumed run sees the same data.
+        Each epoch visits every window once (bar the last partial batch), in length-bucketed batches."""
+        epoch, index = divmod(step, len(self.train.rows) // batch_size)
+        key = (epoch, batch_size, seed)
+        if key not in self._epoch:
+            self._epoch.clear()  # one epoch at a time
+            self._epoch[key] = length_bucketed(self.train.rows, batch_size, random.Random(seed * 1_000_003 + epoch))
+        return self.train.batch(self._epoch[key][index])
 
     def heldout_batches(self, batch_size: int) -> list[Inputs]:
-        count = len(self.heldout.rows)
-        return [self.heldout.batch(list(range(i, min(i + batch_size, count)))) for i in range(0, count, batch_size)]
+        by_length = sorted(range(len(self.heldout.rows)), key=lambda i: len(self.heldout.rows[i]))
+        return [self.heldout.batch(by_length[i : i + batch_size]) for i in range(0, len(by_length), batch_size)]
+
+
+def length_bucketed(rows: list[list[int]], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """Full batches of row indices in a random order, each drawn from a random chunk of `BUCKET_BATCHES` batches
+    sorted by length: rows in a batch have similar lengths, so little of the batch is padding (with windows of
+    random length, padding to the longest otherwise wastes ~40% of the compute)."""
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    batches = []
+    span = batch_size * BUCKET_BATCHES
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: len(rows[i]))
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 def prepare(texts: list[str], tokenizer: Any, config: TrainingStep, varied_lengths: bool) -> TrainingData:
@@ -124,8 +143,3 @@ def _steps(config: TrainingStep, windows: int) -> int:
     return config.max_steps
 
 
-@lru_cache(maxsize=4)
-def _epoch_order(count: int, seed: int, epoch: int) -> tuple[int, ...]:
-    order = list(range(count))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return tuple(order)

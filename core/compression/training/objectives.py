@@ -46,7 +46,12 @@ class Distillation:
                                                              self.temperature)
         if self.weights.hidden_mse:
             pairs = self._pairs(teacher_out.hidden_states, student_out.hidden_states, offset=1)
+            pairs = pairs[-1:] if self.weights.hidden_layers == "last" else pairs
             loss = loss + self.weights.hidden_mse * hidden_mse(pairs, mask)
+        if self.weights.embedding:
+            cosines = F.cosine_similarity(pooled(teacher_out.hidden_states[-1], mask),
+                                          pooled(student_out.hidden_states[-1], mask), dim=-1)
+            loss = loss + self.weights.embedding * (1 - cosines).mean()
         if self.weights.attention:
             pairs = self._pairs(teacher_out.attentions, student_out.attentions, offset=0)
             loss = loss + self.weights.attention * attention_mse(pairs, mask)
@@ -65,8 +70,8 @@ def logits_kl(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, 
 
 
 def hidden_mse(pairs: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> torch.Tensor:
-    """Relative squared error ‖s − t‖² / ‖t‖² at real tokens, averaged over the mapped layers; the last layer (the
-    model's output) counts twice."""
+    """Relative squared error ‖s − t‖² / ‖t‖² at real tokens, averaged over the given layers; the last one (the
+    model's output, when all are given) counts twice."""
     errors = [_relative_error(t[mask], s[mask]) for t, s in pairs]
     return (sum(errors) + errors[-1]) / (len(errors) + 1)
 
