@@ -29,7 +29,7 @@ from core.modelio import load_model
 NAME = "quant_smollm2"
 COMMAND = f".venv/bin/python -m bench.{NAME}"
 THREADS = 2
-CALIBRATION = {"dataset_id": None, "num_samples": 32, "seq_len": 512}
+CALIBRATION = {"dataset_id": None, "num_samples": 256, "seq_len": 512}
 # 4-bit rows leave the tied input/output embedding in float, as GPTQ setups do (and as DATA.md's 53.4 was measured):
 # rounding it to 4 bits costs rtn symmetric 53 -> 70 PPL here, and no Hessian method covers an embedding lookup.
 TIED = {"exclude": ["lm_head", "model.embed_tokens"]}
@@ -38,7 +38,6 @@ RECIPES = {
     "rtn int8 per-channel": {"type": "quantize", "method": "rtn", "bits": 8},
     "rtn int4 g128 symmetric": {"type": "quantize", **G128},
     "rtn int4 g128 asymmetric": {"type": "quantize", **G128, "symmetric": False},
-    "gptq int4 g128 symmetric": {"type": "quantize", "method": "gptq", **G128, "calibration": CALIBRATION},
     "gptq int4 g128 asymmetric": {
         "type": "quantize", "method": "gptq", **G128, "symmetric": False, "calibration": CALIBRATION,
     },
@@ -85,12 +84,12 @@ def _variant(name: str, step: dict, folder: Path, tokenizer, tokens: torch.Tenso
 def publish(rows: list[Row]) -> int:
     by_name = {row.name: row for row in rows}
     fp32, int8 = rows[0], by_name["rtn int8 per-channel"]
-    rtn_sym, gptq = by_name["rtn int4 g128 symmetric"], by_name["gptq int4 g128 symmetric"]
-    gptq_best = min(gptq.ppl, by_name["gptq int4 g128 asymmetric"].ppl)
+    rtn_sym, rtn_asym = by_name["rtn int4 g128 symmetric"], by_name["rtn int4 g128 asymmetric"]
+    gptq = by_name["gptq int4 g128 asymmetric"]
     checks = {
         f"rtn int8 PPL ≤ {MAX_INT8_PPL_RATIO}× fp32": int8.ppl <= MAX_INT8_PPL_RATIO * fp32.ppl,
-        f"gptq int4 g128 PPL ≤ {MAX_GPTQ_PPL_RATIO}× fp32": gptq_best <= MAX_GPTQ_PPL_RATIO * fp32.ppl,
-        "gptq int4 g128 symmetric PPL < rtn int4 g128 symmetric": gptq.ppl < rtn_sym.ppl,
+        f"gptq int4 g128 PPL ≤ {MAX_GPTQ_PPL_RATIO}× fp32": gptq.ppl <= MAX_GPTQ_PPL_RATIO * fp32.ppl,
+        "gptq int4 g128 PPL < rtn int4 g128 symmetric and asymmetric": gptq.ppl < min(rtn_sym.ppl, rtn_asym.ppl),
         f"rtn int8 throughput ≥ {MIN_PARAMS_PER_S / 1e9} G params/s": int8.params_per_s >= MIN_PARAMS_PER_S,
     }
     body = section(rows, checks)
@@ -128,6 +127,10 @@ blocks, the tied embedding / lm_head left in float32, as in DATA.md's rtn baseli
   artifact loaded back from disk with `core.load_compressed`. gptq calibrates on {CALIBRATION["num_samples"]} ×
   {CALIBRATION["seq_len"]} tokens of the default corpus (Wikipedia articles from gensim's test data), never on the
   evaluation text.
+- gptq runs with its defaults: act_order (static groups) and the clip search of each group's range (see
+  docs/decisions.md). Earlier runs on this machine: without the clip search, 32 calibration windows gave 43.09;
+  with it 39.25 (32 windows), 38.35 (128), 38.63 (128, dampening 0.05), 38.75 (128, dampening 0.002) and 37.97
+  (256, the recipe above). Symmetric gptq with the clip search gave 41.66 with 32 windows (rtn symmetric 53.31).
 - 4-bit rows use integer grids only (symmetric, or asymmetric with an integer zero point) and groups of 128: the
   fp32 weights were decoded from a Q4_1 GGUF (group 32, float minimum), which such grids cannot reproduce.
 - quantize s: wall time of the step in the pipeline on this (shared) machine; params/s = parameters quantized / s.
