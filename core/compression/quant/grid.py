@@ -78,18 +78,17 @@ def searched_grid_params(
     """
     if grid.granularity == "per_tensor":
         return grid_params(weight, grid)
-    groups = _grouped(weight.float(), grid)
-    ones = torch.ones(weight.shape[1], device=weight.device)
-    column_weight = ones if importance is None else importance.float().clamp(min=0)
-    column_weight = F.pad(column_weight, (0, groups.shape[1] * groups.shape[2] - weight.shape[1]))
-    column_weight = column_weight.view(1, groups.shape[1], groups.shape[2])
+    w = weight.float()
+    column_weight = 1.0 if importance is None else importance.float().clamp(min=0)
+    groups = _grouped(w, grid)
     low, high = groups.amin(dim=2).clamp(max=0), groups.amax(dim=2).clamp(min=0)
-    best, best_error = params_from_range(low, high, grid), None
+    best, best_error = None, None
     for shrink in torch.linspace(1.0, floor, steps).tolist():
         params = params_from_range(low * shrink, high * shrink, grid)
-        error = (_round_trip(groups, params, grid) - groups).square_().mul_(column_weight).sum(dim=2)
-        if best_error is None:
-            best_error = error
+        decoded = dequantize_codes(quantize_codes(w, params, grid), params, grid)
+        error = _grouped((decoded - w).square_().mul_(column_weight), grid).sum(dim=2)
+        if best is None or best_error is None:
+            best, best_error = params, error
             continue
         better = error < best_error
         best_error = torch.where(better, error, best_error)
@@ -97,16 +96,6 @@ def searched_grid_params(
         if best.zero_point is not None and params.zero_point is not None:
             best.zero_point = torch.where(better, params.zero_point, best.zero_point)
     return best
-
-
-def _round_trip(groups: torch.Tensor, params: GridParams, grid: IntGrid) -> torch.Tensor:
-    """(rows, groups, width) values rounded onto the grid of per-(row, group) `params` and decoded."""
-    scale = params.scale.float().unsqueeze(2)
-    if params.zero_point is None:
-        limit = grid.offset - 1
-        return torch.clamp(torch.round(groups / scale), -limit, limit) * scale
-    zero = params.zero_point.float().unsqueeze(2)
-    return (torch.clamp(torch.round(groups / scale) + zero, 0, grid.levels) - zero) * scale
 
 
 def params_from_range(low: torch.Tensor, high: torch.Tensor, grid: IntGrid) -> GridParams:
