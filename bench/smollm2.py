@@ -51,3 +51,16 @@ def news_token_ids(tokenizer, limit: int = EVAL_TOKENS) -> torch.Tensor:  # noqa
     path = package_dir("gensim") / "test" / "test_data" / "lee_background.cor"
     text = path.read_text(encoding="latin-1")
     return tokenizer(text, return_tensors="pt").input_ids[0, :limit]
+
+
+def news_training_texts(tokenizer, margin: int = 64) -> list[str]:  # noqa: ANN001 (any HF tokenizer)
+    """lee_background.cor's news documents that start after the evaluation tokens (plus a margin), one per item:
+    in-domain text for calibration and training that never overlaps what perplexity is measured on."""
+    path = package_dir("gensim") / "test" / "test_data" / "lee_background.cor"
+    lines = path.read_text(encoding="latin-1").splitlines()
+    seen = 0
+    for index, line in enumerate(lines):
+        seen += len(tokenizer(line + "\n").input_ids)
+        if seen > EVAL_TOKENS + margin:
+            return [text for text in lines[index + 1 :] if text.strip()]
+    return []

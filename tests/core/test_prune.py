@@ -138,3 +138,29 @@ def test_invalid_parameters_name_the_field(step: dict, field: str) -> None:
     with pytest.raises(ValidationError) as raised:
         JobSpec.model_validate({"steps": [step]})
     assert field in str(raised.value)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_block_reconstruction_lowers_the_error_and_keeps_the_mask(method: str, tmp_path: Path) -> None:
+    reference = tiny_llama()
+    inputs = probe_inputs(reference)
+    expected = outputs(reference, inputs)
+    step = {"type": "prune", "method": method, "sparsity": 0.6, "calibration": {"num_samples": 16, "seq_len": 32}}
+    one_shot, _ = run_steps(tiny_llama(), step)
+    rebuilt, [report] = run_steps(tiny_llama(), {**step, "reconstruct": {"epochs": 4, "lr": 1e-3}})
+    for name, weight in linear_weights(rebuilt.model).items():
+        one_shot_weight = one_shot.model.get_parameter(name)
+        assert int((weight == 0).sum()) == int((one_shot_weight == 0).sum()), name  # pruned weights stay zero
+        if ".layers.0." in name:  # the first block sees the same inputs, so the same mask
+            assert torch.equal(weight == 0, one_shot_weight == 0), name
+        assert torch.equal(decode(rebuilt.encodings[name]), weight)  # the stored weights are the trained ones
+    assert report.metrics["reconstruction_error_ratio"] < 0.9
+    assert report.metrics["reconstruction_blocks_kept"] >= 1
+    errors = [float((outputs(s.model, inputs) - expected).pow(2).mean()) for s in (one_shot, rebuilt)]
+    assert errors[1] < errors[0]
+    assert_reload_identical(rebuilt, tmp_path, inputs)
+
+
+def test_reconstruction_is_refused_for_magnitude_pruning() -> None:
+    with pytest.raises(ValidationError, match="reconstruct"):
+        PruneMagnitude.model_validate({"type": "prune", "method": "magnitude", "reconstruct": {"epochs": 1}})

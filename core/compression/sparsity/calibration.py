@@ -84,6 +84,7 @@ def on_device(batch: Batch, device: torch.device) -> Batch:
     return {key: value.to(device) for key, value in batch.items()}
 
 
+@torch.no_grad()
 def first_block_inputs(model: nn.Module, block: nn.Module, batches: list[Batch]) -> list[BlockInput]:
     captured: list[BlockInput] = []
 
@@ -110,14 +111,14 @@ def block_output(output: Any) -> torch.Tensor:
 @torch.no_grad()
 def propagate(block: nn.Module, inputs: list[BlockInput]) -> list[BlockInput]:
     """The next block's inputs: this block's outputs in place of its hidden states, other arguments unchanged."""
-    result = []
-    for item in inputs:
-        hidden = block_output(block(*item.args, **item.kwargs))
-        if item.args:
-            result.append(BlockInput((hidden, *item.args[1:]), item.kwargs))
-        else:
-            result.append(BlockInput((), {**item.kwargs, "hidden_states": hidden}))
-    return result
+    return [with_hidden(item, block_output(block(*item.args, **item.kwargs))) for item in inputs]
+
+
+def with_hidden(item: BlockInput, hidden: torch.Tensor) -> BlockInput:
+    """`item` with its hidden states replaced by `hidden`."""
+    if item.args:
+        return BlockInput((hidden, *item.args[1:]), item.kwargs)
+    return BlockInput((), {**item.kwargs, "hidden_states": hidden})
 
 
 @dataclass
@@ -169,18 +170,38 @@ def run_all(block: nn.Module, inputs: list[BlockInput]) -> None:
         block(*item.args, **item.kwargs)
 
 
-def sequential_blocks(model: nn.Module, batches: list[Batch]) -> Iterator[tuple[str, nn.Module, list[BlockInput]]]:
-    """Yield (name, block, its calibration inputs) block by block; the inputs of block i+1 are computed after the
-    caller has compressed block i. Without repeated blocks the whole model is one block named ""."""
+@dataclass
+class BlockRun:
+    """One block during a block-by-block pass: its inputs in the model as compressed so far and, when asked for,
+    `targets`: the uncompressed model's outputs of this block (fed by the uncompressed earlier blocks)."""
+
+    name: str
+    module: nn.Module
+    inputs: list[BlockInput]
+    targets: list[torch.Tensor] | None = None
+
+
+def sequential_blocks(model: nn.Module, batches: list[Batch], with_targets: bool = False) -> Iterator[BlockRun]:
+    """Yield each block with its calibration inputs; the inputs of block i+1 are computed after the caller has
+    compressed block i. Without repeated blocks the whole model is one block named "" (and has no targets)."""
     found = transformer_blocks(model)
     if found is None:
-        yield "", model, [BlockInput((), dict(batch)) for batch in batches]
+        yield BlockRun("", model, [BlockInput((), dict(batch)) for batch in batches])
         return
     prefix, blocks = found
     inputs = first_block_inputs(model, blocks[0], batches)
+    dense = inputs
     for index, block in enumerate(blocks):
-        yield f"{prefix}.{index}", block, inputs
+        targets = _outputs(block, dense) if with_targets else None
+        yield BlockRun(f"{prefix}.{index}", block, inputs, targets)
         inputs = propagate(block, inputs)
+        if targets is not None:
+            dense = [with_hidden(item, target) for item, target in zip(dense, targets, strict=True)]
+
+
+@torch.no_grad()
+def _outputs(block: nn.Module, inputs: list[BlockInput]) -> list[torch.Tensor]:
+    return [block_output(block(*item.args, **item.kwargs)) for item in inputs]
 
 
 def inside(name: str, block_name: str) -> bool:
@@ -188,14 +209,15 @@ def inside(name: str, block_name: str) -> bool:
 
 
 def block_statistics(
-    model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch], want: set[str], ctx: StepContext, verb: str
-) -> Iterator[tuple[str, dict[str, nn.Module], dict[str, InputStats]]]:
-    """Block by block: the `layers` inside the block and their input statistics while it ran on its calibration
+    model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch], want: set[str], ctx: StepContext, verb: str,
+    with_targets: bool = False,
+) -> Iterator[tuple[BlockRun, dict[str, nn.Module], dict[str, InputStats]]]:
+    """Block by block: the block, the `layers` inside it and their input statistics while it ran on its calibration
     inputs. The caller compresses those layers before the next block's inputs are computed from this block."""
-    for block_name, block, inputs in sequential_blocks(model, batches):
+    for run in sequential_blocks(model, batches, with_targets):
         if ctx.should_stop():
-            raise JobCancelled(f"cancelled while {verb}, before {block_name or 'the model'}")
-        mine = {name: layer for name, layer in layers.items() if inside(name, block_name)}
+            raise JobCancelled(f"cancelled while {verb}, before {run.name or 'the model'}")
+        mine = {name: layer for name, layer in layers.items() if inside(name, run.name)}
         with recording(mine, want) as stats:
-            run_all(block, inputs)
-        yield block_name, mine, stats
+            run_all(run.module, run.inputs)
+        yield run, mine, stats

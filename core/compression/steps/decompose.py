@@ -86,10 +86,10 @@ def _calibrated(state: ModelState, config: DecomposeASVD | DecomposeSVDLLM, ctx:
     layers = _modules(state, config, (nn.Linear,))
     before, tally = _parameter_count(state), _Tally()
     data = calibration_batches(state, config, ctx)
-    for block_name, mine, stats in block_statistics(state.model, layers, data.batches, want, ctx, "decomposing"):
+    for run, mine, stats in block_statistics(state.model, layers, data.batches, want, ctx, "decomposing"):
         for name, layer in mine.items():
             _factor_linear(state, name, layer, config, tally, analyse(layer.weight.detach(), stats[name]))
-        ctx.report((len(tally.factored) + len(tally.skipped)) / len(layers), f"decomposed {block_name or 'the model'}")
+        ctx.report((len(tally.factored) + len(tally.skipped)) / len(layers), f"decomposed {run.name or 'the model'}")
     untouched = sorted(set(layers) - set(tally.factored) - set(tally.skipped))
     notes = data.notes + ([f"left as is (outside the repeated blocks): {', '.join(untouched)}"] if untouched else [])
     return _report(state, before, tally, notes)

@@ -14,6 +14,7 @@ from core.compression.sparsity.calibration import (
     calibration_batches,
 )
 from core.compression.sparsity.masks import dense_float, sparse_encoding
+from core.compression.sparsity.reconstruct import ReconstructionResult, reconstruct_block
 from core.compression.sparsity.select import refuse_encoded, select_modules
 from core.compression.sparsity.structured import prune_structured
 from core.compression.state import ModelState, StepContext, StepReport
@@ -118,15 +119,40 @@ def _calibrated(state: ModelState, config: PruneWanda | PruneSparseGPT, ctx: Ste
     layers = {name.removesuffix(".weight"): state.model.get_submodule(name.removesuffix(".weight")) for name in weights}
     data = calibration_batches(state, config, ctx)
     done: set[str] = set()
-    for block_name, mine, stats in block_statistics(state.model, layers, data.batches, want, ctx, "pruning"):
+    rebuilt: list[ReconstructionResult] = []
+    blocks = block_statistics(state.model, layers, data.batches, want, ctx, "pruning",
+                              with_targets=config.reconstruct is not None)
+    for run, mine, stats in blocks:
+        masks = {name: prune(layer, stats[name]) for name, layer in mine.items()}
+        if config.reconstruct is not None and run.targets is not None and mine:
+            _apply_masks(mine, masks)
+            rebuilt.append(reconstruct_block(run, {mine[name]: mask for name, mask in masks.items()},
+                                             config.reconstruct, config.calibration.seed))
         for name, layer in mine.items():
-            _store_pruned(state, f"{name}.weight", layer.weight, prune(layer, stats[name]))
+            _store_pruned(state, f"{name}.weight", layer.weight, masks[name])
         done |= set(mine)
-        ctx.report(len(done) / len(layers), f"pruned {block_name or 'the model'}")
+        ctx.report(len(done) / len(layers), f"pruned {run.name or 'the model'}")
     skipped = sorted(set(layers) - done)
     notes = data.notes + ([f"left dense (outside the repeated blocks): {', '.join(skipped)}"] if skipped else [])
     pruned = {name: weight for name, weight in weights.items() if name.removesuffix(".weight") in done}
-    return sparsity_report(state, pruned, config.pattern, notes)
+    report = sparsity_report(state, pruned, config.pattern, notes)
+    if rebuilt:
+        report.metrics.update(_reconstruction_metrics(rebuilt))
+    return report
+
+
+@torch.no_grad()
+def _apply_masks(layers: dict[str, nn.Linear], masks: dict[str, torch.Tensor]) -> None:
+    for name, layer in layers.items():
+        layer.weight.mul_(masks[name])
+
+
+def _reconstruction_metrics(results: list[ReconstructionResult]) -> dict[str, float | int]:
+    """Block output error against the uncompressed model, summed over blocks, before and after reconstruction."""
+    before, after = sum(r.error_before for r in results), sum(r.error_after for r in results)
+    return {"reconstruction_error_before": before, "reconstruction_error_after": after,
+            "reconstruction_error_ratio": after / before if before else 1.0,
+            "reconstruction_blocks_kept": sum(r.kept for r in results)}
 
 
 def sparsity_report(state: ModelState, weights: dict[str, nn.Parameter], pattern: str, notes: list[str]) -> StepReport:
