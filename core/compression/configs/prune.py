@@ -65,13 +65,13 @@ class Reconstruction(BaseModel):
     inputs match the uncompressed model's outputs of that block. Needs only the calibration text, no labels; a
     block whose error would grow keeps its one-shot weights.
 
-    Example: `"reconstruct": {"epochs": 2, "lr": 1e-4}`.
+    Example: `"reconstruct": {"epochs": 2, "lr": 3e-4}`.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     epochs: int = Field(default=2, ge=1, le=50, description="passes over the calibration windows per block")
-    lr: float = Field(default=1e-4, gt=0, le=0.1, description="Adam learning rate")
+    lr: float = Field(default=3e-4, gt=0, le=0.1, description="Adam learning rate")
 
 
 class _Reconstructing(Calibrated):
