@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.compression.encoding import decode, quantize_rtn
+from core.compression.encoding import decode, quantize_rtn, quantize_rtn_
 from core.compression.quant.packing import unpack_bits
 from tests.core.helpers import quantize
 from tests.core.quant_helpers import cosine_vs_fp32
@@ -86,3 +86,21 @@ def test_int4_groups_store_about_an_eighth_of_fp32() -> None:
     state, report = quantize(tiny_llama(), bits=4, granularity="per_group", group_size=32)
     assert all(encoding.format == "packed_int" for encoding in state.encodings.values())
     assert report.metrics["packed_ratio"] == pytest.approx((4 + 16 / 32) / 32)
+
+
+@pytest.mark.parametrize(("fields", "make"), [
+    ({}, lambda w: w),  # the one-pass int8 path
+    ({}, lambda w: w.t().contiguous().t()),  # not contiguous: encode, then decode into it
+    ({"bits": 4, "granularity": "per_group", "group_size": 16, "symmetric": False}, lambda w: w),
+])
+def test_quantizing_in_place_writes_exactly_what_the_encoding_decodes_to(fields: dict, make: Callable) -> None:
+    weight = make(torch.randn(70, 48, generator=torch.Generator().manual_seed(3)))
+    weight[5] = 0  # an all-zero row keeps a usable scale
+    original = weight.clone()
+    expected = quantize_rtn(original, **fields)
+    encoding = quantize_rtn_(weight, **fields)
+    assert encoding.format == expected.format
+    for name, tensor in expected.tensors.items():
+        assert torch.equal(encoding.tensors[name], tensor), name
+    assert torch.equal(weight, decode(expected))
+    assert not torch.equal(weight, original)

@@ -68,15 +68,18 @@ def shared_weights(model: nn.Module, selected: list[tuple[str, nn.Module]]) -> l
 
 
 def encode_each(
-    state: ModelState, weights: list[SharedWeight], encode: Callable[[SharedWeight], Encoding], ctx: StepContext
+    state: ModelState, weights: list[SharedWeight], encode: Callable[[SharedWeight], Encoding], ctx: StepContext,
+    in_place: bool = False,
 ) -> None:
     """Encode each weight, overwrite it with its decoded value and record the encoding; polls cancellation and
-    reports progress between weights."""
+    reports progress between weights. `in_place`: `encode` already wrote the decoded value into the weight."""
     for index, shared in enumerate(weights):
         if ctx.should_stop():
             raise JobCancelled(f"cancelled while quantizing, before {shared.name}")
-        # A pruned weight keeps its mask around the new codes: its zeros stay exact and unstored.
-        state.encodings[shared.name] = store_decoded(shared.weight, keep_sparse(state, shared.name, encode(shared)))
+        # A pruned weight keeps its mask around the new codes: its zeros stay exact and unstored (a zero encodes
+        # to code 0, so a weight decoded in place already holds them).
+        encoding = keep_sparse(state, shared.name, encode(shared))
+        state.encodings[shared.name] = encoding if in_place else store_decoded(shared.weight, encoding)
         ctx.report((index + 1) / len(weights), f"quantized {shared.name}")
 
 
@@ -111,12 +114,13 @@ def tied_notes(weights: list[SharedWeight]) -> list[str]:
 
 
 def quantize_selected(state: ModelState, config: Any, ctx: StepContext, encode: Callable[[nn.Parameter], Encoding],
-                      bits: int, describe: str) -> StepReport:
+                      bits: int, describe: str, in_place: bool = False) -> StepReport:
     """The body every weight-only method shares: select the modules by the config's patterns, encode each weight
-    once (tied weights too) in place, and report sizes. `describe` completes "<n> weights <describe>"."""
+    once (tied weights too) in place, and report sizes. `describe` completes "<n> weights <describe>";
+    `in_place`: `encode` also overwrites the weight with its decoded value."""
     selected = select_modules(state.model, config.targets, config.exclude, config.include_embeddings)
     weights = shared_weights(state.model, selected)
-    encode_each(state, weights, lambda shared: encode(shared.weight), ctx)
+    encode_each(state, weights, lambda shared: encode(shared.weight), ctx, in_place)
     metrics = size_metrics(state, weights)
     metrics["bits"] = bits
     return StepReport(metrics=metrics, notes=[f"{len(weights)} weights {describe}", *tied_notes(weights)])

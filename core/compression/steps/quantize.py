@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from core.compression.encoding import quantize_rtn
+from core.compression.encoding import quantize_rtn_
 from core.compression.quant.modules import quantize_selected
 from core.compression.registry import register_step
 from core.compression.spec import QuantizeRTN
@@ -24,7 +24,7 @@ def quantize_rtn_step(state: ModelState, config: QuantizeRTN, ctx: StepContext) 
     group = f" (groups of {config.group_size} columns)" if config.columns_per_scale else ""
 
     def encode(weight: nn.Parameter) -> Encoding:
-        return quantize_rtn(weight, config.bits, config.granularity, config.symmetric, config.columns_per_scale)
+        return quantize_rtn_(weight, config.bits, config.granularity, config.symmetric, config.columns_per_scale)
 
     describe = f"stored as int{config.bits} codes, {config.granularity}{group} {kind} scales"
-    return quantize_selected(state, config, ctx, encode, config.bits, describe)
+    return quantize_selected(state, config, ctx, encode, config.bits, describe, in_place=True)
