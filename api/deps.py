@@ -3,7 +3,9 @@
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Query
+from fastapi import Depends, Query, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -25,6 +27,33 @@ def get_session() -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def reject_unknown_query(request: Request) -> None:
+    """A misspelt query parameter (`?pagesize=5`) would otherwise be ignored and the default used without a word:
+    refuse it with the usual 422 listing each unknown name and the names the route accepts."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None:
+        return
+    known = sorted(_query_names(dependant))
+    allowed = ", ".join(known) or "none"
+    unknown = sorted(set(request.query_params) - set(known))
+    if unknown:
+        raise RequestValidationError([
+            {"loc": ("query", name), "msg": f"unknown query parameter (this route accepts: {allowed})",
+             "type": "extra_forbidden"}
+            for name in unknown
+        ])
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+V1_DEPENDENCIES = [Depends(reject_unknown_query)]
 PageNumber = Annotated[int, Query(ge=1, le=1_000_000, description="1-based page number")]
 PageSize = Annotated[int, Query(ge=1, le=100, description="rows per page (at most 100)")]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -5,11 +5,12 @@ from typing import Annotated
 from fastapi import APIRouter, Header
 from fastapi.responses import StreamingResponse
 
-from api.deps import ArtifactsDep, StoreDep
+from api.deps import V1_DEPENDENCIES, ArtifactsDep, StoreDep
 from api.errors import V1_ERRORS, error_responses
 from core.errors import RangeNotSatisfiable
 
-router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=V1_ERRORS)
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=V1_ERRORS,
+                   dependencies=V1_DEPENDENCIES)
 
 SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 ZIP = {"application/zip": {"schema": {"type": "string", "format": "binary"}}}

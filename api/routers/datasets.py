@@ -3,7 +3,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from pydantic import BaseModel, ConfigDict
 
-from api.deps import DatasetsDep, PageNumber, PageSize, SessionDep, SettingsDep, StoreDep
+from api.deps import V1_DEPENDENCIES, DatasetsDep, PageNumber, PageSize, SessionDep, SettingsDep, StoreDep
 from api.errors import V1_ERRORS, error_responses
 from api.limits import NameField
 from api.schemas import Page
@@ -12,7 +12,8 @@ from core.datasets import store_dataset_upload
 from core.db.models import new_id
 from core.uploads import display_name
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=V1_ERRORS)
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=V1_ERRORS,
+                   dependencies=V1_DEPENDENCIES)
 
 
 class DatasetOut(BaseModel):

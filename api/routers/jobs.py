@@ -7,14 +7,15 @@ from fastapi import APIRouter, Header, Request, Response
 from sqlalchemy.exc import IntegrityError
 
 from api import queue
-from api.deps import JobsDep, ModelsDep, PageNumber, PageSize, SessionDep, SettingsDep
+from api.deps import V1_DEPENDENCIES, JobsDep, ModelsDep, PageNumber, PageSize, SessionDep, SettingsDep
 from api.errors import V1_ERRORS, error_responses
 from api.schemas import JobCreate, JobOut, Page
 from core.db.models import Dataset, Job, JobStatus
 from core.db.repositories import Datasets, Models
 from core.errors import Conflict, InvalidSpec
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS,
+                   dependencies=V1_DEPENDENCIES)
 TRAINING_STEPS = ("distill", "lora")
 MIN_TRAINING_SAMPLES = 2
 

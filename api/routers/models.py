@@ -2,7 +2,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Response, UploadFile
 
-from api.deps import ModelsDep, PageNumber, PageSize, SessionDep, SettingsDep, StoreDep
+from api.deps import V1_DEPENDENCIES, ModelsDep, PageNumber, PageSize, SessionDep, SettingsDep, StoreDep
 from api.errors import V1_ERRORS, error_responses
 from api.limits import NameField
 from api.schemas import ModelOut, Page
@@ -12,7 +12,8 @@ from core.db.repositories import Jobs
 from core.errors import Conflict
 from core.uploads import display_name, store_model_upload
 
-router = APIRouter(prefix="/v1/models", tags=["models"], responses=V1_ERRORS)
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=V1_ERRORS,
+                   dependencies=V1_DEPENDENCIES)
 
 
 @router.post("", status_code=201, response_model=ModelOut, responses=error_responses(400, 413, 507))

@@ -113,3 +113,13 @@ def test_the_stored_recipe_validates_again_as_the_worker_reads_it(client, auth, 
     stored = response.json()["steps"][0]["config"]
     assert stored == step
     JobSpec.model_validate({"steps": [stored]})
+
+
+def test_unknown_query_parameters_are_refused_with_the_names(client, auth):
+    response = client.get("/v1/jobs?pagesize=5&status=queued&colour=red", headers=auth)
+    assert response.status_code == 422
+    problems = {p["field"]: p for p in response.json()["error"]["details"]}
+    assert set(problems) == {"query.pagesize", "query.colour"}
+    assert "page_size" in problems["query.pagesize"]["message"]
+    assert client.get("/v1/jobs?page_size=5&status=queued", headers=auth).status_code == 200
+    assert client.get("/v1/models?unknown=1", headers=auth).status_code == 422
