@@ -97,17 +97,20 @@ def _execute(job: Job, store: ArtifactStore, work_dir: Any) -> None:
     with session_scope() as session:
         model = JobRuns(session).model_of(job)
     outcome = execute_job(
-        store.local_tree(model.storage_key), spec, work_dir, _context(job), _hooks(job.id),
+        store.local_tree(model.storage_key), spec, work_dir, _context(job), _hooks(job.id, job.attempts),
         {"job_id": job.id, "input_sha256": model.sha256, "service_version": __version__},
     )
-    key = f"artifacts/{job.id}/model.zip"  # fixed per job: a retry overwrites instead of orphaning
+    # One key per attempt: a run that lost its lease deletes its own file without touching the winner's.
+    key = f"artifacts/{job.id}/attempt-{job.attempts}/model.zip"
     store.put_file(key, outcome.artifact)
     artifact = {"name": f"{model.name}-compressed.zip", "storage_key": key, "sha256": _sha256(outcome.artifact),
                 "size_bytes": outcome.artifact.stat().st_size}
     with session_scope() as session:
-        if not JobRuns(session).succeed(job, outcome.metrics, artifact):
-            log.warning("job %s: attempt %d lost its lease before it finished; its result is dropped", job.id,
-                        job.attempts)
+        held = JobRuns(session).succeed(job, outcome.metrics, artifact)
+    if not held:
+        log.warning("job %s: attempt %d lost its lease before it finished; its result is dropped", job.id,
+                    job.attempts)
+        store.delete(key)
 
 
 def _end(job_id: str, error: dict[str, Any], status: JobStatus = JobStatus.failed, attempt: int | None = None) -> None:
@@ -124,19 +127,21 @@ def _release(job_id: str) -> None:
 
 
 def _context(job: Job) -> StepContext:
-    """Progress goes to the database at most once a second; the cancellation flag is read at the same pace."""
-    job_id, state = job.id, {"last": 0.0, "cancel": False}
+    """Progress goes to the database at most once a second; the cancellation flag is read at the same pace. A run
+    that lost the job (its lease expired and the job was requeued, taken over or ended) stops like a cancelled one,
+    and its progress is not written."""
+    job_id, attempt, state = job.id, job.attempts, {"last": 0.0, "cancel": False}
 
     def report(fraction: float, message: str) -> None:
         if time.monotonic() - state["last"] >= 1.0 or fraction >= 1.0:
             with session_scope() as session:
-                state["cancel"] = JobRuns(session).progress(job_id, fraction, message)
+                state["cancel"] = JobRuns(session).progress(job_id, fraction, message, attempt)
             state["last"] = time.monotonic()
 
     def should_stop() -> bool:
         if time.monotonic() - state["last"] >= 1.0:
             with session_scope() as session:
-                state["cancel"] = JobRuns(session).cancel_requested(job_id)
+                state["cancel"] = JobRuns(session).stop_requested(job_id, attempt)
             state["last"] = time.monotonic()
         return bool(state["cancel"])
 
@@ -172,14 +177,14 @@ def _dataset_texts(tenant_id: str) -> Callable[[str | None], list[str]]:
     return texts
 
 
-def _hooks(job_id: str) -> StepHooks:
+def _hooks(job_id: str, attempt: int) -> StepHooks:
     def started(index: int, config: StepConfig) -> None:
         with session_scope() as session:
-            JobRuns(session).step_started(job_id, index)
+            JobRuns(session).step_started(job_id, index, attempt)
 
     def finished(index: int, report: StepReport) -> None:
         with session_scope() as session:
-            JobRuns(session).step_finished(job_id, index, report.metrics, report.notes)
+            JobRuns(session).step_finished(job_id, index, report.metrics, report.notes, attempt)
 
     return StepHooks(started=started, finished=finished)
 

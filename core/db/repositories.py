@@ -184,30 +184,48 @@ class JobRuns:
             raise NotFound(f"model {job.model_id!r} of job {job.id} no longer exists")
         return model
 
-    def progress(self, job_id: str, fraction: float, message: str) -> bool:
-        """Record progress of a running job; returns whether cancellation was requested."""
-        self.session.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.running)
+    def progress(self, job_id: str, fraction: float, message: str, attempt: int | None = None) -> bool:
+        """Record progress of a running job; returns whether the run should stop: cancellation was requested, or
+        (with `attempt`) that run no longer holds the job, so its progress is not written either."""
+        recorded = self.session.execute(
+            update(Job).where(*self._held(job_id, attempt))
             .values(progress=round(min(max(fraction, 0.0), 1.0), 4), message=message[:500])
-        )
-        return self.cancel_requested(job_id)
+        ).rowcount
+        return not recorded or self.stop_requested(job_id, attempt)
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return bool(self.session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+    def stop_requested(self, job_id: str, attempt: int | None = None) -> bool:
+        """Cancellation was requested, or (with `attempt`) that run no longer holds the job."""
+        row = self.session.execute(
+            select(Job.cancel_requested, Job.status, Job.attempts).where(Job.id == job_id)
+        ).one_or_none()
+        if row is None:
+            return True
+        held = row.status == JobStatus.running and (attempt is None or row.attempts == attempt)
+        return bool(row.cancel_requested) or not held
 
-    def step_started(self, job_id: str, index: int) -> None:
+    def step_started(self, job_id: str, index: int, attempt: int | None = None) -> None:
         now = utcnow()
-        self.session.execute(update(Job).where(Job.id == job_id).values(current_step=index))
+        moved = self.session.execute(update(Job).where(*self._held(job_id, attempt)).values(current_step=index))
+        if not moved.rowcount:
+            return  # a run that lost the job leaves its steps alone
         self.session.execute(
             update(JobStep).where(JobStep.job_id == job_id, JobStep.index == index)
             .values(status=JobStatus.running, started_at=now, finished_at=None, metrics=None)
         )
 
-    def step_finished(self, job_id: str, index: int, metrics: dict[str, Any], notes: list[str]) -> None:
+    def step_finished(self, job_id: str, index: int, metrics: dict[str, Any], notes: list[str],
+                      attempt: int | None = None) -> None:
+        held = select(Job.id).where(*self._held(job_id, attempt)).exists()
         self.session.execute(
-            update(JobStep).where(JobStep.job_id == job_id, JobStep.index == index)
+            update(JobStep).where(JobStep.job_id == job_id, JobStep.index == index, held)
             .values(status=JobStatus.succeeded, finished_at=utcnow(), metrics=metrics, notes=notes)
         )
+
+    @staticmethod
+    def _held(job_id: str, attempt: int | None) -> list[Any]:
+        """The job is running, and with `attempt`, by that run (a stalled run's lease may have been taken over)."""
+        where = [Job.id == job_id, Job.status == JobStatus.running]
+        return where + ([Job.attempts == attempt] if attempt is not None else [])
 
     def succeed(self, job: Job, metrics: dict[str, Any], artifact: dict[str, Any]) -> bool:
         """Record the artifact and end the job in one transaction; the artifact key is fixed per job, so a

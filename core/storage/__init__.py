@@ -1,6 +1,6 @@
 """Artifact storage: a small protocol with a local-filesystem implementation (the default).
 
-Keys are relative paths such as `models/<id>/model` (a folder) or `artifacts/<job>/model.zip` (a file); an
+Keys are relative paths such as `models/<id>/model` (a folder) or `artifacts/<job>/attempt-<n>/model.zip` (a file); an
 S3-compatible store implements the same methods.
 """
 
