@@ -30,13 +30,12 @@ WINDOWS = {"num_samples": 64, "seq_len": 512}
 CALIBRATION = {"calibration": WINDOWS}
 RECONSTRUCT = {"reconstruct": {"epochs": 2, "lr": 3e-4}}
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
-    *[(f"{method} {pattern}", {"type": "prune", "method": method, "pattern": pattern,
-                               **({"scope": "layer"} if method == "magnitude" else CALIBRATION)})
-      for pattern in ("unstructured", "2:4")
-      for method in ("magnitude", "wanda", "sparsegpt")],
-    ("sparsegpt unstructured + reconstruction",
-     {"type": "prune", "method": "sparsegpt", "pattern": "unstructured", **CALIBRATION, **RECONSTRUCT}),
-]
+    (f"{method} {pattern}", {"type": "prune", "method": method, "pattern": pattern,
+                             **({"scope": "layer"} if method == "magnitude" else CALIBRATION)})
+    for pattern in ("unstructured", "2:4")
+    for method in ("magnitude", "sparsegpt")
+] + [("sparsegpt unstructured + reconstruction",
+      {"type": "prune", "method": "sparsegpt", "pattern": "unstructured", **CALIBRATION, **RECONSTRUCT})]
 MAX_VS_FP32, MAX_VS_MAGNITUDE = 2.0, 0.25
 
 
@@ -81,9 +80,9 @@ def main() -> int:
 def verdicts(fp32: float, rows: list[Row]) -> list[tuple[str, bool]]:
     by_name = {row.name: row.perplexity for row in rows}
     best = min(ppl for name, ppl in by_name.items() if "unstructured" in name and "magnitude" not in name)
-    best_24 = min(by_name["wanda 2:4"], by_name["sparsegpt 2:4"])
+    best_24 = by_name["sparsegpt 2:4"]
     return [
-        (f"best of wanda/sparsegpt 50% ≤ {MAX_VS_FP32}× fp32: {best / fp32:.2f}×", best <= MAX_VS_FP32 * fp32),
+        (f"best calibrated 50% ≤ {MAX_VS_FP32}× fp32: {best / fp32:.2f}×", best <= MAX_VS_FP32 * fp32),
         (f"… ≤ {MAX_VS_MAGNITUDE}× magnitude 50%: {best / by_name['magnitude unstructured']:.3f}×",
          best <= MAX_VS_MAGNITUDE * by_name["magnitude unstructured"]),
         (f"best 2:4 ≤ {MAX_VS_MAGNITUDE}× magnitude 2:4: {best_24 / by_name['magnitude 2:4']:.3f}×",
@@ -120,7 +119,9 @@ Machine: {machine_description()}.
   zero) to reproduce the uncompressed model's outputs of that block on the same calibration windows; no labels,
   no other data.
 - Sparsity is measured on the pruned weights after the step. No speedup: dense kernels run the zeros.
-- Steps: `{json.dumps(VARIANTS[2][1])}`, `{json.dumps(VARIANTS[5][1])}`, `{json.dumps(VARIANTS[6][1])}`.
+- Steps: `{json.dumps(VARIANTS[1][1])}`, `{json.dumps(VARIANTS[3][1])}`, `{json.dumps(VARIANTS[4][1])}`.
+- Wanda (same calibration, same block-by-block driver) is not re-run here to keep this benchmark under an hour on
+  2 cores; the last run of it, calibrated on Wikipedia, gave 82.0 at 50% and 339 at 2:4 (git history of this file).
 """
     update_section(NAME, body)
     print(body)
