@@ -1,4 +1,5 @@
-"""Pruning SmolLM2-135M at 50% (unstructured and 2:4): magnitude vs Wanda vs SparseGPT perplexity, same run.
+"""Pruning SmolLM2-135M at 50% (unstructured and 2:4): magnitude vs SparseGPT (and block reconstruction) perplexity,
+same run.
 
 Run: `.venv/bin/python -m bench.prune_smollm2` (needs the `bench-llm` extra, see bench/smollm2.py).
 Writes its section of docs/benchmarks.md and exits non-zero if a target is missed.
@@ -99,7 +100,7 @@ def publish(fp32: float, rows: list[Row]) -> int:
            for r in rows],
     )
     lines = "\n".join(f"- {'met' if ok else 'NOT met'}: {text}" for text, ok in checks)
-    body = f"""## Pruning SmolLM2-135M: magnitude vs Wanda vs SparseGPT
+    body = f"""## Pruning SmolLM2-135M: magnitude vs SparseGPT (+ block reconstruction)
 
 Reproduce: `{COMMAND}`
 
@@ -111,7 +112,7 @@ Machine: {machine_description()}.
 
 - Perplexity: first {EVAL_TOKENS} tokens of gensim's `lee_background.cor`, {EVAL_WINDOW}-token windows (DATA.md).
 - Every Linear inside the decoder blocks is pruned (the tied `lm_head`/embedding is left dense); magnitude is
-  per layer; Wanda and SparseGPT calibrate block by block on {WINDOWS['num_samples']} × {WINDOWS['seq_len']}
+  per layer; SparseGPT calibrates block by block on {WINDOWS['num_samples']} × {WINDOWS['seq_len']}
   tokens of in-domain text that never overlaps the evaluation: the lee_background.cor documents after the
   evaluation tokens (a margin of 64 tokens), then the default corpus's Wikipedia articles. Calibrated on the
   Wikipedia articles alone (32 windows), SparseGPT gave 82.7 on this text: the calibration domain matters.
