@@ -4,10 +4,8 @@ Nothing here ever unpickles or runs code shipped with a model: `trust_remote_cod
 entries are dropped, and the architecture must be a class that transformers itself defines.
 """
 
-import ctypes
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,32 +124,7 @@ def load_model(folder: Path, device: str | torch.device = "cpu") -> PreTrainedMo
         use_safetensors=True,
         dtype=torch.float32,
     )
-    model = model.to(device).eval()
-    if model.device.type == "cpu":
-        populate_weights(model)
-    return model
-
-
-MADV_POPULATE_WRITE = 23  # Linux >= 5.14
-PAGE_BYTES = 4096
-
-
-def populate_weights(model: torch.nn.Module) -> None:
-    """Make the CPU weights private, writable memory now, in one call per tensor.
-
-    transformers maps the safetensors file copy-on-write: every step that writes a weight (all compression steps do)
-    would otherwise take one page fault and copy per 4 KiB page while it runs, which costs more than the kernel
-    copying the pages in bulk here. A kernel without MADV_POPULATE_WRITE keeps the lazy behaviour.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
-    for pointer, size in storages.items():
-        start = pointer & ~(PAGE_BYTES - 1)
-        if size and libc.madvise(start, pointer + size - start, MADV_POPULATE_WRITE) != 0:
-            return  # EINVAL on an old kernel: nothing else will work either
+    return model.to(device).eval()
 
 
 def safetensors_files(folder: Path) -> list[Path]:
