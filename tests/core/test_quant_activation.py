@@ -106,8 +106,11 @@ def test_loaded_artifact_runs_int8_modules_and_matches(tmp_path: Path, build: Ca
 def test_static_module_matches_its_quantize_dequantize_reference() -> None:
     state, _ = compress(tiny_llama(), STEPS["static"])
     module = state.model.model.layers[0].mlp.down_proj
-    x = torch.randn(3, 5, module.in_features, generator=torch.Generator().manual_seed(1))
     scale, zero_point = module.input_scale.item(), int(module.input_zero_point.item())
+    # Inputs inside the lower 7-bit half of the calibrated range: exact on every CPU (without VNNI, fbgemm sums u8
+    # x s8 pairs in saturating int16, which is why static ranges default to 7 bits there).
+    low, high = -zero_point * scale, (127 - zero_point) * scale
+    x = low + (high - low) * torch.rand(3, 5, module.in_features, generator=torch.Generator().manual_seed(1))
     codes = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
     expected = nn.functional.linear((codes - zero_point) * scale, module.dequantized_weight(), module.bias)
     torch.testing.assert_close(module(x), expected, atol=1e-4, rtol=1e-4)
@@ -136,9 +139,14 @@ def test_invalid_configs_name_the_field(step: dict[str, Any], field: str) -> Non
 @pytest.mark.slow  # torch.export + ONNX translation: about 10 s per model
 @pytest.mark.parametrize(("build", "method"), [(tiny_bert, "dynamic"), (tiny_llama, "static")])
 def test_onnx_export_runs_in_onnxruntime_with_matching_outputs(tmp_path: Path, build: Callable[[], PreTrainedModel],
-                                                               method: str) -> None:
+                                                               method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
+    from core.compression.int8 import modules
     from core.export import export_onnx
+
+    # ONNX's DynamicQuantizeLinear is 8-bit: compare with the module's 8-bit arithmetic, which it runs on CPUs with
+    # VNNI (without VNNI it switches to 7 bits, which no ONNX operator expresses).
+    monkeypatch.setattr(modules, "_VNNI", True)
 
     state, _ = compress(build(), STEPS[method])
     path = export_onnx(state.model, tmp_path / "onnx", probe_inputs(state.model, batch=2, seq_len=16))
@@ -155,3 +163,11 @@ def _onnx_nodes(path: Path) -> list[Any]:
     import onnx
 
     return list(onnx.load(str(path)).graph.node)
+
+
+def test_static_ranges_use_7_bits_on_cpus_without_vnni_unless_told() -> None:
+    from core.compression.configs.quantize import QuantizeStatic, cpu_has_vnni
+
+    assert QuantizeStatic(method="static").static_reduce_range() is (not cpu_has_vnni())
+    assert QuantizeStatic(method="static", reduce_range=True).static_reduce_range() is True
+    assert QuantizeStatic(method="static", reduce_range=False).static_reduce_range() is False

@@ -2,6 +2,7 @@
 
 from typing import Annotated, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.compression.configs.base import StepConfig
@@ -139,6 +140,12 @@ class QuantizeMixed(_IntGridFields):
         return self
 
 
+def cpu_has_vnni() -> bool:
+    """AVX512-VNNI or AVX-VNNI: u8 x s8 dot products accumulate in int32 without saturating."""
+    check = getattr(torch.cpu, "_is_vnni_supported", None)
+    return bool(check()) if check is not None else False
+
+
 ActivationObserver = Literal["minmax", "percentile", "mse", "histogram"]
 
 
@@ -150,9 +157,16 @@ class _Int8ActivationFields(StepConfig):
     granularity: Literal["per_tensor", "per_channel"] = Field(
         default="per_channel", description="one weight scale per output channel, or one per tensor"
     )
-    reduce_range: bool = Field(
-        default=False, description="7-bit activations: only for CPUs without AVX512-VNNI (int16 saturation)"
+    reduce_range: bool | None = Field(
+        default=None,
+        description="7-bit activations, for CPUs without VNNI (fbgemm sums u8 x s8 pairs in saturating int16). "
+        "Default: off for dynamic (each input's own range); for static ranges, on when the quantizing CPU lacks VNNI. "
+        "Set true for a static artifact that must also run correctly on such CPUs.",
     )
+
+    def static_reduce_range(self) -> bool:
+        """Whether calibrated (static) activation ranges use 7 bits."""
+        return self.reduce_range if self.reduce_range is not None else not cpu_has_vnni()
 
 
 class QuantizeDynamic(_Int8ActivationFields):

@@ -79,7 +79,7 @@ def install_int8(
         "smoothed": input_factor is not None,
     }
     if input_qparams is None:
-        meta["reduce_range"] = config.reduce_range
+        meta["reduce_range"] = bool(config.reduce_range)
     encoding = quantize_rtn(linear.weight, bits=8, granularity=config.granularity, symmetric=True)
     apply_rewrite(state, Rewrite(DYNAMIC_REWRITE if input_qparams is None else STATIC_REWRITE, name, meta))
     module = state.model.get_submodule(name)

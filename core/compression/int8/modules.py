@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.compression.configs.quantize import cpu_has_vnni
 from core.compression.rewrites import register_rewrite, set_submodule
 
 DYNAMIC_REWRITE = "int8_dynamic_linear"
+_VNNI = cpu_has_vnni()
 STATIC_REWRITE = "int8_static_linear"
 
 
@@ -71,8 +73,8 @@ class Int8Linear(nn.Module):
 class DynamicInt8Linear(Int8Linear):
     """int8 x int8 Linear; each input is quantized to uint8 per tensor from its own min and max.
 
-    `reduce_range` uses 7-bit activations: only needed on CPUs without AVX512-VNNI, where fbgemm's u8 x s8 products
-    are summed pairwise in saturating int16.
+    `reduce_range` uses 7-bit activations. The CPU that runs the module decides too: without VNNI, fbgemm sums
+    u8 x s8 products pairwise in saturating int16, so 7 bits are used there whatever the artifact says.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, per_channel: bool, smoothed: bool,
@@ -84,7 +86,7 @@ class DynamicInt8Linear(Int8Linear):
         x = self._factored(x)
         if torch.compiler.is_exporting():  # fbgemm's packed weight cannot be traced: export an op ONNX can map
             return torch.ops.mcs.int8_linear_dynamic(x, self.qweight, self.weight_scale, self.bias)
-        return torch.ops.quantized.linear_dynamic(x, self._kernel.packed, self.reduce_range)
+        return torch.ops.quantized.linear_dynamic(x, self._kernel.packed, self.reduce_range or not _VNNI)
 
 
 class StaticInt8Linear(Int8Linear):

@@ -1,6 +1,6 @@
 """Dynamic W8A8 quantization: int8 Linear modules whose activations are quantized per input at run time."""
 
-from core.compression.configs.quantize import QuantizeDynamic
+from core.compression.configs.quantize import QuantizeDynamic, cpu_has_vnni
 from core.compression.int8.convert import install_int8, int8_report, linear_bytes, select_linears
 from core.compression.registry import register_step
 from core.compression.state import ModelState, StepContext, StepReport
@@ -23,7 +23,7 @@ def quantize_dynamic_step(state: ModelState, config: QuantizeDynamic, ctx: StepC
         install_int8(state, name, linear, config)
         ctx.report((index + 1) / len(selection.linears), f"int8 dynamic: {name}")
     report = int8_report(state, selection, original_bytes)
-    activation_bits = 7 if config.reduce_range else 8
+    activation_bits = 7 if config.reduce_range or not cpu_has_vnni() else 8
     report.notes.insert(0, f"{len(selection.linears)} Linear modules run int8 weights x {activation_bits}-bit "
                            f"dynamic activations ({config.granularity} weight scales)")
     return report

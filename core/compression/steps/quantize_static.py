@@ -24,8 +24,9 @@ def quantize_static_step(state: ModelState, config: QuantizeStatic, ctx: StepCon
     ctx.report(0.0, "calibrating activation ranges")
     install_static(state, selection, config, batch.input_ids, {}, ctx)
     report = int8_report(state, selection, original_bytes)
+    bits = "7-bit activation ranges" if config.static_reduce_range() else "8-bit activation ranges"
     report.notes[:0] = [f"{len(selection.linears)} Linear modules run int8 weights x static int8 activations "
-                        f"({config.observer} observer)", *batch.notes]
+                        f"({config.observer} observer, {bits})", *batch.notes]
     return report
 
 
@@ -38,6 +39,6 @@ def install_static(state: ModelState, selection: Selection, config: _CalibratedI
     stats = range_stats(state.model, names, input_ids, bins, ctx)
     for name, linear in selection.linears:
         low, high = choose_range(stats[name], config.observer, config.percentile)
-        input_qparams = qparams(low, high, config.reduce_range)
+        input_qparams = qparams(low, high, config.static_reduce_range())
         install_int8(state, name, linear, config, input_qparams=input_qparams, input_factor=factors.get(name))
     ctx.report(1.0, "static int8 modules installed")
