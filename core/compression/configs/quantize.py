@@ -146,6 +146,12 @@ def cpu_has_vnni() -> bool:
     return bool(check()) if check is not None else False
 
 
+def cpu_has_amx_int8() -> bool:
+    """Intel AMX tiles for int8 (Sapphire Rapids and later): oneDNN's int8 GEMM runs on them."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check()) if check is not None else False
+
+
 ActivationObserver = Literal["minmax", "percentile", "mse", "histogram"]
 
 

@@ -1,4 +1,6 @@
-"""int8 `nn.Linear` replacements run by torch's x86 (fbgemm) int8 GEMM, and the rewrites that install them.
+"""int8 `nn.Linear` replacements run by torch's int8 CPU GEMMs, and the rewrites that install them.
+
+fbgemm runs them everywhere but for dynamic modules on AMX CPUs, which oneDNN runs (faster there).
 
 The weight is stored as int8 codes with a float scale per output channel (or one per tensor), as plain tensors, so
 the artifact stays safetensors-only; the kernel's packed weight is rebuilt from them after every state-dict load
@@ -9,16 +11,21 @@ where it cannot be folded into a preceding layer) multiplies the input first.
 """
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from core.compression.configs.quantize import cpu_has_vnni
+from core.compression.configs.quantize import cpu_has_amx_int8, cpu_has_vnni
 from core.compression.rewrites import register_rewrite, set_submodule
 
 DYNAMIC_REWRITE = "int8_dynamic_linear"
 _VNNI = cpu_has_vnni()
+# On AMX CPUs oneDNN's dynamic int8 GEMM is about 1.7x faster than fbgemm's (MiniLM's FFN shape: 1.3 vs 2.3 ms).
+# The packed weight carries its kernel, so only packing needs the engine; oneDNN has no static fp32-output op.
+_DYNAMIC_ENGINE = "onednn" if cpu_has_amx_int8() and "onednn" in torch.backends.quantized.supported_engines else None
 STATIC_REWRITE = "int8_static_linear"
 
 
@@ -57,10 +64,13 @@ class Int8Linear(nn.Module):
         """The float weight the kernel multiplies by (codes x scale), e.g. for ONNX export or checks."""
         return self.qweight.to(torch.float32) * self.weight_scale.reshape(-1, 1)
 
+    _engine: str | None = None  # the quantized engine that packs (None: torch's default, x86/fbgemm)
+
     def repack(self) -> None:
-        """Rebuild fbgemm's packed weight from the stored codes and scales."""
-        self._kernel.packed = torch.ops.quantized.linear_prepack(_quantized_weight(self.qweight, self.weight_scale),
-                                                          None if self.bias is None else self.bias.detach())
+        """Rebuild the kernel's packed weight from the stored codes and scales."""
+        with _quantized_engine(self._engine):
+            self._kernel.packed = torch.ops.quantized.linear_prepack(
+                _quantized_weight(self.qweight, self.weight_scale), None if self.bias is None else self.bias.detach())
 
     def _factored(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_factor is None else x * self.input_factor
@@ -76,6 +86,8 @@ class DynamicInt8Linear(Int8Linear):
     `reduce_range` uses 7-bit activations. The CPU that runs the module decides too: without VNNI, fbgemm sums
     u8 x s8 products pairwise in saturating int16, so 7 bits are used there whatever the artifact says.
     """
+
+    _engine = _DYNAMIC_ENGINE
 
     def __init__(self, in_features: int, out_features: int, bias: bool, per_channel: bool, smoothed: bool,
                  reduce_range: bool) -> None:
@@ -145,6 +157,17 @@ def _reference_linear(x: torch.Tensor, scale: float, zero_point: int, qweight: t
     codes = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
     weight = qweight.to(torch.float32) * weight_scale.reshape(-1, 1)
     return torch.nn.functional.linear((codes - zero_point) * scale, weight, bias)
+
+
+@contextmanager
+def _quantized_engine(name: str | None) -> Iterator[None]:
+    previous = torch.backends.quantized.engine
+    if name is not None:
+        torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 def _quantized_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
