@@ -85,7 +85,12 @@ def quantize_rtn_(
     """
     w = weight.detach()
     if bits == 8 and granularity == "per_channel" and symmetric and _fits_rows_fast_path(w):
-        tensors = _symmetric_rows_int8(w, decoded=w)
+        # Decoded into new memory, then swapped in: a freshly loaded weight is a copy-on-write mapping of its
+        # safetensors file, and the first write into each of its pages costs a fault and a copy (measured on
+        # SmolLM2: 0.70 s in place vs 0.50 s into new memory). The Parameter object stays, so tied modules stay tied.
+        decoded = torch.empty_like(w)
+        tensors = _symmetric_rows_int8(w, decoded=decoded)
+        weight.data = decoded
         return Encoding(format=INT8_RTN, tensors=tensors, meta={"bits": 8, "granularity": granularity,
                                                                  "symmetric": True})
     encoding = quantize_rtn(w, bits, granularity, symmetric, group_size)
@@ -183,10 +188,11 @@ def _symmetric_rows_int8(w: torch.Tensor, decoded: torch.Tensor | None = None) -
 
     def encode_rows(start: int, stop: int) -> None:
         block = w[start:stop]
-        work = torch.abs(block)
-        block_scale = _nonzero(work.amax(dim=1, keepdim=True).div_(127))
+        # max|w| from the row's max and min: two reads of the block in cache, no |w| temporary to write.
+        high = torch.maximum(block.amax(dim=1, keepdim=True), block.amin(dim=1, keepdim=True).neg_())
+        block_scale = _nonzero(high.div_(127))
         # |w| <= max|w| = 127 * scale: the product rounds into [-127, 127] without a clamp.
-        torch.mul(block, block_scale.reciprocal(), out=work).round_()
+        work = torch.mul(block, block_scale.reciprocal()).round_()
         codes[start:stop] = work
         scale[start:stop] = block_scale
         if decoded is not None:  # the same product decode() computes from the int8 codes
