@@ -36,6 +36,12 @@ def machine_description() -> str:
     )
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: above the core count, other jobs shared the CPU while timing."""
+    with open("/proc/loadavg", encoding="ascii") as handle:
+        return ", ".join(handle.read().split()[:3])
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = [" | ".join(headers), " | ".join("---" for _ in headers)]
     lines += [" | ".join(str(cell) for cell in row) for row in rows]

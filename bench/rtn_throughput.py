@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench.report import machine_description, markdown_table, update_section
+from bench.report import load_average, machine_description, markdown_table, update_section
 from bench.smollm2 import smollm2_folder
 from core.compression.pipeline import run_pipeline
 from core.compression.registry import load_step_modules
@@ -63,7 +63,7 @@ def main() -> int:
 
 Reproduce: `{COMMAND}`
 
-Machine: {machine_description()}; load average when it ended: {_load()}.
+Machine: {machine_description()}; load average when it ended: {load_average()}.
 
 Step: `{STEP}` ({runs[0]['params']:,} parameters), each run on a freshly loaded model.
 
@@ -90,10 +90,6 @@ def fresh_memory_seconds(nbytes: int) -> float:
     torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
     return time.perf_counter() - start
 
-
-def _load() -> str:
-    with open("/proc/loadavg", encoding="ascii") as handle:
-        return ", ".join(handle.read().split()[:3])
 
 
 if __name__ == "__main__":
