@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from bench.minilm import THREADS, Variant, measure, minilm_folder
-from bench.report import machine_description, markdown_table, package_dir, update_section
+from bench.report import load_average, machine_description, markdown_table, package_dir, update_section
 from core.calibration import default_corpus
 from core.compressed import load_compressed, save_compressed
 from core.compression.metrics import weights_size_bytes
@@ -114,8 +114,8 @@ RECIPES = {
                       [], 0.90, _student_checks),
     # Deep Compression's own order: the pruned weights are retrained before they are shared, then the centroids.
     "chain": Recipe("deep compression: prune 50% → distill → kmeans 4-bit → distill → huffman",
-                    [CHAIN[0], {"type": "distill", "max_steps": 2400, "train_embeddings": True, **TRAIN},
-                     *CHAIN[1:], {"type": "distill", "max_steps": 1000, "train_embeddings": True, **TRAIN},
+                    [CHAIN[0], {"type": "distill", "max_steps": 3000, "train_embeddings": True, **TRAIN},
+                     *CHAIN[1:], {"type": "distill", "max_steps": 2000, "train_embeddings": True, **TRAIN},
                      HUFFMAN],
                     [*CHAIN, HUFFMAN], 0.95, _chain_checks),
     "lowrank": Recipe("low-rank (svd_llm, 70% of each layer's parameters) + distill",
@@ -193,7 +193,7 @@ def section(key: str, result: Result, checks: dict[str, bool]) -> str:
 
 Reproduce: `{COMMAND} --only {key}`
 
-Machine: {machine_description()}; load average while it ran: {_load()}.
+Machine: {machine_description()}; load average while it ran: {load_average()}.
 
 Recipe: `{json.dumps(recipe.steps)}`
 
@@ -222,10 +222,6 @@ def _training_lines(reports: list[dict]) -> str:
                      f"{m['heldout_cosine_before']:.4f} before → {m['heldout_cosine_after']:.4f} after.")
     return "\n".join(lines)
 
-
-def _load() -> str:
-    with open("/proc/loadavg", encoding="ascii") as handle:
-        return ", ".join(handle.read().split()[:3])
 
 
 def _log(fraction: float, message: str) -> None:
