@@ -52,6 +52,21 @@ def test_rtn_quantized_weights_stay_on_their_grid() -> None:
         assert torch.equal(decode(encoding), state.model.get_parameter(name)), name
 
 
+@pytest.mark.parametrize("granularity", ["per_channel", "per_column"])
+def test_pruned_kmeans_weights_train_their_centroids_only(granularity: str) -> None:
+    kmeans = {"type": "quantize", "method": "kmeans", "bits": 3, "granularity": granularity}
+    before, _ = run(tiny_bert(), [PRUNE, kmeans])
+    state, [_, _, report] = run(tiny_bert(), [PRUNE, kmeans, _distill(max_steps=15)])
+    assert report.metrics["heldout_loss_after"] < report.metrics["heldout_loss_before"]
+    name = "encoder.layer.0.intermediate.dense.weight"
+    weight, old = state.model.get_parameter(name), before.model.get_parameter(name)
+    assert torch.equal(decode(state.encodings[name]), weight)
+    assert torch.equal(weight == 0, old == 0)  # the mask, and each kept weight's centroid index, stay
+    groups = weight if granularity == "per_channel" else weight.t()
+    assert max(len(group[group != 0].unique()) for group in groups) <= 8
+    assert not torch.equal(weight, old)  # the centroids moved
+
+
 def test_shallow_student_keeps_evenly_spaced_layers() -> None:
     model = tiny_bert()
     model.encoder.layer.extend(tiny_bert(seed=1).encoder.layer)  # 4 layers

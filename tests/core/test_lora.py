@@ -41,6 +41,14 @@ def test_merge_refits_kmeans_codebooks() -> None:
     assert max(len(row.unique()) for row in weight) <= 16
 
 
+def test_merge_refits_per_column_codebooks() -> None:
+    steps = [{"type": "quantize", "method": "kmeans", "bits": 3, "granularity": "per_column"}, _lora(merge=True)]
+    state, _ = run(tiny_llama(), steps)
+    weight = state.model.model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(decode(state.encodings["model.layers.0.self_attn.q_proj.weight"]), weight)
+    assert max(len(column.unique()) for column in weight.t()) <= 8
+
+
 def test_only_adapters_train_and_unmerged_adapters_survive_the_artifact(tmp_path) -> None:
     original = tiny_llama()
     base = {name: p.detach().clone() for name, p in original.named_parameters()}

@@ -38,6 +38,32 @@ def test_decoded_weights_stay_on_their_codebook(granularity: str) -> None:
         assert torch.equal(decoded[row], nearest)  # every weight maps to its nearest centroid
 
 
+def test_per_column_codebooks_follow_each_column() -> None:
+    # Columns of very different ranges (an embedding table's hidden dimensions): each gets its own 4 values.
+    scales = torch.tensor([1e-3, 1e-2, 0.1, 1, 10, 100])
+    weight = torch.randn(40, 6, generator=torch.Generator().manual_seed(4)) * scales
+    encoding = quantize_kmeans(weight, bits=2, granularity="per_column", iterations=20)
+    codebook = encoding.tensors["codebook"].float()
+    assert codebook.shape == (6, 4)
+    decoded = decode(encoding)
+    for column in range(6):
+        book = codebook[column]
+        assert torch.equal(decoded[:, column], book[(weight[:, column, None] - book).abs().argmin(dim=1)])
+    per_tensor = decode(quantize_kmeans(weight, bits=2, granularity="per_tensor", iterations=20))
+    small = slice(0, 3)  # a shared codebook spends its values on the wide columns
+    assert (decoded - weight)[:, small].norm() < 0.25 * (per_tensor - weight)[:, small].norm()
+
+
+def test_pruned_per_column_weight_round_trips_through_sparse_storage() -> None:
+    weight = torch.randn(30, 8, generator=torch.Generator().manual_seed(5))
+    mask = weight.abs() > weight.abs().median()
+    pruned = weight * mask
+    inner = quantize_kmeans(pruned, 4, "per_column", 20, mask=mask)
+    encoding = sparse_encoding(mask, inner)
+    assert torch.equal(decode(encoding), decode(inner) * mask)
+    assert torch.equal(decode(encoding) == 0, ~mask)
+
+
 def test_kmeans_per_row_beats_rtn_at_the_same_bits() -> None:
     weight = torch.randn(16, 256, generator=torch.Generator().manual_seed(1)) ** 3  # heavy tails
     kmeans_error = (decode(quantize_kmeans(weight, 4, "per_channel", 20)) - weight).norm()

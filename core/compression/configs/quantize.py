@@ -50,8 +50,8 @@ class QuantizeRTN(_IntGridFields):
 
 class QuantizeKMeans(StepConfig):
     """Weight sharing: each weight is replaced by the nearest of 2**bits centroids (1-D k-means, Lloyd iterations
-    from quantile seeds), one codebook per output row (`per_channel`) or per tensor; stored as bit-packed indices
-    plus a float16 codebook.
+    from quantile seeds), one codebook per output row (`per_channel`), per input column (`per_column`) or per tensor;
+    stored as bit-packed indices plus a float16 codebook.
 
     Example: `{"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_channel"}`
     """
@@ -59,7 +59,9 @@ class QuantizeKMeans(StepConfig):
     type: Literal["quantize"] = "quantize"
     method: Literal["kmeans"] = "kmeans"
     bits: int = Field(default=4, ge=2, le=8, description="log2 of the number of centroids (2-8)")
-    granularity: Literal["per_tensor", "per_channel"] = "per_channel"
+    granularity: Literal["per_tensor", "per_channel", "per_column"] = Field(
+        default="per_channel", description="one codebook per output row, per input column (for an embedding table: "
+        "per hidden dimension) or per tensor")
     iterations: int = Field(default=20, ge=1, le=100)
     include_embeddings: bool = True
 

@@ -14,15 +14,19 @@ from core.compression.quant.packing import pack_bits, unpack_bits
 from core.compression.state import Encoding
 
 KMEANS = "kmeans"
+# One codebook per output row (`per_channel`), per input column (`per_column`: for an embedding table, per hidden
+# dimension, each with its own range), or for the whole tensor.
+Granularity = Literal["per_tensor", "per_channel", "per_column"]
 ROWS_PER_CHUNK_VALUES = 1 << 22  # values per chunk of rows: bounds the temporary tensors to a few tens of MB
 
 
 @torch.no_grad()
 def quantize_kmeans(
-    weight: torch.Tensor, bits: int, granularity: Literal["per_tensor", "per_channel"], iterations: int,
+    weight: torch.Tensor, bits: int, granularity: Granularity, iterations: int,
     mask: torch.Tensor | None = None,
 ) -> Encoding:
-    """The `kmeans` encoding of a 2-D weight: 2**bits centroids per row (`per_channel`) or per tensor.
+    """The `kmeans` encoding of a 2-D weight: 2**bits centroids per row (`per_channel`), per column
+    (`per_column`) or per tensor.
 
     mask: the kept positions of a pruned weight; the centroids then fit the kept values only (as in Deep
     Compression), and wrapping the result with `sparse_encoding` stores the indices of kept positions only.
@@ -32,24 +36,38 @@ def quantize_kmeans(
     if weight.ndim != 2:
         raise ValueError(f"kmeans needs a 2-D weight, got shape {tuple(weight.shape)}")
     rows, columns = weight.shape
-    groups = rows if granularity == "per_channel" else 1
-    values = weight.detach().float().reshape(groups, -1)
-    kept = torch.ones_like(values, dtype=torch.bool) if mask is None else mask.reshape(groups, -1).to(values.device)
+    values = grouped(weight.detach().float(), granularity)
+    kept = torch.ones_like(values, dtype=torch.bool) if mask is None else grouped(mask.to(values.device), granularity)
     chunk = max(1, ROWS_PER_CHUNK_VALUES // values.shape[1])
     parts = [_codebook_and_indices(part, keep, 2**bits, iterations)
              for part, keep in zip(values.split(chunk), kept.split(chunk), strict=True)]
     codebook = torch.cat([book for book, _ in parts])
-    indices = torch.cat([index for _, index in parts])
+    # Indices are stored in the weight's own order whatever the grouping, so sparse storage can compact them.
+    indices = ungrouped(torch.cat([index for _, index in parts]), [rows, columns], granularity)
     meta = {"bits": bits, "shape": [rows, columns], "granularity": granularity, "packed": ["indices"]}
     return Encoding(KMEANS, {"indices": pack_bits(indices, bits), "codebook": codebook}, meta)
 
 
+def grouped(tensor: torch.Tensor, granularity: Granularity) -> torch.Tensor:
+    """A (rows x columns) tensor as (codebooks x values sharing one): one row per codebook."""
+    if granularity == "per_column":
+        return tensor.t().contiguous()
+    return tensor.reshape(tensor.shape[0] if granularity == "per_channel" else 1, -1)
+
+
+def ungrouped(tensor: torch.Tensor, shape: list[int], granularity: Granularity) -> torch.Tensor:
+    """The inverse of `grouped`: back to the weight's (rows x columns) layout."""
+    if granularity == "per_column":
+        return tensor.t().contiguous()
+    return tensor.reshape(shape)
+
+
 @register_decoder(KMEANS)
 def _decode_kmeans(encoding: Encoding) -> torch.Tensor:
-    rows, columns = encoding.meta["shape"]
+    shape, granularity = encoding.meta["shape"], encoding.meta["granularity"]
     codebook = encoding.tensors["codebook"].float()
-    indices = unpack_bits(encoding.tensors["indices"], encoding.meta["bits"], rows * columns).long()
-    return codebook.gather(1, indices.view(codebook.shape[0], -1)).view(rows, columns)
+    indices = unpack_bits(encoding.tensors["indices"], encoding.meta["bits"], shape[0] * shape[1]).long()
+    return ungrouped(codebook.gather(1, grouped(indices.view(shape), granularity)), shape, granularity)
 
 
 def _codebook_and_indices(values: torch.Tensor, kept: torch.Tensor, k: int,

@@ -20,7 +20,7 @@ def quantize_kmeans_step(state: ModelState, config: QuantizeKMeans, ctx: StepCon
 
     Example recipe step: `{"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_channel"}`.
     """
-    codebooks = "per row" if config.granularity == "per_channel" else "per tensor"
+    codebooks = {"per_channel": "per row", "per_column": "per column"}.get(config.granularity, "per tensor")
     # A pruned weight's centroids fit its kept values only, and only their indices are stored.
     masks = {id(state.model.get_parameter(name)): mask for name in state.encodings
              if (mask := mask_of(state, name)) is not None}

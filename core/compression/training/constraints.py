@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from core.compression.encoding import INT8_RTN, PACKED_INT, decode, quantize_rtn
-from core.compression.quant.kmeans import KMEANS
+from core.compression.quant.kmeans import KMEANS, grouped, ungrouped
 from core.compression.quant.packing import unpack_bits
 from core.compression.sparsity.masks import DENSE_FLOAT, SPARSE_BITMASK, dense_float, sparse_encoding, unwrap
 from core.compression.state import Encoding, ModelState
@@ -73,12 +73,14 @@ class _Codebook(_Form):
         rows, columns = inner.meta["shape"]
         codebook = inner.tensors["codebook"].float()
         indices = unpack_bits(inner.tensors["indices"], inner.meta["bits"], rows * columns).long()
-        self.register_buffer("indices", indices.view(codebook.shape[0], -1), persistent=False)
+        self.granularity = inner.meta["granularity"]
+        # One row per codebook (see kmeans.grouped), so that gather picks each weight's centroid in its own row.
+        self.register_buffer("indices", grouped(indices.view(rows, columns), self.granularity), persistent=False)
         self.packed_indices = inner.tensors["indices"]
         self.initial = codebook
 
     def forward(self, codebook: torch.Tensor) -> torch.Tensor:
-        return self.masked(codebook.gather(1, self.indices).view(*self.meta["shape"]))
+        return self.masked(ungrouped(codebook.gather(1, self.indices), self.meta["shape"], self.granularity))
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         return self.initial.to(weight.device)
@@ -92,9 +94,8 @@ class _Codebook(_Form):
     def refit(self, weight: torch.Tensor) -> Encoding:
         """Indices kept; each centroid moves to the mean of the (unpruned) weights assigned to it, which is the
         least-squares codebook for that assignment. A centroid with no such weight keeps its value."""
-        rows = self.indices.shape[0]
-        values = weight.detach().float().reshape(rows, -1)
-        keep = torch.ones_like(values) if self.mask is None else self.mask.reshape(rows, -1).float()
+        values = grouped(weight.detach().float(), self.granularity)
+        keep = torch.ones_like(values) if self.mask is None else grouped(self.mask, self.granularity).float()
         sums = torch.zeros_like(self.initial).scatter_add_(1, self.indices, values * keep)
         counts = torch.zeros_like(self.initial).scatter_add_(1, self.indices, keep)
         return self.inner_encoding(torch.where(counts > 0, sums / counts.clamp(min=1), self.initial))
