@@ -23,7 +23,7 @@ from core.compression.rewrites import register_rewrite, set_submodule
 
 DYNAMIC_REWRITE = "int8_dynamic_linear"
 _VNNI = cpu_has_vnni()
-# On AMX CPUs oneDNN's dynamic int8 GEMM is about 1.7x faster than fbgemm's (MiniLM's FFN shape: 1.3 vs 2.3 ms).
+# On AMX CPUs oneDNN's dynamic int8 GEMM is 1.2-2.3x faster than fbgemm's on MiniLM's shapes (bench.int8_gemm).
 # The packed weight carries its kernel, so only packing needs the engine; oneDNN has no static fp32-output op.
 _DYNAMIC_ENGINE = "onednn" if cpu_has_amx_int8() and "onednn" in torch.backends.quantized.supported_engines else None
 STATIC_REWRITE = "int8_static_linear"
@@ -39,6 +39,8 @@ class _PackedWeight:
 class Int8Linear(nn.Module):
     """Shared storage of the int8 Linear modules: `qweight` (int8, out x in), `weight_scale` (out, or 1 per
     tensor), optional fp32 `bias` and `input_factor` (in). Parameters are frozen; they count as parameters."""
+
+    _engine: str | None = None  # the quantized engine that packs (None: torch's default, x86/fbgemm)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, per_channel: bool, smoothed: bool) -> None:
         super().__init__()
@@ -63,8 +65,6 @@ class Int8Linear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight the kernel multiplies by (codes x scale), e.g. for ONNX export or checks."""
         return self.qweight.to(torch.float32) * self.weight_scale.reshape(-1, 1)
-
-    _engine: str | None = None  # the quantized engine that packs (None: torch's default, x86/fbgemm)
 
     def repack(self) -> None:
         """Rebuild the kernel's packed weight from the stored codes and scales."""
