@@ -6,15 +6,13 @@ import torch
 
 from core.compression.encoding import decode, quantize_rtn
 from core.compression.pipeline import run_pipeline
-from core.compression.quant.importance import input_importance
 from core.compression.quant.kmeans import quantize_kmeans
 from core.compression.quant.packing import packed_size
 from core.compression.sparsity.masks import SPARSE_BITMASK, sparse_encoding, unwrap
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext
 from tests.core.quant_helpers import cosine_vs_fp32, quantize_with
-from tests.core.training_helpers import run, texts
-from tests.models import tiny_bert, tiny_llama, tiny_tokenizer
+from tests.models import tiny_bert, tiny_llama
 
 
 def test_four_exact_clusters_are_recovered() -> None:
@@ -107,65 +105,3 @@ def test_prune_then_kmeans_step_keeps_masks_and_halves_the_indices() -> None:
         assert encoding.meta["inner_format"] == "kmeans" and encoding.meta["compacted_packed"] == ["indices"]
         assert torch.equal(decode(encoding), weight)
         assert (weight == 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
-
-
-def test_importance_weighted_centroids_fit_the_costly_columns() -> None:
-    weight = torch.randn(4, 200, generator=torch.Generator().manual_seed(6))
-    importance = torch.ones(1, 200)
-    importance[:, :20] = 100.0  # the inputs of these columns are 10x larger (E[x²] 100x)
-    uniform = decode(quantize_kmeans(weight, 3, "per_channel", 30)) - weight
-    weighted = decode(quantize_kmeans(weight, 3, "per_channel", 30, importance=importance)) - weight
-    assert weighted[:, :20].norm() < 0.7 * uniform[:, :20].norm()
-    assert (importance * weighted**2).sum() < 0.8 * (importance * uniform**2).sum()  # what the output error sees
-
-
-def test_input_importance_is_the_input_energy_and_the_token_counts() -> None:
-    model = tiny_bert()
-    ids = torch.tensor([[5, 5, 5, 7, 9, 11, 13, 15]])
-    modules = {"embeddings.word_embeddings": model.embeddings.word_embeddings,
-               "encoder.layer.0.output.dense": model.encoder.layer[0].output.dense}
-    seen = []
-    handle = modules["encoder.layer.0.output.dense"].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    importance = input_importance(model, modules, [{"input_ids": ids}])
-    handle.remove()
-    rows = importance[id(model.embeddings.word_embeddings.weight)]
-    assert rows.shape == (512, 1)
-    assert rows.mean().item() == pytest.approx(1.0)
-    # Counted tokens weigh their counts; the 506 unseen rows share the Good-Turing mass of the 5 singletons.
-    assert rows[5, 0] / rows[7, 0] == pytest.approx(3.0) and rows[0, 0] / rows[7, 0] == pytest.approx(5 / 506)
-    energy = (seen[0].reshape(-1, 128) ** 2).mean(dim=0)
-    columns = importance[id(model.encoder.layer[0].output.dense.weight)]
-    assert columns.shape == (1, 128)
-    torch.testing.assert_close(columns[0], energy / energy.mean())
-
-
-def test_tied_weight_importance_adds_its_users() -> None:
-    model = tiny_llama()
-    modules = {"model.embed_tokens": model.model.embed_tokens, "lm_head": model.lm_head}
-    importance = input_importance(model, modules, [{"input_ids": torch.tensor([[1, 2, 3, 4]])}])
-    assert list(importance) == [id(model.lm_head.weight)]
-    assert importance[id(model.lm_head.weight)].shape == (512, 64)
-
-
-def test_activation_weighted_kmeans_step_fits_the_rows_the_text_uses() -> None:
-    # The tiny tokenizer knows ~100 of tiny_bert's 512 token rows: per hidden dimension of the token table, the
-    # weighted codebooks fit the rows of the tokens the calibration text uses. A random table's used and unused
-    # rows share one distribution, so the gain is small here; trained tables differ by token frequency.
-    inputs = tiny_tokenizer()(texts(rows=8, seed=1), return_tensors="pt", padding=True)
-    original = tiny_bert()
-    reference = original(**inputs).last_hidden_state
-    used = inputs.input_ids.flatten()
-    errors, outputs, notes = {}, {}, {}
-    for weighting in ("uniform", "activation"):
-        step = {"type": "quantize", "method": "kmeans", "bits": 2, "granularity": "per_column",
-                "targets": ["embeddings.word_embeddings"], "weighting": weighting,
-                "calibration": {"num_samples": 8, "seq_len": 32}}
-        state, [report] = run(tiny_bert(), [step])
-        table = state.model.embeddings.word_embeddings.weight
-        errors[weighting] = (table - original.embeddings.word_embeddings.weight)[used].norm()
-        outputs[weighting] = (state.model(**inputs).last_hidden_state - reference).norm()
-        notes[weighting] = report.notes
-    assert any("weighted by each entry's cost" in note for note in notes["activation"])
-    assert not any("weighted" in note for note in notes["uniform"])
-    assert errors["activation"] < 0.97 * errors["uniform"]
-    assert outputs["activation"] < outputs["uniform"]

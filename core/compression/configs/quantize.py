@@ -53,8 +53,7 @@ class QuantizeKMeans(StepConfig):
     from quantile seeds), one codebook per output row (`per_channel`), per input column (`per_column`) or per tensor;
     stored as bit-packed indices plus a float16 codebook.
 
-    Example: `{"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_channel",
-    "weighting": "activation"}`
+    Example: `{"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_channel"}`
     """
 
     type: Literal["quantize"] = "quantize"
@@ -65,13 +64,6 @@ class QuantizeKMeans(StepConfig):
         "per hidden dimension) or per tensor")
     iterations: int = Field(default=20, ge=1, le=100)
     include_embeddings: bool = True
-    weighting: Literal["uniform", "activation"] = Field(
-        default="uniform", description="uniform: plain k-means on the weights; activation: each entry's error "
-        "weighted by what it costs on calibration text (E[x²] of a Linear's input column, an embedding row's token "
-        "frequency), so centroids settle where the model uses them")
-    calibration: CalibrationData = Field(
-        default_factory=lambda: CalibrationData(num_samples=32, seq_len=256),
-        description="the text behind `weighting: activation` (ignored when uniform)")
 
 
 class QuantizeGPTQ(_IntGridFields):

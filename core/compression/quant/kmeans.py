@@ -23,15 +23,13 @@ ROWS_PER_CHUNK_VALUES = 1 << 22  # values per chunk of rows: bounds the temporar
 @torch.no_grad()
 def quantize_kmeans(
     weight: torch.Tensor, bits: int, granularity: Granularity, iterations: int,
-    mask: torch.Tensor | None = None, importance: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> Encoding:
     """The `kmeans` encoding of a 2-D weight: 2**bits centroids per row (`per_channel`), per column
     (`per_column`) or per tensor.
 
     mask: the kept positions of a pruned weight; the centroids then fit the kept values only (as in Deep
     Compression), and wrapping the result with `sparse_encoding` stores the indices of kept positions only.
-    importance: how much each entry's error costs (any shape that broadcasts to the weight's, e.g. one value per
-    input column); the centroids become importance-weighted means, so they settle where errors cost most.
 
     Example: `decode(quantize_kmeans(linear.weight, 4, "per_channel", 20))` uses at most 16 values per row.
     """
@@ -40,12 +38,9 @@ def quantize_kmeans(
     rows, columns = weight.shape
     values = grouped(weight.detach().float(), granularity)
     kept = torch.ones_like(values, dtype=torch.bool) if mask is None else grouped(mask.to(values.device), granularity)
-    weights = kept.float()
-    if importance is not None:
-        weights *= grouped(importance.float().to(values.device).expand(rows, columns), granularity)
     chunk = max(1, ROWS_PER_CHUNK_VALUES // values.shape[1])
-    parts = [_codebook_and_indices(*part, 2**bits, iterations)
-             for part in zip(values.split(chunk), kept.split(chunk), weights.split(chunk), strict=True)]
+    parts = [_codebook_and_indices(part, keep, 2**bits, iterations)
+             for part, keep in zip(values.split(chunk), kept.split(chunk), strict=True)]
     codebook = torch.cat([book for book, _ in parts])
     # Indices are stored in the weight's own order whatever the grouping, so sparse storage can compact them.
     indices = ungrouped(torch.cat([index for _, index in parts]), [rows, columns], granularity)
@@ -75,11 +70,12 @@ def _decode_kmeans(encoding: Encoding) -> torch.Tensor:
     return ungrouped(codebook.gather(1, grouped(indices.view(shape), granularity)), shape, granularity)
 
 
-def _codebook_and_indices(values: torch.Tensor, kept: torch.Tensor, weights: torch.Tensor, k: int,
+def _codebook_and_indices(values: torch.Tensor, kept: torch.Tensor, k: int,
                           iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted Lloyd iterations on the `kept` entries of each row of `values` (`weights`: zero where not kept);
-    returns (float16 codebook (rows, k), uint8 indices of every entry)."""
+    """Lloyd iterations on the `kept` entries of each row of `values`; returns (float16 codebook (rows, k), uint8
+    indices of every entry)."""
     centroids = _quantile_seeds(values, kept, k)
+    weights = kept.float()
     for _ in range(iterations):
         updated = _centroid_means(values, weights, nearest(values, centroids), centroids)
         if torch.equal(updated, centroids):
@@ -107,8 +103,8 @@ def _quantile_seeds(values: torch.Tensor, kept: torch.Tensor, k: int) -> torch.T
 
 def _centroid_means(values: torch.Tensor, weights: torch.Tensor, assignment: torch.Tensor,
                     centroids: torch.Tensor) -> torch.Tensor:
-    """Each centroid moves to the weighted mean of its (kept) values; one that lost all its weight stays put."""
+    """Each centroid moves to the mean of its (kept) values; one that lost all its values stays where it was."""
     sums = torch.zeros_like(centroids).scatter_add_(1, assignment, values * weights)
-    totals = torch.zeros_like(centroids).scatter_add_(1, assignment, weights)
-    means = torch.where(totals > 0, sums / totals.clamp(min=torch.finfo(totals.dtype).tiny), centroids)
+    counts = torch.zeros_like(centroids).scatter_add_(1, assignment, weights)
+    means = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
     return means.sort(dim=1).values

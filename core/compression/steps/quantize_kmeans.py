@@ -3,11 +3,9 @@
 from torch import nn
 
 from core.compression.configs.quantize import QuantizeKMeans
-from core.compression.quant.importance import input_importance
 from core.compression.quant.kmeans import quantize_kmeans
-from core.compression.quant.modules import quantize_selected, select_modules
+from core.compression.quant.modules import quantize_selected
 from core.compression.registry import register_step
-from core.compression.sparsity.calibration import calibration_batches
 from core.compression.sparsity.masks import mask_of
 from core.compression.state import Encoding, ModelState, StepContext, StepReport
 
@@ -26,25 +24,9 @@ def quantize_kmeans_step(state: ModelState, config: QuantizeKMeans, ctx: StepCon
     # A pruned weight's centroids fit its kept values only, and only their indices are stored.
     masks = {id(state.model.get_parameter(name)): mask for name in state.encodings
              if (mask := mask_of(state, name)) is not None}
-    importance, notes = _importance(state, config, ctx)
 
     def encode(weight: nn.Parameter) -> Encoding:
-        return quantize_kmeans(weight, config.bits, config.granularity, config.iterations, masks.get(id(weight)),
-                               importance.get(id(weight)))
+        return quantize_kmeans(weight, config.bits, config.granularity, config.iterations, masks.get(id(weight)))
 
     describe = f"share {2**config.bits} float16 centroids {codebooks}; indices bit-packed"
-    report = quantize_selected(state, config, ctx, encode, config.bits, describe)
-    report.notes.extend(notes)
-    return report
-
-
-def _importance(state: ModelState, config: QuantizeKMeans, ctx: StepContext) -> tuple[dict, list[str]]:
-    """Per-weight importances from one pass over the calibration text, or none for uniform k-means."""
-    if config.weighting == "uniform":
-        return {}, []
-    modules = dict(select_modules(state.model, config.targets, config.exclude, config.include_embeddings))
-    data = calibration_batches(state, config, ctx)
-    ctx.report(0.0, "measuring activations for importance-weighted k-means")
-    notes = ["centroids weighted by each entry's cost on calibration inputs (E[x²] per input column, token "
-             "frequency per embedding row)"]
-    return input_importance(state.model, modules, data.batches), data.notes + notes
+    return quantize_selected(state, config, ctx, encode, config.bits, describe)
