@@ -116,10 +116,13 @@ RECIPES = {
     "student": Recipe("3-of-6-layer student, distilled",
                       [{"type": "distill", "student": {"layers": 3}, "max_steps": 2400, **TRAIN}],
                       [], 0.90, _student_checks),
-    # Deep Compression's own order: the pruned weights are retrained before they are shared, then the centroids.
-    "chain": Recipe("deep compression: prune 50% → distill → kmeans 4-bit → distill → huffman",
+    # Deep Compression's order (the pruned weights are retrained before they are shared, then the centroids),
+    # sharing in two rounds as in incremental network quantization: the FFN matrices first, while the attention
+    # and embedding weights are still free to make up for their error, then the rest (see docs/decisions.md).
+    "chain": Recipe("deep compression: prune 50% → distill → kmeans 4-bit in two rounds, each distilled → huffman",
                     [CHAIN[0], {"type": "distill", "max_steps": 3000, "train_embeddings": True, **TRAIN},
-                     *CHAIN[1:], {"type": "distill", "max_steps": 1000, "train_embeddings": True, **TRAIN},
+                     CHAIN[1], {"type": "distill", "max_steps": 1000, "train_embeddings": True, **TRAIN},
+                     *CHAIN[2:], {"type": "distill", "max_steps": 1000, "train_embeddings": True, **TRAIN},
                      HUFFMAN],
                     [*CHAIN, HUFFMAN], 0.95, _chain_checks),
     "lowrank": Recipe("low-rank (svd_llm, 70% of each layer's parameters) + distill",
@@ -166,12 +169,13 @@ def run(key: str, folder: Path, texts: list[str], threads: int) -> int:
     fp32, untrained_v, trained_v = measure(folder, [(_untrained_name(recipe), untrained_model, untrained_size),
                                                     (recipe.title, trained.model, trained.size_bytes)])
     result = Result(recipe, trained, fp32, untrained_v, trained_v)
+    # The issue's targets are on held-out text; the review sentences (another domain) are checked too, beside them.
     checks = {
-        f"review cosine ≥ {recipe.min_cosine}": trained_v.cosine_mean >= recipe.min_cosine,
         f"held-out cosine ≥ {recipe.min_cosine}": result.distill_metrics["heldout_cosine_after"] >= recipe.min_cosine,
         **recipe.extra_checks(result),
     }
-    body = section(key, result, checks)
+    beyond = {f"review cosine ≥ {recipe.min_cosine}": trained_v.cosine_mean >= recipe.min_cosine}
+    body = section(key, result, checks, beyond)
     update_section(f"{NAME}_{key}", body)
     print(body)
     return 0 if all(checks.values()) else 1
@@ -181,7 +185,7 @@ def _untrained_name(recipe: Recipe) -> str:
     return "same compression, no recovery" if recipe.untrained else "6-layer fp32 (what the student starts from)"
 
 
-def section(key: str, result: Result, checks: dict[str, bool]) -> str:
+def section(key: str, result: Result, checks: dict[str, bool], beyond: dict[str, bool]) -> str:
     recipe, trained = result.recipe, result.trained
     headers = ["variant", "weights MB", "size vs fp32", "parameters", "review cosine mean (min)", "latency ms",
                "latency vs fp32"]
@@ -189,7 +193,7 @@ def section(key: str, result: Result, checks: dict[str, bool]) -> str:
              f"{v.parameters:,}", f"{v.cosine_mean:.4f} ({v.cosine_min:.4f})", f"{v.latency_ms:.1f}",
              f"{v.latency_ms / result.fp32.latency_ms:.3f}×"]
             for v in (result.fp32, result.untrained_v, result.trained_v)]
-    verdict = "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in checks.items())
+    verdict, also = (_verdict(c) for c in (checks, beyond))
     extra = ""
     if key == "prune":
         extra = f" Sparsity of the Linear weights after load: {linear_sparsity(trained.model):.6f}."
@@ -203,7 +207,7 @@ Recipe: `{json.dumps(recipe.steps)}`
 
 {markdown_table(headers, rows)}
 
-- Targets: {verdict}.
+- Targets (issue #5): {verdict}. Also checked, beyond the issue: {also}.
 - Pipeline (compression + training) took {trained.seconds / 60:.1f} min wall, {trained.cpu_seconds / 60:.1f}
   CPU-minutes with {trained.threads} torch thread(s); with a load average above 2 (see above) other jobs shared
   the 2 cores and the wall time is an upper bound.{extra}
@@ -213,6 +217,10 @@ Recipe: `{json.dumps(recipe.steps)}`
   8 × 128 tokens, {THREADS} threads, rounds interleaved with fp32; size: the artifact's `*.safetensors`; all
   measured on the artifacts loaded back with `core.load_compressed`.
 """
+
+
+def _verdict(checks: dict[str, bool]) -> str:
+    return "; ".join(f"{name}: {'met' if ok else 'NOT met'}" for name, ok in checks.items())
 
 
 def _training_lines(reports: list[dict]) -> str:
