@@ -56,6 +56,8 @@ CHAIN = [{**PRUNE, "include_embeddings": True,
          {"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_tensor",
           "targets": ["embeddings.token_type_embeddings", "*.attention.*", "pooler.*"]}]
 HUFFMAN = {"type": "encode", "method": "huffman"}
+# The chain's distill steps; after a kmeans step the centroids train (and every still-free weight).
+CENTROIDS = {"type": "distill", "max_steps": 1000, "train_embeddings": True, **TRAIN}
 LOWRANK = {"type": "decompose", "method": "svd_llm", "params_kept": 0.7,
            "calibration": {"num_samples": 64, "seq_len": 128}}
 
@@ -120,10 +122,7 @@ RECIPES = {
     # sharing in two rounds as in incremental network quantization: the FFN matrices first, while the attention
     # and embedding weights are still free to make up for their error, then the rest (see docs/decisions.md).
     "chain": Recipe("deep compression: prune 50% → distill → kmeans 4-bit in two rounds, each distilled → huffman",
-                    [CHAIN[0], {"type": "distill", "max_steps": 3000, "train_embeddings": True, **TRAIN},
-                     CHAIN[1], {"type": "distill", "max_steps": 1000, "train_embeddings": True, **TRAIN},
-                     *CHAIN[2:], {"type": "distill", "max_steps": 1000, "train_embeddings": True, **TRAIN},
-                     HUFFMAN],
+                    [CHAIN[0], {**CENTROIDS, "max_steps": 3000}, CHAIN[1], CENTROIDS, *CHAIN[2:], CENTROIDS, HUFFMAN],
                     [*CHAIN, HUFFMAN], 0.95, _chain_checks),
     # Factored layers train best at a lower peak lr: held-out cosine after 800 steps (one-off runs of this recipe)
     # 0.874 at 1.5e-3, 0.896 at 7e-4, 0.902 at 3e-4, 0.900 at 1.5e-4; training the embeddings too (0.895), an
