@@ -82,6 +82,25 @@ def test_whitening_beats_plain_svd_on_the_outputs() -> None:
     assert errors["svd_llm"] < errors["svd"]
 
 
+@pytest.mark.parametrize("build", [tiny_bert, tiny_llama])
+def test_block_reconstruction_of_factored_layers_lowers_the_error(build, tmp_path: Path) -> None:
+    reference = build()
+    inputs = probe_inputs(reference)
+    expected = outputs(reference, inputs)
+    step = {"type": "decompose", "method": "svd_llm", "params_kept": 0.4,
+            "calibration": {"num_samples": 16, "seq_len": 32}}
+    one_shot, _ = run_steps(build(), step)
+    rebuilt, [report] = run_steps(build(), {**step, "reconstruct": {"epochs": 4, "lr": 1e-3}})
+    ranks = {name: m[0].out_features for name, m in one_shot.model.named_modules() if isinstance(m, nn.Sequential)}
+    assert ranks and ranks == {name: m[0].out_features for name, m in rebuilt.model.named_modules()
+                               if isinstance(m, nn.Sequential)}  # the same factor shapes, trained
+    assert report.metrics["reconstruction_error_ratio"] < 0.9
+    assert report.metrics["reconstruction_blocks_kept"] >= 1
+    errors = [float((outputs(s.model, inputs) - expected).pow(2).mean()) for s in (one_shot, rebuilt)]
+    assert errors[1] < 0.9 * errors[0]
+    assert_reload_identical(rebuilt, tmp_path, inputs)
+
+
 def test_conv2d_spatial_svd_is_exact_at_full_rank_and_reloads(tmp_path: Path) -> None:
     conv = nn.Conv2d(4, 6, (3, 3), stride=2, padding=1)
     model = nn.Sequential(conv)
@@ -107,6 +126,8 @@ def test_conv2d_spatial_svd_is_exact_at_full_rank_and_reloads(tmp_path: Path) ->
         ({"type": "decompose", "rank": 4, "energy": 0.9}, "exactly one"),
         ({"type": "decompose", "method": "asvd", "params_kept": 0.8, "alpha": 2}, "alpha"),
         ({"type": "decompose", "method": "tucker", "rank": 4}, "type"),
+        ({"type": "decompose", "method": "svd", "rank": 4, "reconstruct": {"epochs": 1}}, "reconstruct"),
+        ({"type": "decompose", "method": "svd_llm", "rank": 4, "reconstruct": {"epochs": 0}}, "epochs"),
     ],
 )
 def test_invalid_parameters_name_the_field(step: dict, field: str) -> None:

@@ -27,3 +27,28 @@ class Calibrated(StepConfig):
     """Base of the step configs that take a `calibration` block."""
 
     calibration: CalibrationData = Field(default_factory=CalibrationData)
+
+
+class Reconstruction(BaseModel):
+    """Block-wise reconstruction after a calibrated prune or decompose: within each transformer block, the weights of
+    the compressed layers (the kept weights of pruned layers, pruned ones held at zero; both factors of factored
+    layers) are trained with Adam so that the block's outputs on its calibration inputs match the uncompressed
+    model's outputs of that block. Needs only the calibration text, no labels; a block whose error would grow keeps
+    its one-shot weights. The calibration windows become training text here: keep them apart from evaluation text.
+
+    Example: `"reconstruct": {"epochs": 2, "lr": 3e-4}`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=2, ge=1, le=50, description="passes over the calibration windows per block")
+    lr: float = Field(default=3e-4, gt=0, le=0.1, description="Adam learning rate")
+
+
+class Reconstructing(Calibrated):
+    """Base of the calibrated step configs that can train their compressed layers block by block afterwards."""
+
+    reconstruct: Reconstruction | None = Field(
+        default=None, description="block-wise reconstruction of the compressed layers after the one-shot step "
+        "(off by default)"
+    )

@@ -5,7 +5,7 @@ from typing import Literal, Self
 from pydantic import Field, model_validator
 
 from core.compression.configs.base import StepConfig
-from core.compression.configs.calibration import Calibrated
+from core.compression.configs.calibration import Reconstructing
 
 RANK_FIELDS = ("rank", "rank_ratio", "energy", "params_kept")
 
@@ -38,7 +38,7 @@ class DecomposeSVD(_Decompose):
     method: Literal["svd"] = "svd"
 
 
-class DecomposeASVD(_Decompose, Calibrated):
+class DecomposeASVD(_Decompose, Reconstructing):
     """Activation-aware SVD (Yuan et al. 2023): columns of W are scaled by mean|x|^alpha of their calibration input
     before the SVD and unscaled after, so channels that carry large activations are approximated better.
 
@@ -49,7 +49,7 @@ class DecomposeASVD(_Decompose, Calibrated):
     alpha: float = Field(default=0.5, gt=0, le=1)
 
 
-class DecomposeSVDLLM(_Decompose, Calibrated):
+class DecomposeSVDLLM(_Decompose, Reconstructing):
     """SVD-LLM (Wang et al. 2024): truncation-aware whitening. With S the Cholesky factor of the layer's input
     Gram matrix X^T X, the SVD of W·S is truncated and W ≈ (U Σ)(V^T S^-1), which minimises the error of the layer's
     outputs on the calibration inputs rather than of its weights.

@@ -3,10 +3,10 @@
 import re
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from core.compression.configs.base import StepConfig
-from core.compression.configs.calibration import Calibrated
+from core.compression.configs.calibration import Calibrated, Reconstructing
 
 _PATTERN = re.compile(r"^(\d{1,2}):(\d{1,2})$")
 
@@ -59,28 +59,7 @@ class PruneMagnitude(_Unstructured):
     scope: Literal["layer", "global"] = "layer"
 
 
-class Reconstruction(BaseModel):
-    """Block-wise reconstruction after a calibrated prune: within each transformer block, the kept weights of the
-    pruned layers are trained (Adam, pruned weights held at zero) so that the block's outputs on its calibration
-    inputs match the uncompressed model's outputs of that block. Needs only the calibration text, no labels; a
-    block whose error would grow keeps its one-shot weights.
-
-    Example: `"reconstruct": {"epochs": 2, "lr": 3e-4}`.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    epochs: int = Field(default=2, ge=1, le=50, description="passes over the calibration windows per block")
-    lr: float = Field(default=3e-4, gt=0, le=0.1, description="Adam learning rate")
-
-
-class _Reconstructing(Calibrated):
-    reconstruct: Reconstruction | None = Field(
-        default=None, description="block-wise reconstruction of the kept weights after pruning (off by default)"
-    )
-
-
-class PruneWanda(_Unstructured, _Reconstructing):
+class PruneWanda(_Unstructured, Reconstructing):
     """Wanda (Sun et al. 2023): prune by |w| × ‖x‖ (weight times its input's norm over calibration tokens), compared
     within each output row, block by block so that each block sees its already-pruned predecessors.
 
@@ -90,7 +69,7 @@ class PruneWanda(_Unstructured, _Reconstructing):
     method: Literal["wanda"] = "wanda"
 
 
-class PruneSparseGPT(_Unstructured, _Reconstructing):
+class PruneSparseGPT(_Unstructured, Reconstructing):
     """SparseGPT (Frantar & Alistarh 2023): choose and prune weights column block by column block while updating
     the remaining ones to compensate, using the inverse Hessian X^T X of each layer's calibration inputs.
 

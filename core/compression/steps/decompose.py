@@ -16,6 +16,7 @@ from core.compression.sparsity.calibration import (
     block_statistics,
     calibration_batches,
 )
+from core.compression.sparsity.reconstruct import ReconstructionResult, reconstruct_block, reconstruction_metrics
 from core.compression.sparsity.select import refuse_encoded, select_modules
 from core.compression.state import ModelState, Rewrite, StepContext, StepReport
 from core.errors import JobCancelled
@@ -86,13 +87,23 @@ def _calibrated(state: ModelState, config: DecomposeASVD | DecomposeSVDLLM, ctx:
     layers = _modules(state, config, (nn.Linear,))
     before, tally = _parameter_count(state), _Tally()
     data = calibration_batches(state, config, ctx)
-    for run, mine, stats in block_statistics(state.model, layers, data.batches, want, ctx, "decomposing"):
+    rebuilt: list[ReconstructionResult] = []
+    blocks = block_statistics(state.model, layers, data.batches, want, ctx, "decomposing",
+                              with_targets=config.reconstruct is not None)
+    for run, mine, stats in blocks:
         for name, layer in mine.items():
             _factor_linear(state, name, layer, config, tally, analyse(layer.weight.detach(), stats[name]))
+        factored = [state.model.get_submodule(name) for name in mine if name in tally.factored]
+        if config.reconstruct is not None and run.targets is not None and factored:
+            trainable = {param: None for pair in factored for param in pair.parameters()}
+            rebuilt.append(reconstruct_block(run, trainable, config.reconstruct, config.calibration.seed))
         ctx.report((len(tally.factored) + len(tally.skipped)) / len(layers), f"decomposed {run.name or 'the model'}")
     untouched = sorted(set(layers) - set(tally.factored) - set(tally.skipped))
     notes = data.notes + ([f"left as is (outside the repeated blocks): {', '.join(untouched)}"] if untouched else [])
-    return _report(state, before, tally, notes)
+    report = _report(state, before, tally, notes)
+    if rebuilt:
+        report.metrics.update(reconstruction_metrics(rebuilt))
+    return report
 
 
 @torch.no_grad()

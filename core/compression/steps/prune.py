@@ -14,7 +14,7 @@ from core.compression.sparsity.calibration import (
     calibration_batches,
 )
 from core.compression.sparsity.masks import dense_float, sparse_encoding
-from core.compression.sparsity.reconstruct import ReconstructionResult, reconstruct_block
+from core.compression.sparsity.reconstruct import ReconstructionResult, reconstruct_block, reconstruction_metrics
 from core.compression.sparsity.select import refuse_encoded, select_modules
 from core.compression.sparsity.structured import prune_structured
 from core.compression.state import ModelState, StepContext, StepReport
@@ -126,7 +126,7 @@ def _calibrated(state: ModelState, config: PruneWanda | PruneSparseGPT, ctx: Ste
         masks = {name: prune(layer, stats[name]) for name, layer in mine.items()}
         if config.reconstruct is not None and run.targets is not None and mine:
             _apply_masks(mine, masks)
-            rebuilt.append(reconstruct_block(run, {mine[name]: mask for name, mask in masks.items()},
+            rebuilt.append(reconstruct_block(run, {mine[name].weight: mask for name, mask in masks.items()},
                                              config.reconstruct, config.calibration.seed))
         for name, layer in mine.items():
             _store_pruned(state, f"{name}.weight", layer.weight, masks[name])
@@ -137,7 +137,7 @@ def _calibrated(state: ModelState, config: PruneWanda | PruneSparseGPT, ctx: Ste
     pruned = {name: weight for name, weight in weights.items() if name.removesuffix(".weight") in done}
     report = sparsity_report(state, pruned, config.pattern, notes)
     if rebuilt:
-        report.metrics.update(_reconstruction_metrics(rebuilt))
+        report.metrics.update(reconstruction_metrics(rebuilt))
     return report
 
 
@@ -145,14 +145,6 @@ def _calibrated(state: ModelState, config: PruneWanda | PruneSparseGPT, ctx: Ste
 def _apply_masks(layers: dict[str, nn.Linear], masks: dict[str, torch.Tensor]) -> None:
     for name, layer in layers.items():
         layer.weight.mul_(masks[name])
-
-
-def _reconstruction_metrics(results: list[ReconstructionResult]) -> dict[str, float | int]:
-    """Block output error against the uncompressed model, summed over blocks, before and after reconstruction."""
-    before, after = sum(r.error_before for r in results), sum(r.error_after for r in results)
-    return {"reconstruction_error_before": before, "reconstruction_error_after": after,
-            "reconstruction_error_ratio": after / before if before else 1.0,
-            "reconstruction_blocks_kept": sum(r.kept for r in results)}
 
 
 def sparsity_report(state: ModelState, weights: dict[str, nn.Parameter], pattern: str, notes: list[str]) -> StepReport:
