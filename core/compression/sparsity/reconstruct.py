@@ -30,14 +30,14 @@ def reconstruct_block(run: BlockRun, trainable: dict[nn.Parameter, torch.Tensor 
     weights, masks = list(trainable), list(trainable.values())
     one_shot = [weight.detach().clone() for weight in weights]
     before = _error(run)
-    trainable = {param: param.requires_grad for param in run.module.parameters()}
+    grad_flags = {param: param.requires_grad for param in run.module.parameters()}
     run.module.requires_grad_(False)
     for weight in weights:
         weight.requires_grad_(True)
     try:
         _train(run, weights, masks, config, seed)
     finally:
-        for param, flag in trainable.items():
+        for param, flag in grad_flags.items():
             param.requires_grad_(flag)
     after = _error(run)
     if after >= before:
