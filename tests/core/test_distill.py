@@ -36,6 +36,18 @@ def test_embedding_objective_raises_heldout_cosine_by_a_margin(loss: dict) -> No
     assert m["sparsity_after"] == m["sparsity_before"] == pytest.approx(0.8, abs=1e-3)
 
 
+def test_bf16_mixed_precision_recovers_and_keeps_fp32_weights_and_masks() -> None:
+    state, [_, report] = run(tiny_bert(), [PRUNE, _distill(precision="bf16")])
+    _, [_, fp32] = run(tiny_bert(), [PRUNE, _distill()])
+    m = report.metrics
+    assert m["heldout_loss_after"] < 0.5 * m["heldout_loss_before"]
+    assert m["sparsity_before"] == m["sparsity_after"] == 0.5
+    assert {p.dtype for p in state.model.parameters()} == {torch.float32}
+    # The first loss is computed before any update: only bf16 matmuls can make it differ from fp32's.
+    assert m["train_loss_first"] != pytest.approx(fp32.metrics["train_loss_first"], rel=1e-5)
+    assert m["heldout_loss_before"] == fp32.metrics["heldout_loss_before"]  # evaluation stays fp32
+
+
 def test_distill_keeps_pruned_weights_zero_and_encodings_fresh() -> None:
     state, _ = run(tiny_llama(), [PRUNE, _distill(max_steps=10)])
     assert state.encodings

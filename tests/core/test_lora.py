@@ -34,6 +34,14 @@ def test_merge_keeps_sparsity_bit_exact_and_encodings_fresh() -> None:
     assert not state.rewrites  # merged adapters leave plain Linear modules
 
 
+def test_task_objective_in_bf16_lowers_heldout_perplexity() -> None:
+    state, [_, report] = run(tiny_llama(), [PRUNE, _lora(objective="task", precision="bf16", merge=True)])
+    m = report.metrics
+    assert m["heldout_perplexity_after"] < m["heldout_perplexity_before"]
+    assert m["sparsity_before"] == m["sparsity_after"] == 0.5
+    assert {p.dtype for p in state.model.parameters()} == {torch.float32}
+
+
 def test_merge_refits_kmeans_codebooks() -> None:
     state, _ = run(tiny_llama(), [{"type": "quantize", "method": "kmeans", "bits": 4}, _lora(merge=True)])
     weight = state.model.model.layers[0].self_attn.q_proj.weight

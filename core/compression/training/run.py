@@ -80,7 +80,8 @@ def fit(state: ModelState, config: TrainingStep, ctx: StepContext, objective: Di
 
     def loss_at(step: int) -> torch.Tensor:
         batch = _to(data.train_batch(step, config.batch_size, config.seed), device)
-        return task_loss(model, batch) if task else objective.compare(model, batch)[0]
+        with _autocast(config, device):
+            return task_loss(model, batch) if task else objective.compare(model, batch)[0]
 
     checkpoints = Checkpoints(ctx.work_dir, fingerprint(config.model_dump_json(), params))
     with only_trainable(model, params):
@@ -88,6 +89,10 @@ def fit(state: ModelState, config: TrainingStep, ctx: StepContext, objective: Di
     after = evaluate(objective, model, heldout)
     ctx.report(0.95, f"held-out after training: {_summary(after)}")
     return Outcome(_metrics(before, after, progress.losses, params), list(data.notes))
+
+
+def _autocast(config: TrainingStep, device: torch.device | str) -> torch.autocast:
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
 
 
 def pruned_sparsity(state: ModelState) -> float:
