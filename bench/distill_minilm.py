@@ -138,7 +138,8 @@ RECIPES = {
     # of steps, not of text. 6,400 steps gave 0.931 (calibrated on text that included held-out rows) and 25,600
     # give 0.942 (training rows only): about 0.005 per doubling now, so 0.95 would take some 100,000 steps.
     "lowrank": Recipe("low-rank (svd_llm, 70% of each layer's parameters) + distill",
-                      [LOWRANK, {"type": "distill", "max_steps": 25600, **{**TRAIN, "lr": 3e-4}}], [LOWRANK], 0.95),
+                      [LOWRANK, {"type": "distill", "max_steps": 64000,
+                                 **{**TRAIN, "lr": 4e-4, "batch_size": 16, "precision": "bf16"}}], [LOWRANK], 0.95),
 }
 
 
