@@ -135,8 +135,9 @@ RECIPES = {
     # 0.874 at 1.5e-3, 0.896 at 7e-4, 0.902 at 3e-4, 0.900 at 1.5e-4; training the embeddings too (0.895), an
     # attention-probability term (0.896) or factoring the FFN first and the attention after (0.883) did not help.
     # The held-out loss stays close to the training loss (0.107 vs 0.100 at 800 steps): the factored model is short
-    # of steps, not of text. 6,400 steps gave 0.931 (calibrated on text that included held-out rows) and 25,600
-    # give 0.942 (training rows only): about 0.005 per doubling now, so 0.95 would take some 100,000 steps.
+    # of steps, not of text. 6,400 steps gave 0.931 (calibrated on text that included held-out rows), 25,600 steps of
+    # 8 windows in fp32 0.942 (training rows only). bf16 mixed precision (0.8976 at 800 steps, as fp32) makes a step
+    # of 16 windows cost what one of 8 did in fp32 on AVX512-BF16 CPUs: 64,000 of them (5x the tokens) reach 0.952.
     "lowrank": Recipe("low-rank (svd_llm, 70% of each layer's parameters) + distill",
                       [LOWRANK, {"type": "distill", "max_steps": 64000,
                                  **{**TRAIN, "lr": 4e-4, "batch_size": 16, "precision": "bf16"}}], [LOWRANK], 0.95),
