@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from cli.stack import free_port, spawn, wait_ready
 from tests.api.conftest import auth, bert_folder, client, unlimited_app, upload  # noqa: F401 (shared fixtures)
 from tests.e2e.test_service import create_key
-from tests.models import save_model_folder
+from tests.models import save_model_folder, tiny_tokenizer
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -167,4 +167,6 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = LlamaConfig(vocab_size=4000, hidden_size=256, intermediate_size=1024, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True)
-    return save_model_folder(LlamaForCausalLM(config).eval(), tmp_path_factory.mktemp("slow-llama"))
+    folder = save_model_folder(LlamaForCausalLM(config).eval(), tmp_path_factory.mktemp("slow-llama"))
+    tiny_tokenizer().save_pretrained(folder)  # training steps need one
+    return folder
