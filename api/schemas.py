@@ -78,6 +78,8 @@ class JobOut(BaseModel):
     metrics: dict[str, Any] | None
     error: dict[str, Any] | None
     attempts: int
+    cancel_requested: bool = Field(description="a cancel was accepted: a running job then ends `cancelled`, never "
+                                               "`succeeded`")
     artifacts: list[ArtifactOut]
     created_at: datetime
     started_at: datetime | None

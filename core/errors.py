@@ -83,3 +83,22 @@ class Unavailable(ServiceError):
 
     code = "unavailable"
     retryable = True
+
+
+class InputUnreadable(UnsupportedModel):
+    """A stored input (the model folder, a dataset) cannot be read or parsed by the worker: the input is broken,
+    so the job fails at once instead of being retried as if the infrastructure were at fault."""
+
+    code = "input_unreadable"
+
+
+class RequestTimeout(ServiceError):
+    """A request body stopped arriving for longer than MCS_BODY_TIMEOUT_S."""
+
+    code = "request_timeout"
+
+
+class PreconditionFailed(ServiceError):
+    """A conditional request (`If-Match`) does not hold for the current representation."""
+
+    code = "precondition_failed"

@@ -7,14 +7,18 @@ what the user will get, not what the in-memory model promised.
 
 
 import dataclasses
+import errno
 import logging
 import shutil
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from core.compressed import load_compressed, save_compressed
@@ -23,12 +27,17 @@ from core.compression.export_rules import COMPRESSED_TENSORS, ONNX
 from core.compression.pipeline import StepHooks, run_pipeline
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext, StepReport
-from core.errors import StepFailed, UnsupportedModel
+from core.errors import InputUnreadable, ServiceError, StepFailed, UnsupportedModel
 from core.export import export_onnx
 from core.modelio import load_model
 
 log = logging.getLogger(__name__)
 PIPELINE_SHARE = (0.1, 0.8)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                   "spiece.model", "sentencepiece.bpe.model")
+# OS errors that say the storage itself is failing (worth a retry), not that the stored input is broken.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT, errno.ENETDOWN,
+                              errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNRESET, errno.ENOSPC, errno.EDQUOT})
 
 
 @dataclass
@@ -54,7 +63,7 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     shutil.rmtree(work_dir / "model", ignore_errors=True)
     (work_dir / "model.zip").unlink(missing_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    model = load_model(model_dir, ctx.device)
+    model = load_input(model_dir, ctx.device)
     tokenizer = _tokenizer(model_dir)
     probe = _probe(model, tokenizer)
     before = _measure(model, probe, metrics.weights_size_bytes(model_dir))
@@ -70,7 +79,7 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     loaded = load_compressed(folder).to(ctx.device)
     after = _measure(loaded, probe, metrics.weights_size_bytes(folder))
     before["latency_ms"], after["latency_ms"] = metrics.interleaved_latency_ms(
-        [load_model(model_dir, ctx.device), loaded], probe.inputs
+        [load_input(model_dir, ctx.device), loaded], probe.inputs
     )
     if ONNX in spec.export:
         ctx.report(0.95, "exporting to ONNX")
@@ -80,6 +89,29 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
         after.update(_export_compressed_tensors(folder, probe, ctx.device))
     archive = _zip_folder(folder, work_dir / "model.zip")
     return JobOutcome(archive, _summary(before, after, archive, ctx))
+
+
+@contextmanager
+def reading_input(what: str) -> Iterator[None]:
+    """Errors raised while reading a stored input (a missing shard, a truncated or unparsable file) are faults of
+    that input: they become `InputUnreadable`, which fails the job at once, instead of an infrastructure fault that
+    would be retried until the attempts run out. Storage errors that may pass (EIO, ESTALE, ...) still retry."""
+    try:
+        yield
+    except ServiceError:
+        raise
+    except OSError as exc:
+        if exc.errno in TRANSIENT_ERRNOS:
+            raise
+        raise InputUnreadable(f"{what} cannot be read: {exc}") from exc
+    except (ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # out of memory is still named as such
+        raise InputUnreadable(f"{what} cannot be read: {type(exc).__name__}: {exc}") from exc
+
+
+def load_input(model_dir: Path, device: str | torch.device) -> Any:
+    """The uploaded model folder loaded for a job (see `reading_input`)."""
+    with reading_input("the uploaded model"):
+        return load_model(model_dir, device)
 
 
 def _export_onnx(model: Any, folder: Path, probe: "_Probe") -> float:
@@ -132,17 +164,19 @@ def _with_teacher(ctx: StepContext, model_dir: Path) -> StepContext:
     """Teacher "original" is the uploaded folder loaded afresh; other refs go to the caller's resolver."""
 
     def teacher(ref: str) -> Any:
-        return load_model(model_dir, ctx.device) if ref == "original" else ctx.teacher(ref)
+        return load_input(model_dir, ctx.device) if ref == "original" else ctx.teacher(ref)
 
     return dataclasses.replace(ctx, teacher=teacher)
 
 
 def _tokenizer(model_dir: Path) -> PreTrainedTokenizerBase | None:
-    try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
-    except Exception as exc:  # no or unusable tokenizer: probe with seeded random token ids instead
-        log.info("no tokenizer in %s (%s); probing with random token ids", model_dir, exc)
+    """The folder's tokenizer; None without tokenizer files (the probe then uses seeded random token ids). Files
+    that are there but do not load are a broken input, never silently replaced by random ids."""
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        log.info("no tokenizer in %s; probing with random token ids", model_dir)
         return None
+    with reading_input("the uploaded tokenizer"):
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
 
 
 def _probe(model: Any, tokenizer: PreTrainedTokenizerBase | None) -> _Probe:

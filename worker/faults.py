@@ -136,10 +136,12 @@ class Sweeper:
 
 
 def sweep(celery: Celery, task_name: str, settings: Settings) -> tuple[int, int]:
-    """One round: requeue or end jobs with expired leases, remove stale scratch. Returns (requeued, removed)."""
+    """One round: requeue or end jobs with expired leases, end queued jobs with no attempt left, remove stale
+    scratch. Returns (requeued, removed)."""
     with session_scope() as session:
         runs = JobRuns(session)
         requeued = [(job.id, job.queue) for job in runs.sweep_expired(settings.job_max_attempts)]
+        runs.end_exhausted_queued(settings.job_max_attempts)
         running = runs.running_ids()
     for job_id, queue in requeued:  # after the commit, like the API: the delivery must find the row queued
         celery.send_task(task_name, args=[job_id], queue=queue)

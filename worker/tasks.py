@@ -23,10 +23,9 @@ from core.compression.spec import JobSpec, StepConfig
 from core.compression.state import StepContext, StepReport
 from core.datasets import read_texts
 from core.db.models import Job, JobStatus, utcnow
-from core.db.repositories import Datasets, JobRuns, Models, worker_lost
+from core.db.repositories import Datasets, JobRuns, Models
 from core.db.session import engine, session_scope
-from core.jobs import execute_job
-from core.modelio import load_model
+from core.jobs import execute_job, load_input, reading_input
 from core.settings import Settings, get_settings
 from core.storage import ArtifactStore, get_store
 from worker.celery_app import RUN_JOB_TASK, app
@@ -39,17 +38,17 @@ SWEEPERS: list[Sweeper] = []
 @app.task(name=RUN_JOB_TASK, bind=True, max_retries=5)
 def run_job(self: Task, job_id: str) -> None:
     settings = get_settings()
+    job = None
     try:
         job = _claim(job_id, settings)
         if job is not None:
             _run_claimed(job, settings)
     except INFRASTRUCTURE_FAULTS as exc:
-        if self.request.retries >= self.max_retries:  # give up with a terminal state, never stay queued
-            log.error("job %s: infrastructure fault after %d retries: %s", job_id, self.request.retries, exc)
-            _end(job_id, retries_exhausted(exc))
+        last_try = self.request.retries >= self.max_retries
+        if not _retry_later(job_id, job.attempts if job else None, exc, settings, last_try):
+            log.error("job %s: infrastructure fault, no retry left: %s", job_id, exc)
             return
         log.warning("job %s: infrastructure fault, will retry: %s", job_id, exc)
-        _release(job_id)
         raise self.retry(exc=exc, countdown=min(5 * 2**self.request.retries, 300)) from exc
 
 
@@ -59,21 +58,8 @@ def _claim(job_id: str, settings: Settings) -> Job | None:
         runs = JobRuns(session)
         job = runs.claim(job_id, lease, settings.job_max_attempts)
         if job is None:
-            _end_if_abandoned(runs, job_id, settings)
+            log.info("job %s not claimed: %s", job_id, runs.settle_unclaimed(job_id, settings.job_max_attempts))
         return job
-
-
-def _end_if_abandoned(runs: JobRuns, job_id: str, settings: Settings) -> None:
-    """A redelivered job whose worker died too often ends `failed` (worker_lost) instead of staying `running`."""
-    job = runs.get(job_id)
-    if job is None:
-        log.warning("job %s does not exist; message dropped", job_id)
-    elif job.status == JobStatus.running and job.lease_expires_at and job.lease_expires_at < utcnow():
-        runs.fail(job_id, worker_lost(job.attempts))
-    elif job.status == JobStatus.queued and job.cancel_requested:
-        runs.fail(job_id, {"code": "cancelled", "message": "cancelled before it started"}, JobStatus.cancelled)
-    else:
-        log.info("job %s is %s; duplicate delivery ignored", job_id, job.status)
 
 
 def _run_claimed(job: Job, settings: Settings) -> None:
@@ -118,12 +104,15 @@ def _end(job_id: str, error: dict[str, Any], status: JobStatus = JobStatus.faile
         JobRuns(session).fail(job_id, error, status, attempt)
 
 
-def _release(job_id: str) -> None:
+def _retry_later(job_id: str, attempt: int | None, exc: BaseException, settings: Settings, last_try: bool) -> bool:
+    """Requeue the job for the retried task, or end it when it has no attempt (or retry) left."""
     try:
         with session_scope() as session:
-            JobRuns(session).release(job_id)
-    except Exception as exc:  # the database is down too: the lease expiry lets the retry claim it later
-        log.warning("job %s: could not release: %s", job_id, exc)
+            return JobRuns(session).release_or_end(job_id, attempt, settings.job_max_attempts,
+                                                   retries_exhausted(exc), last_try)
+    except Exception as db_exc:  # the database is down too: the lease expiry lets the retry claim it later
+        log.warning("job %s: could not requeue or end it: %s", job_id, db_exc)
+        return not last_try
 
 
 def _context(job: Job) -> StepContext:
@@ -157,7 +146,7 @@ def _teacher_models(tenant_id: str, device: torch.device) -> Callable[[str], Any
     def teacher(model_id: str) -> Any:
         with session_scope() as session:
             model = Models(session, tenant_id).get(model_id)
-        return load_model(get_store().local_tree(model.storage_key), device)
+        return load_input(get_store().local_tree(model.storage_key), device)
 
     return teacher
 
@@ -172,7 +161,8 @@ def _dataset_texts(tenant_id: str) -> Callable[[str | None], list[str]]:
             return default_corpus()
         with session_scope() as session:
             dataset = Datasets(session, tenant_id).get(dataset_id)
-        return read_texts(get_store().local_file(dataset.storage_key))
+        with reading_input(f"dataset {dataset_id!r}"):
+            return read_texts(get_store().local_file(dataset.storage_key))
 
     return texts
 

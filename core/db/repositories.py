@@ -22,6 +22,8 @@ def hash_key(plaintext: str) -> str:
 
 
 class Tenants:
+    prefix_chars = 12  # "mcs_" and 8 random characters: stored in clear to name a key in `mcs keys list`
+
     def __init__(self, session: Session) -> None:
         self.session = session
 
@@ -36,7 +38,8 @@ class Tenants:
     def create_api_key(self, tenant: Tenant) -> str:
         """Return a new key in plain text (shown once); only its hash is stored."""
         plaintext = "mcs_" + secrets.token_urlsafe(32)
-        self.session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(plaintext), prefix=plaintext[:12]))
+        self.session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(plaintext),
+                                prefix=plaintext[:self.prefix_chars]))
         self.session.flush()
         return plaintext
 
@@ -47,6 +50,31 @@ class Tenants:
             .where(ApiKey.key_hash == hash_key(plaintext), ApiKey.revoked_at.is_(None))
         )
         return self.session.scalar(query)
+
+    def api_keys(self, tenant_name: str) -> Sequence[ApiKey]:
+        """A tenant's keys, newest first, revoked ones included."""
+        tenant = self.session.scalar(select(Tenant).where(Tenant.name == tenant_name))
+        if tenant is None:
+            raise NotFound(f"no tenant is named {tenant_name!r}")
+        return self.session.scalars(
+            select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.created_at.desc(), ApiKey.id)
+        ).all()
+
+    def revoke_api_key(self, prefix_or_key: str) -> ApiKey:
+        """Revoke the one active key with this prefix (as `mcs keys list` shows it) or this whole key; the next
+        request with it is a 401. Two active keys with one prefix are a `Conflict`: give the whole key."""
+        if len(prefix_or_key) > self.prefix_chars:
+            match = ApiKey.key_hash == hash_key(prefix_or_key)
+        else:
+            match = ApiKey.prefix == prefix_or_key
+        keys = self.session.scalars(select(ApiKey).where(match, ApiKey.revoked_at.is_(None))).all()
+        if not keys:
+            raise NotFound(f"no active API key has the prefix or value {prefix_or_key[:self.prefix_chars]!r}")
+        if len(keys) > 1:
+            raise Conflict(f"{len(keys)} active keys share the prefix {prefix_or_key!r}; give the whole key")
+        keys[0].revoked_at = utcnow()
+        self.session.flush()
+        return keys[0]
 
 
 class _TenantScoped:
@@ -96,6 +124,20 @@ class Models(_TenantScoped):
     row_type = Model
     noun = "model"
 
+    def get_for_new_job(self, model_id: str) -> Model:
+        """The model, share-locked until the transaction ends: a concurrent delete (which locks it for update,
+        see `Jobs.active_for_model`) waits for the new job's commit and then sees it, or wins and this is a 404."""
+        row = self.session.scalar(
+            select(Model).where(Model.id == model_id, Model.tenant_id == self.tenant_id).with_for_update(read=True)
+        ) if "\x00" not in model_id else None
+        if row is None:
+            raise NotFound(f"model {model_id!r} not found")
+        return row
+
+    def exists(self, model_id: str) -> bool:
+        query = select(Model.id).where(Model.id == model_id, Model.tenant_id == self.tenant_id)
+        return "\x00" not in model_id and self.session.scalar(query) is not None
+
 
 class Jobs(_TenantScoped):
     row_type = Job
@@ -117,24 +159,29 @@ class Jobs(_TenantScoped):
         return self.session.scalar(select(Job).where(Job.tenant_id == self.tenant_id, Job.idempotency_key == key))
 
     def active_for_model(self, model_id: str) -> int:
+        """Queued or running jobs of the model. The model row is locked for update first, until the transaction
+        ends, so no job can be submitted for it between this count and its deletion (see `Models.get_for_new_job`)."""
+        self.session.execute(select(Model.id).where(Model.id == model_id).with_for_update())
         query = select(func.count()).select_from(Job).where(
             Job.tenant_id == self.tenant_id, Job.model_id == model_id, Job.status.not_in(TERMINAL)
         )
         return self.session.scalar(query) or 0
 
     def cancel(self, job: Job) -> Job:
-        """Queued jobs end at once; running ones are flagged and stop at the next step boundary."""
-        if job.status in TERMINAL:
-            raise Conflict(f"job {job.id} already ended with status {job.status!r}; it cannot be cancelled")
+        """Queued jobs end at once; running ones are flagged, stop at the next check, and can then only end
+        `cancelled` (a run that finishes meanwhile records no success: see `JobRuns.succeed`). Both updates are
+        guarded by the status, so a job that ended since it was read is a 409, never a flag on an ended job."""
         now = utcnow()
-        cancelled = self.session.execute(
+        flagged = self.session.execute(
             update(Job).where(Job.id == job.id, Job.status == JobStatus.queued)
             .values(status=JobStatus.cancelled, finished_at=now, cancel_requested=True)
+        ).rowcount or self.session.execute(
+            update(Job).where(Job.id == job.id, Job.status == JobStatus.running).values(cancel_requested=True)
         ).rowcount
-        if not cancelled:
-            self.session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True))
         self.session.flush()
         self.session.refresh(job)
+        if not flagged:
+            raise Conflict(f"job {job.id} already ended with status {job.status!r}; it cannot be cancelled")
         return job
 
 
@@ -146,6 +193,11 @@ class Datasets(_TenantScoped):
 class Artifacts(_TenantScoped):
     row_type = Artifact
     noun = "artifact"
+
+
+def attempts_exhausted(attempts: int) -> dict[str, str]:
+    return {"code": "unavailable", "message": f"the job was tried {attempts} times and the database, broker or "
+            "storage failed each time; it is not retried again"}
 
 
 def worker_lost(attempts: int) -> dict[str, str]:
@@ -177,6 +229,29 @@ class JobRuns:
 
     def get(self, job_id: str) -> Job | None:
         return self.session.get(Job, job_id, populate_existing=True)
+
+    def settle_unclaimed(self, job_id: str, max_attempts: int) -> str:
+        """A delivery that could not claim its job ends it if nobody else will: its worker died too often, a cancel
+        came before it started, or it is queued with no attempt left. Returns what happened, for the log."""
+        job = self.get(job_id)
+        if job is None:
+            return "missing"
+        if job.status == JobStatus.running and job.lease_expires_at and job.lease_expires_at < utcnow():
+            self.fail(job_id, worker_lost(job.attempts))
+        elif job.status == JobStatus.queued and job.cancel_requested:
+            self.fail(job_id, {"code": "cancelled", "message": "cancelled before it started"}, JobStatus.cancelled)
+        elif job.status == JobStatus.queued and job.attempts >= max_attempts:
+            self.fail(job_id, attempts_exhausted(job.attempts))
+        else:
+            return f"{job.status}: duplicate delivery ignored"
+        return "ended"
+
+    def end_exhausted_queued(self, max_attempts: int) -> int:
+        """End queued jobs that have no attempt left (a delivery would only ignore them): never stuck in `queued`."""
+        exhausted = (Job.status == JobStatus.queued) & (Job.attempts >= max_attempts)
+        ids = self.session.scalars(select(Job.id).where(exhausted)).all()
+        return sum(self._end(job_id, JobStatus.failed, None, exhausted, error=attempts_exhausted(max_attempts))
+                   for job_id in ids)
 
     def model_of(self, job: Job) -> Model:
         model = self.session.get(Model, job.model_id) if job.model_id else None
@@ -230,8 +305,13 @@ class JobRuns:
     def succeed(self, job: Job, metrics: dict[str, Any], artifact: dict[str, Any]) -> bool:
         """Record the artifact and end the job in one transaction; the artifact key is fixed per job, so a
         retried job replaces its row instead of leaving a second one. Records nothing and returns False when this
-        run no longer holds the job (it ended, or its lease expired and it was requeued or taken by another run)."""
-        if not self._end(job.id, JobStatus.succeeded, job.attempts, metrics=metrics, progress=1.0, message="done"):
+        run no longer holds the job (it ended, or its lease expired and it was requeued or taken by another run), or
+        when a cancel was accepted meanwhile: the job then ends `cancelled`, as the cancel's 200 promised."""
+        if not self._end(job.id, JobStatus.succeeded, job.attempts, Job.cancel_requested.is_(False), metrics=metrics,
+                         progress=1.0, message="done"):
+            cancelled = {"code": "cancelled", "message": "cancelled as the job was finishing; its result is discarded"}
+            if self._end(job.id, JobStatus.cancelled, job.attempts, Job.cancel_requested.is_(True), error=cancelled):
+                self._end_steps(job.id, JobStatus.cancelled)
             return False
         existing = self.session.scalar(select(Artifact).where(Artifact.storage_key == artifact["storage_key"]))
         if existing is not None:
@@ -252,12 +332,22 @@ class JobRuns:
             .values(status=status, finished_at=utcnow())
         )
 
-    def release(self, job_id: str) -> None:
-        """Put a job back in the queue after an infrastructure fault, for the retried task to claim."""
-        self.session.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.running)
-            .values(status=JobStatus.queued, lease_expires_at=None)
-        )
+    def release_or_end(self, job_id: str, attempt: int | None, max_attempts: int, error: dict[str, Any],
+                       last_try: bool = False) -> bool:
+        """After an infrastructure fault: True when the task should retry (the run `attempt` held the job: it goes
+        back to `queued`; None: the claim itself failed), or False once the job ended, another run holds it, or it
+        has no attempt left: it then ends `failed` with `error` here, so it never waits in `queued` for nothing."""
+        job = self.get(job_id)
+        if job is None or job.status in TERMINAL or (attempt is not None and job.attempts != attempt):
+            return False
+        if last_try or job.attempts >= max_attempts:
+            self.fail(job_id, error)
+            return False
+        if attempt is not None:
+            self.session.execute(
+                update(Job).where(*self._held(job_id, attempt)).values(status=JobStatus.queued, lease_expires_at=None)
+            )
+        return True
 
     def renew_lease(self, job_id: str, lease: timedelta) -> bool:
         """The heartbeat of a live run; False once the job is no longer running (ended or taken over)."""
@@ -296,8 +386,8 @@ class JobRuns:
         query = select(Job).where(Job.status == JobStatus.queued, Job.created_at < older_than)
         return self.session.scalars(query).all()
 
-    def _end(self, job_id: str, status: JobStatus, attempt: int | None = None, **values: Any) -> bool:
-        where = [Job.id == job_id, Job.status.not_in(TERMINAL)]
+    def _end(self, job_id: str, status: JobStatus, attempt: int | None = None, *guards: Any, **values: Any) -> bool:
+        where = [Job.id == job_id, Job.status.not_in(TERMINAL), *guards]
         if attempt is not None:  # a run whose lease expired may still finish: the job is no longer its to end
             where += [Job.status == JobStatus.running, Job.attempts == attempt]
         ended = self.session.execute(

@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from api.routers.jobs import _check_references
 from core.datasets import read_texts
 from core.db.repositories import Datasets, Models, Tenants
 from core.db.session import session_scope
 from core.errors import NotFound
+from core.job_submission import check_references
 from core.storage import get_store
 
 INT8 = {"type": "quantize"}
@@ -61,12 +61,12 @@ def test_step_references_must_be_the_tenants_own(client, auth, other_auth, uploa
     with session_scope() as session:
         alice = Tenants(session).get_or_create("alice").id
         datasets, models = Datasets(session, alice), Models(session, alice)
-        _check_references({"steps": [{"calibration": {"dataset_id": mine["id"]}}, {"teacher": model["id"]}]},
+        check_references({"steps": [{"calibration": {"dataset_id": mine["id"]}}, {"teacher": model["id"]}]},
                           datasets, models)
         with pytest.raises(NotFound, match=foreign["id"]):
-            _check_references({"steps": [{"calibration": {"dataset_id": foreign["id"]}}]}, datasets, models)
+            check_references({"steps": [{"calibration": {"dataset_id": foreign["id"]}}]}, datasets, models)
         with pytest.raises(NotFound, match="mdl_nope"):
-            _check_references({"steps": [{"teacher": "mdl_nope"}]}, datasets, models)
+            check_references({"steps": [{"teacher": "mdl_nope"}]}, datasets, models)
 
 
 def test_other_tenant_cannot_see_or_delete_a_dataset(client, auth, other_auth):

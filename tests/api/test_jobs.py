@@ -1,8 +1,15 @@
 import json
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
 
 import pytest
 import redis
 
+from core.db.models import Model
+from core.db.repositories import JobRuns, Jobs, Models
+from core.db.session import session_scope
 from tests.conftest import REDIS_URL
 
 INT8 = {"type": "quantize", "method": "rtn", "bits": 8, "granularity": "per_channel", "symmetric": True}
@@ -123,3 +130,82 @@ def test_unknown_query_parameters_are_refused_with_the_names(client, auth):
     assert "page_size" in problems["query.pagesize"]["message"]
     assert client.get("/v1/jobs?page_size=5&status=queued", headers=auth).status_code == 200
     assert client.get("/v1/models?unknown=1", headers=auth).status_code == 422
+
+
+@pytest.mark.parametrize("key", ["", " ", "a b", "tab\there"])
+def test_an_empty_or_blank_idempotency_key_is_422_not_a_key(client, auth, upload, key):
+    model = upload()
+    response = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [INT8]},
+                           headers={**auth, "Idempotency-Key": key})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["field"] == "header.idempotency-key"
+    assert client.get("/v1/jobs", headers=auth).json()["total"] == 0
+
+
+def _in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list]:
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(call()))
+    thread.start()
+    return thread, result
+
+
+def test_a_delete_waits_for_a_submission_in_flight_then_is_409(client, auth, upload):
+    model = upload()
+    tenant_id = _tenant_of(model["id"])
+    with session_scope() as submitting:  # a submission between its model check and its commit
+        Models(submitting, tenant_id).get_for_new_job(model["id"])
+        thread, deleted = _in_thread(lambda: client.delete(f"/v1/models/{model['id']}", headers=auth))
+        thread.join(0.5)
+        assert thread.is_alive(), "the delete must wait for the submission's lock"
+        Jobs(submitting, tenant_id).add_job(model["id"], {"steps": [INT8]}, "cpu", None, None)
+    thread.join(10)
+    assert deleted[0].status_code == 409, deleted[0].text
+    assert client.get(f"/v1/models/{model['id']}", headers=auth).status_code == 200
+
+
+def test_a_submission_waits_for_a_delete_in_flight_then_is_404(client, auth, upload):
+    model = upload()
+    tenant_id = _tenant_of(model["id"])
+    body = {"model_id": model["id"], "steps": [INT8]}
+    with session_scope() as deleting:  # a delete between its active-jobs check and its commit
+        assert Jobs(deleting, tenant_id).active_for_model(model["id"]) == 0
+        thread, submitted = _in_thread(lambda: client.post("/v1/jobs", json=body, headers=auth))
+        thread.join(0.5)
+        assert thread.is_alive(), "the submission must wait for the delete's lock"
+        models = Models(deleting, tenant_id)
+        models.delete(models.get(model["id"]))
+    thread.join(10)
+    assert submitted[0].status_code == 404 and submitted[0].json()["error"]["code"] == "not_found"
+    assert client.get("/v1/jobs", headers=auth).json()["total"] == 0
+
+
+def test_concurrent_submit_and_delete_never_leave_a_job_without_its_model(client, auth, upload):
+    for _ in range(6):
+        model = upload()
+        body = {"model_id": model["id"], "steps": [INT8]}
+        submit, submitted = _in_thread(lambda b=body: client.post("/v1/jobs", json=b, headers=auth))
+        delete, deleted = _in_thread(lambda m=model: client.delete(f"/v1/models/{m['id']}", headers=auth))
+        submit.join(30), delete.join(30)
+        outcome = (submitted[0].status_code, deleted[0].status_code)
+        assert outcome in {(202, 409), (404, 204)}, (outcome, submitted[0].text, deleted[0].text)
+    jobs = client.get("/v1/jobs", headers=auth, params={"page_size": 100}).json()["items"]
+    assert all(job["model_id"] is not None for job in jobs)
+
+
+def test_a_cancel_accepted_while_running_is_never_followed_by_succeeded(client, auth, upload):
+    model = upload()
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [INT8]}, headers=auth).json()
+    with session_scope() as session:
+        run = JobRuns(session).claim(job["id"], timedelta(seconds=60), 2)
+    cancel = client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+    assert cancel.status_code == 200 and cancel.json()["status"] == "running" and cancel.json()["cancel_requested"]
+    with session_scope() as session:  # the run had just finished its last step
+        assert not JobRuns(session).succeed(run, {}, {"name": "m.zip", "storage_key": "artifacts/x/model.zip",
+                                                      "sha256": "0" * 64, "size_bytes": 1})
+    ended = client.get(f"/v1/jobs/{job['id']}", headers=auth).json()
+    assert (ended["status"], ended["error"]["code"], ended["artifacts"]) == ("cancelled", "cancelled", [])
+
+
+def _tenant_of(model_id: str) -> str:
+    with session_scope() as session:
+        return session.get(Model, model_id).tenant_id

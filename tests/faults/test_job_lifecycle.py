@@ -1,9 +1,12 @@
-"""The job lifecycle as a Hypothesis state machine: clients submit (and retry submissions), cancel and poll through
-the real API; workers claim, finish, fail and vanish through the worker's own repository (`JobRuns`), all on the
-suite's PostgreSQL. After every step: each job is in exactly one known state, a terminal state never changes, a
-job never disappears, a succeeded job has exactly one artifact and no other job has one, and the list endpoints
-agree with single gets."""
+"""The job lifecycle as a Hypothesis state machine: clients submit (and retry submissions, also while the broker is
+down), cancel and poll through the real API; workers claim, finish, fail, hit infrastructure faults and vanish
+through the worker's own repository (`JobRuns`), all on the suite's PostgreSQL. After every step: each job is in
+exactly one known state, a terminal state never changes, a job never disappears, no job waits in `queued` with no
+attempt left, a succeeded job has exactly one artifact and no other job has one, and the list endpoints agree
+with single gets."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from uuid import uuid4
 
@@ -23,9 +26,12 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+import api.queue
 from core.db.models import Job, new_id
 from core.db.repositories import JobRuns, Models, Tenants
 from core.db.session import session_scope
+from core.errors import Unavailable
+from worker.faults import retries_exhausted
 
 pytestmark = pytest.mark.faults
 STATUSES = {"queued", "running", "succeeded", "failed", "cancelled"}
@@ -34,6 +40,20 @@ MAX_ATTEMPTS = 2
 LEASE = timedelta(seconds=60)  # a live run's lease: only the `worker_vanishes` rule lets one expire
 MAX_JOBS = 4  # few jobs per example: the steps then meet on the same jobs (takeovers, late ends, retries)
 ENDED_FIELDS = ("status", "error", "artifacts", "finished_at", "attempts", "metrics")
+
+
+@contextmanager
+def broker_down() -> Iterator[None]:
+    """The API's Celery app pointed at a port where no broker listens: sending is refused for real."""
+    from celery import Celery
+
+    dead = Celery("dead-broker", broker="redis://127.0.0.1:1/0")
+    dead.conf.broker_connection_retry_on_startup = False
+    live, api.queue.app = api.queue.app, dead
+    try:
+        yield
+    finally:
+        api.queue.app = live
 
 
 def tenant_with_a_model() -> tuple[str, str]:
@@ -102,6 +122,19 @@ class JobLifecycle(RuleBasedStateMachine):
             self.idempotent[key] = (body, job["id"])
         return job["id"]
 
+    @rule(key=st.sampled_from([None, "retry-a", "retry-c"]))
+    def submit_while_broker_down(self, key: str | None) -> None:
+        """With the broker down a new job is a 503 and nothing is created (the key stays free); a retry of a job
+        that already exists replays it."""
+        body = {"model_id": self.model_id, "steps": [{"type": "quantize", "method": "rtn", "bits": 8}]}
+        headers = {**self.headers, **({"Idempotency-Key": key} if key else {})}
+        with broker_down():
+            response = self.client.post("/v1/jobs", json=body, headers=headers)
+        if key in self.idempotent:
+            assert response.status_code in (202, 409), response.text
+            return
+        assert response.status_code == 503 and response.json()["error"]["code"] == "unavailable", response.text
+
     @rule(job_id=jobs)
     def cancel(self, job_id: str) -> None:
         """A queued job ends `cancelled` at once, a running one is flagged, an ended one is a 409 (unchanged)."""
@@ -112,17 +145,42 @@ class JobLifecycle(RuleBasedStateMachine):
             return
         assert response.status_code == 200, response.text
         assert response.json()["status"] == {"queued": "cancelled", "running": "running"}[before]
+        assert response.json()["cancel_requested"] is True
         self.cancel_requested.add(job_id)
 
     @rule(target=runs, job_id=jobs)
     def worker_claims(self, job_id: str) -> Job:
-        """A delivery claims the job: only a queued, uncancelled job under its attempt cap can be taken."""
+        """A delivery claims the job: only a queued, uncancelled job under its attempt cap can be taken. A delivery
+        that cannot claim settles the job as the worker does, and a live or ended job is left as it was."""
         before = self.seen[job_id]
         with session_scope() as session:
-            job = JobRuns(session).claim(job_id, LEASE, MAX_ATTEMPTS)
+            runs = JobRuns(session)
+            job = runs.claim(job_id, LEASE, MAX_ATTEMPTS)
+            if job is None:
+                runs.settle_unclaimed(job_id, MAX_ATTEMPTS)
         claimable = before["status"] == "queued" and job_id not in self.cancel_requested
         assert (job is not None) == (claimable and before["attempts"] < MAX_ATTEMPTS)
+        if job is None:
+            assert self._get(job_id)["status"] == before["status"]
         return job if job is not None else multiple()
+
+    @rule(run=consumes(runs), last_try=st.booleans())
+    def infrastructure_fault(self, run: Job, last_try: bool) -> None:
+        """The run hits a database, broker or storage fault: the job goes back to `queued` for the task's retry,
+        or ends `failed` when it has no attempt (or task retry) left; a run that no longer holds it changes
+        nothing."""
+        before = self.seen[run.id]
+        with session_scope() as session:
+            retry = JobRuns(session).release_or_end(run.id, run.attempts, MAX_ATTEMPTS,
+                                                    retries_exhausted(Unavailable("database gone")), last_try)
+        after = self._get(run.id)
+        holds = before["status"] == "running" and before["attempts"] == run.attempts
+        if not holds:
+            assert not retry and after["status"] == before["status"]
+        elif last_try or run.attempts >= MAX_ATTEMPTS:
+            assert not retry and (after["status"], after["error"]["code"]) == ("failed", "unavailable")
+        else:
+            assert retry and after["status"] == "queued"
 
     @rule(run=consumes(runs), succeeded=st.booleans())
     def worker_ends(self, run: Job, succeeded: bool) -> None:
@@ -137,7 +195,8 @@ class JobLifecycle(RuleBasedStateMachine):
                 runs.fail(run.id, {"code": "step_failed", "message": "a step failed"}, attempt=run.attempts)
         after = self._get(run.id)
         holds = before["status"] == "running" and before["attempts"] == run.attempts
-        expected = ("succeeded" if succeeded else "failed") if holds else before["status"]
+        success = "cancelled" if run.id in self.cancel_requested else "succeeded"  # a cancel's 200 is kept
+        expected = (success if succeeded else "failed") if holds else before["status"]
         assert after["status"] == expected, (before, after, run.attempts)
 
     @rule(run=runs)
@@ -178,6 +237,9 @@ class JobLifecycle(RuleBasedStateMachine):
                 assert {f: job[f] for f in ENDED_FIELDS} == {f: before[f] for f in ENDED_FIELDS}, "an ended job changed"
             assert len(job["artifacts"]) == (1 if job["status"] == "succeeded" else 0), job
             assert (job["finished_at"] is not None) == (job["status"] in TERMINAL), job
+            assert not (job["status"] == "queued" and job["attempts"] >= MAX_ATTEMPTS), f"stuck in queued: {job}"
+            if job["status"] == "succeeded":
+                assert job_id not in self.cancel_requested, "a job whose cancel was accepted must not succeed"
             self.seen[job_id] = job
 
 
