@@ -6,7 +6,16 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core import errors
 from core.compression.spec import JobSpec
+from core.db.models import JobStatus
+
+# The codes a job's `error` can carry: the user's faults found while running, then the job machine's own endings.
+JOB_FAILURE_CODES = tuple(cls.code for cls in (
+    errors.InvalidSpec, errors.UnsupportedModel, errors.UnsafeInput, errors.InputUnreadable, errors.StepFailed,
+    errors.NotFound, errors.JobCancelled, errors.WorkerLost, errors.JobTimeout, errors.OutOfMemory,
+    errors.StorageFailed, errors.Unavailable, errors.InternalError,
+))
 
 
 class ErrorDetail(BaseModel):
@@ -47,7 +56,7 @@ class StepOut(BaseModel):
     index: int
     type: str
     config: dict[str, Any]
-    status: str
+    status: JobStatus
     started_at: datetime | None
     finished_at: datetime | None
     metrics: dict[str, Any] | None
@@ -69,14 +78,15 @@ class JobOut(BaseModel):
 
     id: str
     model_id: str | None
-    status: str
+    status: JobStatus
     queue: str
     progress: float
     current_step: int | None
     message: str | None
     steps: list[StepOut]
     metrics: dict[str, Any] | None
-    error: dict[str, Any] | None
+    error: ErrorDetail | None = Field(description="why the job did not succeed: `code` is one of "
+                                      f"{', '.join(f'`{code}`' for code in JOB_FAILURE_CODES)}")
     attempts: int
     cancel_requested: bool = Field(description="a cancel was accepted: a running job then ends `cancelled`, never "
                                                "`succeeded`")

@@ -69,7 +69,33 @@ class StepFailed(ServiceError):
 
 
 class JobCancelled(ServiceError):
+    """A cancel was accepted: the job ends `cancelled` (the one failure that is not the status `failed`)."""
+
     code = "cancelled"
+
+
+class WorkerLost(ServiceError):
+    """The worker running the job stopped (killed, out of memory, host lost) as often as MCS_JOB_MAX_ATTEMPTS."""
+
+    code = "worker_lost"
+
+
+class JobTimeout(ServiceError):
+    """The job ran past MCS_JOB_SOFT_TIME_LIMIT_S or MCS_JOB_HARD_TIME_LIMIT_S."""
+
+    code = "timeout"
+
+
+class OutOfMemory(ServiceError):
+    """A step ran out of host or device memory; not retried (it would again)."""
+
+    code = "out_of_memory"
+
+
+class InternalError(ServiceError):
+    """An unexpected exception: a bug of ours, logged with its traceback."""
+
+    code = "internal_error"
 
 
 class StorageFailed(ServiceError):

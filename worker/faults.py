@@ -22,7 +22,15 @@ from sqlalchemy.exc import OperationalError
 from core.db.models import JobStatus
 from core.db.repositories import JobRuns
 from core.db.session import session_scope
-from core.errors import JobCancelled, ServiceError, StorageFailed, Unavailable
+from core.errors import (
+    InternalError,
+    JobCancelled,
+    JobTimeout,
+    OutOfMemory,
+    ServiceError,
+    StorageFailed,
+    Unavailable,
+)
 from core.scratch import remove_stale_scratch
 from core.settings import Settings
 
@@ -50,15 +58,15 @@ def failure_for(exc: BaseException, settings: Settings) -> Failure | None:
     if disk := next((e for e in chain if _disk_full(e)), None):
         return StorageFailed(f"storage is full or over quota: {disk}").as_dict(), JobStatus.failed
     if any(_out_of_memory(e) for e in chain):
-        return {"code": "out_of_memory", "message": f"the job ran out of memory: {exc}; try a smaller model, "
-                "batch or a worker with more memory"}, JobStatus.failed
+        return OutOfMemory(f"the job ran out of memory: {exc}; try a smaller model, batch or a worker with more "
+                           "memory").as_dict(), JobStatus.failed
     if isinstance(exc, JobCancelled):
-        return {"code": exc.code, "message": exc.message}, JobStatus.cancelled
+        return exc.as_dict(), JobStatus.cancelled
     if isinstance(exc, INFRASTRUCTURE_FAULTS):
         return None
     if isinstance(exc, ServiceError):
         return exc.as_dict(), JobStatus.failed
-    return {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}, JobStatus.failed
+    return InternalError(f"{type(exc).__name__}: {exc}").as_dict(), JobStatus.failed
 
 
 def retries_exhausted(exc: BaseException) -> dict[str, Any]:
@@ -69,8 +77,8 @@ def retries_exhausted(exc: BaseException) -> dict[str, Any]:
 
 
 def timeout_error(limit_s: int, kind: str) -> dict[str, Any]:
-    return {"code": "timeout", "message": f"the job ran past its {kind} time limit of {limit_s} s "
-            "(MCS_JOB_SOFT_TIME_LIMIT_S / MCS_JOB_HARD_TIME_LIMIT_S)"}
+    return JobTimeout(f"the job ran past its {kind} time limit of {limit_s} s "
+                      "(MCS_JOB_SOFT_TIME_LIMIT_S / MCS_JOB_HARD_TIME_LIMIT_S)").as_dict()
 
 
 def _disk_full(exc: BaseException) -> bool:

@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from core.db.models import TERMINAL, ApiKey, Artifact, Base, Dataset, Job, JobStatus, JobStep, Model, Tenant, utcnow
-from core.errors import Conflict, NotFound
+from core.errors import Conflict, JobCancelled, NotFound, Unavailable, WorkerLost
 
 Row = TypeVar("Row", bound=Base)
 
@@ -195,14 +195,18 @@ class Artifacts(_TenantScoped):
     noun = "artifact"
 
 
-def attempts_exhausted(attempts: int) -> dict[str, str]:
-    return {"code": "unavailable", "message": f"the job was tried {attempts} times and the database, broker or "
-            "storage failed each time; it is not retried again"}
+def attempts_exhausted(attempts: int) -> dict[str, Any]:
+    return Unavailable(f"the job was tried {attempts} times and the database, broker or storage failed each time; "
+                       "it is not retried again").as_dict()
 
 
-def worker_lost(attempts: int) -> dict[str, str]:
-    return {"code": "worker_lost", "message": f"the worker running this job stopped {attempts} times (killed, out "
-            "of memory, or its host was lost); it is not retried again"}
+def worker_lost(attempts: int) -> dict[str, Any]:
+    return WorkerLost(f"the worker running this job stopped {attempts} times (killed, out of memory, or its host "
+                      "was lost); it is not retried again").as_dict()
+
+
+def cancelled(message: str) -> dict[str, Any]:
+    return JobCancelled(message).as_dict()
 
 
 class JobRuns:
@@ -239,7 +243,7 @@ class JobRuns:
         if job.status == JobStatus.running and job.lease_expires_at and job.lease_expires_at < utcnow():
             self.fail(job_id, worker_lost(job.attempts))
         elif job.status == JobStatus.queued and job.cancel_requested:
-            self.fail(job_id, {"code": "cancelled", "message": "cancelled before it started"}, JobStatus.cancelled)
+            self.fail(job_id, cancelled("cancelled before it started"), JobStatus.cancelled)
         elif job.status == JobStatus.queued and job.attempts >= max_attempts:
             self.fail(job_id, attempts_exhausted(job.attempts))
         else:
@@ -309,8 +313,8 @@ class JobRuns:
         when a cancel was accepted meanwhile: the job then ends `cancelled`, as the cancel's 200 promised."""
         if not self._end(job.id, JobStatus.succeeded, job.attempts, Job.cancel_requested.is_(False), metrics=metrics,
                          progress=1.0, message="done"):
-            cancelled = {"code": "cancelled", "message": "cancelled as the job was finishing; its result is discarded"}
-            if self._end(job.id, JobStatus.cancelled, job.attempts, Job.cancel_requested.is_(True), error=cancelled):
+            error = cancelled("cancelled as the job was finishing; its result is discarded")
+            if self._end(job.id, JobStatus.cancelled, job.attempts, Job.cancel_requested.is_(True), error=error):
                 self._end_steps(job.id, JobStatus.cancelled)
             return False
         existing = self.session.scalar(select(Artifact).where(Artifact.storage_key == artifact["storage_key"]))
@@ -373,7 +377,7 @@ class JobRuns:
             return bool(self.session.execute(guarded.values(status=JobStatus.queued, lease_expires_at=None)).rowcount)
         status, error = JobStatus.failed, worker_lost(job.attempts)
         if job.cancel_requested:
-            status, error = JobStatus.cancelled, {"code": "cancelled", "message": "cancelled; its worker had stopped"}
+            status, error = JobStatus.cancelled, cancelled("cancelled; its worker had stopped")
         if self.session.execute(guarded.values(status=status, finished_at=now, lease_expires_at=None,
                                                error=error)).rowcount:
             self._end_steps(job.id, status)
