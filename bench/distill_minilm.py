@@ -23,8 +23,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from bench.minilm import THREADS, Variant, measure, minilm_folder
-from bench.report import load_average, machine_description, markdown_table, package_dir, update_section
+from bench.report import load_average, machine_description, markdown_table, update_section
 from core.calibration import default_corpus
 from core.compressed import load_compressed, save_compressed
 from core.compression.configs.training import TrainingStep
@@ -34,6 +33,7 @@ from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext
 from core.compression.training.data import split_rows
 from core.modelio import load_model
+from core.shipped import THREADS, Variant, measure, minilm_folder, package_dir
 
 NAME = "distill_minilm"
 COMMAND = f".venv/bin/python -m bench.{NAME}"

@@ -229,7 +229,7 @@ def _default_config_dir() -> Path:
 
 
 def _default_texts() -> Path:
-    from bench.report import package_dir
+    from core.shipped import package_dir
 
     return package_dir("gensim") / "test" / "test_data" / "lee_background.cor"
 

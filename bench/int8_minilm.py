@@ -9,7 +9,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.minilm import LATENCY_BATCH, LATENCY_ROUNDS, LATENCY_TOKENS, THREADS, Variant, measure, minilm_folder
 from bench.report import machine_description, markdown_table, update_section
 from core.compressed import load_compressed, save_compressed
 from core.compression.metrics import weights_size_bytes
@@ -17,6 +16,7 @@ from core.compression.pipeline import run_pipeline
 from core.compression.spec import QuantizeRTN
 from core.compression.state import ModelState, StepContext
 from core.modelio import load_model
+from core.shipped import LATENCY_BATCH, LATENCY_ROUNDS, LATENCY_TOKENS, THREADS, Variant, measure, minilm_folder
 
 NAME = "int8_minilm"
 COMMAND = f".venv/bin/python -m bench.{NAME}"

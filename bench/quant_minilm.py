@@ -13,7 +13,6 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from bench.int8_minilm import table
-from bench.minilm import LATENCY_BATCH, LATENCY_TOKENS, THREADS, Variant, measure, minilm_folder
 from bench.report import machine_description, markdown_table, update_section
 from core.compressed import load_compressed, save_compressed
 from core.compression.metrics import weights_size_bytes
@@ -21,6 +20,7 @@ from core.compression.pipeline import run_pipeline
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext
 from core.modelio import load_model
+from core.shipped import LATENCY_BATCH, LATENCY_TOKENS, THREADS, Variant, measure, minilm_folder
 
 NAME = "quant_minilm"
 COMMAND = f".venv/bin/python -m bench.{NAME}"

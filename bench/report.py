@@ -1,7 +1,6 @@
 """Shared by the benchmarks: where they find the shipped data, how they describe the machine, and how each one
 writes its own section of docs/benchmarks.md without touching the others."""
 
-import importlib.util
 import os
 import platform
 from collections.abc import Sequence
@@ -17,14 +16,6 @@ DOC_HEADER = """# Benchmarks
 Measured on real models and text shipped inside PyPI packages (no hub downloads). Each section below is written by
 the benchmark named in its markers; rerun the command shown in a section to refresh it.
 """
-
-
-def package_dir(name: str) -> Path:
-    """The installed files of package `name`, found without importing it (some packages' __init__ needs extras)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {name} is not installed; run `pip install -e '.[demo]'`")
-    return Path(spec.submodule_search_locations[0])
 
 
 def machine_description() -> str:

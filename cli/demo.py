@@ -46,9 +46,10 @@ def run_demo(api_url: str | None, api_key: str | None) -> int:
 
 def _embedded_stack():
     """Migrate, then run the API and a Celery worker as child processes on the embedded default."""
-    from cli.main import main as mcs
+    from core.db.migrate import upgrade
 
-    mcs(["migrate"])
+    get_settings().var_dir.mkdir(parents=True, exist_ok=True)  # the embedded SQLite files live there
+    upgrade(get_settings().database_url)
     log_dir = get_settings().var_dir / "logs"
     print(f"starting the API and a Celery worker (logs in {log_dir})", flush=True)
     return local_stack({}, log_dir)
@@ -64,7 +65,7 @@ def create_key() -> str:
 
 
 def _minilm_folder() -> Path:
-    from bench.minilm import minilm_folder
+    from core.shipped import minilm_folder
 
     return minilm_folder()
 
@@ -123,9 +124,9 @@ def checked_json(response: httpx.Response) -> dict[str, Any]:
 
 
 def _print_table(source: Path, artifact: Path, job: dict[str, Any]) -> None:
-    from bench.minilm import measure
     from core import load_compressed
     from core.compression.metrics import weights_size_bytes
+    from core.shipped import measure
 
     with tempfile.TemporaryDirectory(prefix="mcs-demo-artifact-") as tmp:
         with zipfile.ZipFile(artifact) as zf:
