@@ -61,3 +61,20 @@ def db(database_url: str) -> Iterator[str]:
     redis.Redis.from_url(REDIS_URL).flushdb()
     for child in ARTIFACT_ROOT.iterdir():
         shutil.rmtree(child, ignore_errors=True)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Tests marked `gpu` need CUDA: skipped, with the reason, on machines without it (CI here has none)."""
+    if item.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs CUDA (marker gpu)")
+
+
+@pytest.fixture()
+def device(request: pytest.FixtureRequest) -> "torch.device":  # noqa: F821 (torch is imported lazily)
+    """The device a test runs its model on: CUDA for a test marked `gpu`, the CPU otherwise."""
+    import torch
+
+    return torch.device("cuda" if request.node.get_closest_marker("gpu") else "cpu")
