@@ -33,12 +33,13 @@ from core.compression.encoding import decode
 from core.compression.rewrites import replay
 from core.compression.state import Encoding, ModelState, Rewrite
 from core.errors import UnsupportedModel
-from core.modelio import model_class_for, read_config
+from core.modelio import model_class_for, model_file, read_config
 from core.settings import get_settings
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "compression.json"
+ARTIFACT = "the compressed artifact"
 TOKENIZER_PATTERNS = (
     "tokenizer*.json",
     "vocab*",
@@ -185,7 +186,7 @@ def copy_tokenizer_files(source_dir: Path, out_dir: Path) -> None:
 def _load_folder(folder: Path) -> PreTrainedModel:
     manifest = read_manifest(folder)
     config = read_config(folder)
-    state_dict = _read_state_dict(folder / WEIGHTS_FILE, manifest)
+    state_dict = _read_state_dict(model_file(folder, WEIGHTS_FILE, ARTIFACT), manifest)
     cls = model_class_for(config)
     # Every parameter is overwritten from the file, so random initialisation would only cost time.
     with no_init_weights():
@@ -206,7 +207,7 @@ def read_manifest(folder: Path) -> _Manifest:
     if not path.is_file():
         raise UnsupportedModel(f"{MANIFEST_FILE} is missing: this is not a compressed model folder")
     try:
-        return _Manifest.model_validate_json(path.read_bytes())
+        return _Manifest.model_validate_json(model_file(folder, MANIFEST_FILE, ARTIFACT).read_bytes())
     except ValidationError as exc:
         raise UnsupportedModel(f"{MANIFEST_FILE} is invalid: {exc}") from exc
 
@@ -215,7 +216,7 @@ def stored_encodings(folder: Path) -> dict[str, Encoding]:
     """The encodings of an artifact folder as saved (packed tensors, not decoded), keyed by parameter name."""
     manifest = read_manifest(folder)
     try:
-        stored = load_file(folder / WEIGHTS_FILE)
+        stored = load_file(model_file(folder, WEIGHTS_FILE, ARTIFACT))
         return {
             name: Encoding(record.format, {key: stored[f"{name}.{key}"] for key in record.tensors}, record.meta)
             for name, record in manifest.encodings.items()

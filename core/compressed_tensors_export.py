@@ -114,7 +114,8 @@ def load_compressed_tensors(folder: Path) -> PreTrainedModel:
     """
     config = read_config(folder)
     options = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if _asymmetric(config) else {}
-    model = model_class_for(config).from_pretrained(folder, local_files_only=True, trust_remote_code=False, **options)
+    model = model_class_for(config).from_pretrained(folder, local_files_only=True, trust_remote_code=False,
+                                                    use_safetensors=True, **options)
     return model.eval()
 
 

@@ -4,7 +4,7 @@ with one sample per line. Validated while streaming, stored normalised as JSONL,
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import BinaryIO, Literal, TextIO
 
 from core.errors import InvalidRequest, PayloadTooLarge
 from core.settings import Settings
@@ -67,10 +67,18 @@ def _normalise(source: Path, target: Path, fmt: str) -> int:
             count += 1
             if count > MAX_SAMPLES:
                 raise PayloadTooLarge(f"dataset has more than {MAX_SAMPLES:,} samples", {"field": "file"})
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            _write_record(out, record, number)
     if count == 0:
         raise InvalidRequest("the dataset has no samples (every line is empty)", {"field": "file"})
     return count
+
+
+def _write_record(out: TextIO, record: dict, number: int) -> None:
+    try:
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    except UnicodeEncodeError as exc:  # JSON's "\\ud800" escape decodes to a lone surrogate, which is not text
+        raise InvalidRequest(f"line {number} holds a lone UTF-16 surrogate ({exc.object[exc.start:exc.end]!r}), "
+                             "which is not a character", {"line": number}) from exc
 
 
 def _parse_line(raw: bytes, number: int, fmt: str) -> dict | None:
@@ -90,7 +98,7 @@ def _parse_line(raw: bytes, number: int, fmt: str) -> dict | None:
 def _json_record(line: str, number: int) -> dict:
     try:
         value = json.loads(line)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an integer over 4,300 digits
         raise InvalidRequest(f"line {number} is not valid JSON: {exc}", {"line": number}) from exc
     if not isinstance(value, dict) or not isinstance(value.get("text"), str) or not value["text"].strip():
         raise InvalidRequest(f"line {number} must be a JSON object with a non-empty string field \"text\"",

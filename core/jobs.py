@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from core.compressed import load_compressed, save_compressed
 from core.compression import metrics
@@ -29,12 +29,10 @@ from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext, StepReport
 from core.errors import InputUnreadable, ServiceError, StepFailed, UnsupportedModel
 from core.export import export_onnx
-from core.modelio import load_model
+from core.modelio import load_model, load_tokenizer, read_model_config
 
 log = logging.getLogger(__name__)
 PIPELINE_SHARE = (0.1, 0.8)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json",
-                   "spiece.model", "sentencepiece.bpe.model")
 # OS errors that say the storage itself is failing (worth a retry), not that the stored input is broken.
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT, errno.ENETDOWN,
                               errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNRESET, errno.ENOSPC, errno.EDQUOT})
@@ -172,11 +170,11 @@ def _with_teacher(ctx: StepContext, model_dir: Path) -> StepContext:
 def _tokenizer(model_dir: Path) -> PreTrainedTokenizerBase | None:
     """The folder's tokenizer; None without tokenizer files (the probe then uses seeded random token ids). Files
     that are there but do not load are a broken input, never silently replaced by random ids."""
-    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
-        log.info("no tokenizer in %s; probing with random token ids", model_dir)
-        return None
     with reading_input("the uploaded tokenizer"):
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        tokenizer = load_tokenizer(model_dir, read_model_config(model_dir))
+    if tokenizer is None:
+        log.info("no tokenizer in %s; probing with random token ids", model_dir)
+    return tokenizer
 
 
 def _probe(model: Any, tokenizer: PreTrainedTokenizerBase | None) -> _Probe:

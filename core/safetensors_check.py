@@ -31,6 +31,7 @@ NON_FINITE_MASKS = {
     "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
     "F64": (np.uint64, 0x7FF0000000000000), "F8_E5M2": (np.uint8, 0x7C), "F8_E4M3": (np.uint8, 0x7F),
 }
+FLOAT_DTYPES = frozenset(NON_FINITE_MASKS)
 
 
 def check_safetensors(path: Path) -> dict[str, dict[str, Any]]:
@@ -61,7 +62,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError as exc:
         raise UnsafeInput(f"header is not valid UTF-8 ({exc.reason})") from exc
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an integer over 4,300 digits
         raise UnsafeInput(f"header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise UnsafeInput("header must be a JSON object")
@@ -73,8 +74,19 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     for key, value in pairs:
         if key in result:
             raise UnsafeInput(f"header names {key!r} twice")
+        if not _is_unicode(key) or (isinstance(value, str) and not _is_unicode(value)):
+            raise UnsafeInput(f"header entry {key!r} holds a lone UTF-16 surrogate, which safetensors cannot read")
         result[key] = value
     return result
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate: JSON's `\\ud800` escape makes one, UTF-8 cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _tensor_entries(header: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -23,10 +23,10 @@ from core.compression.metrics import PROBE_SENTENCES
 WORD = re.compile(r"\w+|[^\w\s]")
 
 
-def tiny_bert(seed: int = 0) -> BertModel:
-    """A 2-layer BERT encoder (hidden 64, vocab 512), fp32, eval mode, weights seeded."""
+def tiny_bert(seed: int = 0, vocab_size: int = 512) -> BertModel:
+    """A 2-layer BERT encoder (hidden 64, vocab 512 unless told), fp32, eval mode, weights seeded."""
     config = BertConfig(
-        vocab_size=512,
+        vocab_size=vocab_size,
         hidden_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -56,6 +56,13 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 def save_model_folder(model: PreTrainedModel, directory: Path) -> Path:
     """Write `model` as a Hugging Face folder (config.json + model.safetensors) and return the folder."""
     model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def save_sharded_folder(model: PreTrainedModel, directory: Path, max_shard_size: str = "100KB") -> Path:
+    """Write `model` as a sharded folder: `model-0000i-of-0000n.safetensors` files and the
+    `model.safetensors.index.json` mapping each tensor to its shard (tiny_llama makes 5 shards)."""
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
     return directory
 
 

@@ -85,3 +85,28 @@ def test_training_step_on_a_one_row_dataset_is_refused_at_submission(client, aut
     assert response.status_code == 422, response.text
     assert "has 1 sample(s)" in response.json()["error"]["message"]
     assert client.get("/v1/jobs", headers=auth).json()["total"] == 0
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    (b'{"text": "a", "label": ' + b"9" * 5000 + b"}", "line 2 is not valid JSON: Exceeds the limit (4300 digits)"),
+    (b'{"text": "a", "label": -' + b"1" * 4301 + b"}", "line 2 is not valid JSON"),
+    (b'{"text": "a", "extra": [' + b"7" * 10_000 + b"]}", "line 2 is not valid JSON"),
+    (b'{"text": "\\ud800"}', "line 2 holds a lone UTF-16 surrogate ('\\ud800')"),
+    (b'{"text": "tail \\udfff"}', "line 2 holds a lone UTF-16 surrogate"),
+    (b'{"text": "\\ude00\\ud83d"}', "line 2 holds a lone UTF-16 surrogate"),
+    (b'{"text": "a", "label": "\\udc80"}', "line 2 holds a lone UTF-16 surrogate"),
+])
+def test_huge_integers_and_lone_surrogates_are_400(client, auth, line, message):
+    response = post_dataset(client, auth, b'{"text": "fine"}\n' + line + b"\n")
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert message in response.json()["error"]["message"] and response.json()["error"]["details"] == {"line": 2}
+    assert client.get("/v1/datasets", headers=auth).json()["total"] == 0
+
+
+def test_surrogate_pairs_and_long_but_allowed_integers_are_stored(client, auth):
+    payload = b'{"text": "smile \\ud83d\\ude00", "label": ' + b"9" * 4000 + b"}\n"
+    response = post_dataset(client, auth, payload)
+    assert response.status_code == 201, response.text
+    stored = get_store().local_file(f"datasets/{response.json()['id']}/data.jsonl")
+    assert read_texts(stored) == ["smile \U0001F600"]

@@ -116,3 +116,46 @@ def test_upload_with_nan_weights_is_400_and_leaves_nothing(client, auth, bert_fo
     assert response.json()["error"]["code"] == "unsafe_input"
     assert f"model.safetensors: tensor {first!r} holds" in response.json()["error"]["message"]
     assert leftovers() == []
+
+
+BIG = b"9" * 5000  # past Python's 4,300-digit limit for int(): json raises ValueError, not JSONDecodeError
+
+
+@pytest.mark.parametrize("header", [
+    b'{"w": {"dtype": "F32", "shape": [' + BIG + b'], "data_offsets": [0, 4]}}',
+    b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, ' + BIG + b']}}',
+    b'{"__metadata__": {"n": ' + BIG + b'}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+    b'{"w": {"dtype": "F32", "shape": [-' + BIG + b'], "data_offsets": [0, 4]}}',
+])
+def test_integers_past_the_digit_limit_are_refused(tmp_path, header):
+    with pytest.raises(UnsafeInput, match="not valid JSON .*4300"):
+        check_safetensors(raw_file(tmp_path / "big.safetensors", header, b"\0" * 4))
+
+
+@pytest.mark.parametrize("header", [
+    b'{"\\ud800": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+    b'{"w\\udfff": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+    b'{"__metadata__": {"format": "\\udc80"}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+    b'{"__metadata__": {"\\ud83d": "pt"}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+])
+def test_lone_surrogates_in_names_are_refused(tmp_path, header):
+    """safetensors' own parser refuses them, so a job would fail reading what the upload accepted."""
+    with pytest.raises(UnsafeInput, match="lone UTF-16 surrogate"):
+        check_safetensors(raw_file(tmp_path / "s.safetensors", header, b"\0" * 4))
+
+
+def test_a_surrogate_pair_is_a_character(tmp_path):
+    header = b'{"w\\ud83d\\ude00": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    assert list(check_safetensors(raw_file(tmp_path / "p.safetensors", header, b"\0" * 4))) == ["w\U0001F600"]
+
+
+def test_upload_with_a_huge_integer_in_the_header_is_400(client, auth, bert_folder, tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((bert_folder / "config.json").read_bytes())
+    raw_file(folder / "model.safetensors", b'{"w": {"dtype": "F32", "shape": [' + BIG + b'], "data_offsets": [0, 4]}}',
+             b"\0" * 4)
+    response = client.post("/v1/models", files={"file": ("m.zip", zip_folder(folder), "application/zip")},
+                           headers=auth)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "unsafe_input" and leftovers() == []
