@@ -13,11 +13,11 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.compression.spec import config_class
 from core.db.models import Dataset, Job
 from core.db.repositories import Datasets, Jobs, Models
 from core.errors import Conflict, InvalidSpec, NotFound, Unavailable
 
-TRAINING_STEPS = ("distill", "lora")
 MIN_TRAINING_SAMPLES = 2
 
 
@@ -90,7 +90,8 @@ def check_references(spec: dict[str, Any], datasets: Datasets, models: Models) -
 
 
 def _check_dataset(dataset: Dataset, step: dict[str, Any]) -> None:
-    if step.get("type") in TRAINING_STEPS and dataset.num_samples < MIN_TRAINING_SAMPLES:
+    config = config_class(step)
+    if config is not None and config.traits.trains and dataset.num_samples < MIN_TRAINING_SAMPLES:
         raise InvalidSpec(
             f"dataset {dataset.id!r} has {dataset.num_samples} sample(s); a {step['type']} step needs at least "
             f"{MIN_TRAINING_SAMPLES} (some are held out for evaluation)",

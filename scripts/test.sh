@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README command 2: the whole suite (lint, import boundaries, tests) against real PostgreSQL and Redis on
+# README command 2: the whole suite (lint, import boundaries, type check, tests) against real PostgreSQL and Redis on
 # 127.0.0.1 and real worker processes. Starts PostgreSQL and Redis when they are not running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +10,5 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 .venv/bin/ruff check .
 .venv/bin/lint-imports
+bash scripts/typecheck.sh
 exec .venv/bin/pytest "$@"

@@ -7,14 +7,14 @@ model, and every bad field is reported at once as a 422.
 """
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Self, Union
+from typing import Annotated, Any, Self, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, GetJsonSchemaHandler, Tag, model_validator
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 
 from core.compression.configs import decompose, distill, encode, lora, prune, quantize
-from core.compression.configs.base import StepConfig
+from core.compression.configs.base import ExportFormat, StepConfig, declared
 from core.compression.configs.quantize import QuantizeRTN
 from core.compression.export_rules import check_exports
 from core.compression.order import check_order
@@ -24,18 +24,8 @@ FAMILIES: tuple[tuple[type[StepConfig], ...], ...] = (
     quantize.CONFIGS, prune.CONFIGS, decompose.CONFIGS, encode.CONFIGS, distill.CONFIGS, lora.CONFIGS
 )
 
-
-def _default(config: type[StepConfig], field: str) -> str | None:
-    info = config.model_fields.get(field)
-    return None if info is None else info.default
-
-
-def step_tag(config: type[StepConfig]) -> str:
-    method = _default(config, "method")
-    return f"{_default(config, 'type')}:{method}" if method else str(_default(config, "type"))
-
-
-DEFAULT_METHODS = {_default(f[0], "type"): _default(f[0], "method") for f in FAMILIES}
+DEFAULT_METHODS = {declared(f[0], "type"): declared(f[0], "method") for f in FAMILIES}
+CONFIGS_BY_TAG = {config.tag(): config for family in FAMILIES for config in family}
 
 
 def _discriminate(value: Any) -> str | None:
@@ -45,6 +35,15 @@ def _discriminate(value: Any) -> str | None:
         return None
     default = DEFAULT_METHODS.get(step_type)
     return f"{step_type}:{get('method', default)}" if default else str(step_type)
+
+
+def config_class(step: dict[str, Any]) -> type[StepConfig] | None:
+    """The config class a recipe step (as JSON) names, None when it names none; for rules on unparsed recipes.
+
+    Example: `config_class({"type": "distill", "dataset_id": "dst_1"}).traits.trains` is True.
+    """
+    tag = _discriminate(step)
+    return None if tag is None else CONFIGS_BY_TAG.get(tag)
 
 
 @dataclass(frozen=True)
@@ -63,12 +62,12 @@ class _DocumentedTag:
 
 
 def _tag_fields(config: type[StepConfig], family: tuple[type[StepConfig], ...]) -> _DocumentedTag:
-    has_method = _default(config, "method") is not None
+    has_method = declared(config, "method") is not None
     return _DocumentedTag(("type", "method") if has_method and config is not family[0] else ("type",))
 
 
-TAGS = [step_tag(config) for family in FAMILIES for config in family]
-_MEMBERS = tuple(Annotated[config, Tag(step_tag(config)), _tag_fields(config, family)]
+TAGS = list(CONFIGS_BY_TAG)
+_MEMBERS = tuple(Annotated[config, Tag(config.tag()), _tag_fields(config, family)]
                  for family in FAMILIES for config in family)
 StepSpec = Annotated[
     Union.__getitem__(_MEMBERS),  # a Union built from the tuple of tagged configs
@@ -86,7 +85,7 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: list[StepSpec] = Field(min_length=1, max_length=32)
-    export: list[Literal["onnx", "compressed-tensors"]] = Field(
+    export: list[ExportFormat] = Field(
         default_factory=list, max_length=2,
         description='extra formats written into the artifact: "onnx" adds model.onnx (runs in onnxruntime); '
                     '"compressed-tensors" adds the folder compressed-tensors/ (transformers and vLLM load it)',
@@ -101,4 +100,4 @@ class JobSpec(BaseModel):
         return self
 
 
-__all__ = ["JobSpec", "QuantizeRTN", "StepConfig", "StepSpec", "step_tag"]
+__all__ = ["JobSpec", "QuantizeRTN", "StepConfig", "StepSpec", "config_class"]

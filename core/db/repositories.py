@@ -7,13 +7,20 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, Executable, func, select, update
 from sqlalchemy.orm import Session
 
 from core.db.models import TERMINAL, ApiKey, Artifact, Base, Dataset, Job, JobStatus, JobStep, Model, Tenant, utcnow
 from core.errors import Conflict, JobCancelled, NotFound, Unavailable, WorkerLost
 
 Row = TypeVar("Row", bound=Base)
+
+
+def _affected(session: Session, statement: Executable) -> int:
+    """Rows an UPDATE changed (SQLAlchemy types `execute` as a plain `Result`, which has no `rowcount`)."""
+    result = session.execute(statement)
+    assert isinstance(result, CursorResult)
+    return result.rowcount
 
 
 def hash_key(plaintext: str) -> str:
@@ -80,7 +87,7 @@ class Tenants:
 class _TenantScoped:
     """Base for repositories that only ever see one tenant's rows."""
 
-    row_type: type[Base]
+    row_type: type[Model] | type[Job] | type[Dataset] | type[Artifact]
     noun: str
 
     def __init__(self, session: Session, tenant_id: str) -> None:
@@ -172,12 +179,14 @@ class Jobs(_TenantScoped):
         `cancelled` (a run that finishes meanwhile records no success: see `JobRuns.succeed`). Both updates are
         guarded by the status, so a job that ended since it was read is a 409, never a flag on an ended job."""
         now = utcnow()
-        flagged = self.session.execute(
+        flagged = _affected(
+            self.session,
             update(Job).where(Job.id == job.id, Job.status == JobStatus.queued)
             .values(status=JobStatus.cancelled, finished_at=now, cancel_requested=True)
-        ).rowcount or self.session.execute(
+        ) or _affected(
+            self.session,
             update(Job).where(Job.id == job.id, Job.status == JobStatus.running).values(cancel_requested=True)
-        ).rowcount
+        )
         self.session.flush()
         self.session.refresh(job)
         if not flagged:
@@ -222,12 +231,13 @@ class JobRuns:
         claimable = (Job.status == JobStatus.queued) | (
             (Job.status == JobStatus.running) & (Job.lease_expires_at < now)
         )
-        claimed = self.session.execute(
+        claimed = _affected(
+            self.session,
             update(Job)
             .where(Job.id == job_id, claimable, Job.attempts < max_attempts, Job.cancel_requested.is_(False))
             .values(status=JobStatus.running, attempts=Job.attempts + 1, started_at=now,
                     lease_expires_at=now + lease, error=None)
-        ).rowcount
+        )
         self.session.flush()
         return self.session.get(Job, job_id, populate_existing=True) if claimed else None
 
@@ -266,10 +276,11 @@ class JobRuns:
     def progress(self, job_id: str, fraction: float, message: str, attempt: int | None = None) -> bool:
         """Record progress of a running job; returns whether the run should stop: cancellation was requested, or
         (with `attempt`) that run no longer holds the job, so its progress is not written either."""
-        recorded = self.session.execute(
+        recorded = _affected(
+            self.session,
             update(Job).where(*self._held(job_id, attempt))
             .values(progress=round(min(max(fraction, 0.0), 1.0), 4), message=message[:500])
-        ).rowcount
+        )
         return not recorded or self.stop_requested(job_id, attempt)
 
     def stop_requested(self, job_id: str, attempt: int | None = None) -> bool:
@@ -284,8 +295,7 @@ class JobRuns:
 
     def step_started(self, job_id: str, index: int, attempt: int | None = None) -> None:
         now = utcnow()
-        moved = self.session.execute(update(Job).where(*self._held(job_id, attempt)).values(current_step=index))
-        if not moved.rowcount:
+        if not _affected(self.session, update(Job).where(*self._held(job_id, attempt)).values(current_step=index)):
             return  # a run that lost the job leaves its steps alone
         self.session.execute(
             update(JobStep).where(JobStep.job_id == job_id, JobStep.index == index)
@@ -339,10 +349,14 @@ class JobRuns:
     def release_or_end(self, job_id: str, attempt: int | None, max_attempts: int, error: dict[str, Any],
                        last_try: bool = False) -> bool:
         """After an infrastructure fault: True when the task should retry (the run `attempt` held the job: it goes
-        back to `queued`; None: the claim itself failed), or False once the job ended, another run holds it, or it
-        has no attempt left: it then ends `failed` with `error` here, so it never waits in `queued` for nothing."""
+        back to `queued`; None: the claim itself failed), or False once the job ended, another run holds it, a cancel
+        was accepted (it ends `cancelled`) or it has no attempt left (it ends `failed` with `error`): never waiting in
+        `queued` for nothing."""
         job = self.get(job_id)
         if job is None or job.status in TERMINAL or (attempt is not None and job.attempts != attempt):
+            return False
+        if job.cancel_requested:  # nobody would run it again: end it as the accepted cancel promised
+            self.fail(job_id, cancelled("cancelled; its last run had failed"), JobStatus.cancelled)
             return False
         if last_try or job.attempts >= max_attempts:
             self.fail(job_id, error)
@@ -355,10 +369,11 @@ class JobRuns:
 
     def renew_lease(self, job_id: str, lease: timedelta) -> bool:
         """The heartbeat of a live run; False once the job is no longer running (ended or taken over)."""
-        renewed = self.session.execute(
+        renewed = _affected(
+            self.session,
             update(Job).where(Job.id == job_id, Job.status == JobStatus.running)
             .values(lease_expires_at=utcnow() + lease)
-        ).rowcount
+        )
         return bool(renewed)
 
     def sweep_expired(self, max_attempts: int) -> list[Job]:
@@ -374,12 +389,12 @@ class JobRuns:
         """Requeue (True) or end one expired job."""
         guarded = update(Job).where(Job.id == job.id, expired)
         if job.attempts < max_attempts and not job.cancel_requested:
-            return bool(self.session.execute(guarded.values(status=JobStatus.queued, lease_expires_at=None)).rowcount)
+            return bool(_affected(self.session, guarded.values(status=JobStatus.queued, lease_expires_at=None)))
         status, error = JobStatus.failed, worker_lost(job.attempts)
         if job.cancel_requested:
             status, error = JobStatus.cancelled, cancelled("cancelled; its worker had stopped")
-        if self.session.execute(guarded.values(status=status, finished_at=now, lease_expires_at=None,
-                                               error=error)).rowcount:
+        if _affected(self.session, guarded.values(status=status, finished_at=now, lease_expires_at=None,
+                                               error=error)):
             self._end_steps(job.id, status)
         return False
 
@@ -394,7 +409,8 @@ class JobRuns:
         where = [Job.id == job_id, Job.status.not_in(TERMINAL), *guards]
         if attempt is not None:  # a run whose lease expired may still finish: the job is no longer its to end
             where += [Job.status == JobStatus.running, Job.attempts == attempt]
-        ended = self.session.execute(
+        ended = _affected(
+            self.session,
             update(Job).where(*where).values(status=status, finished_at=utcnow(), lease_expires_at=None, **values)
-        ).rowcount
+        )
         return bool(ended)

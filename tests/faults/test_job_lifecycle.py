@@ -177,6 +177,8 @@ class JobLifecycle(RuleBasedStateMachine):
         holds = before["status"] == "running" and before["attempts"] == run.attempts
         if not holds:
             assert not retry and after["status"] == before["status"]
+        elif run.id in self.cancel_requested:
+            assert not retry and after["status"] == "cancelled"
         elif last_try or run.attempts >= MAX_ATTEMPTS:
             assert not retry and (after["status"], after["error"]["code"]) == ("failed", "unavailable")
         else:

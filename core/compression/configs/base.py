@@ -1,16 +1,73 @@
-"""The base of every step config, and helpers for families with several methods."""
+"""The base of every step config, its traits (what the ordering, export and submission rules know about a step),
+and helpers for families with several methods."""
 
-from typing import Annotated
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 Pattern = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
+ExportFormat = Literal["onnx", "compressed-tensors"]
+ONNX: ExportFormat = "onnx"
+COMPRESSED_TENSORS: ExportFormat = "compressed-tensors"
+EXPORT_FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What the rules need to know about a step, declared once per family (or config) as its `traits` and read by
+    `core.compression.order`, `core.compression.export_rules` and job submission; never inferred from its name.
+    Every field must be given, so a new config cannot be filed under a rule by omission.
+
+    changes_weights: the step changes weight values (every step but encode).
+    trains: the step trains on a dataset (distill, lora): submission wants held-out rows, int8 kernels cannot train.
+    packs_weights: the step stores weights as quantization codes, a codebook or fp8.
+    quantizes_activations: the step swaps layers for int8 inference kernels (W8A8).
+    before_packing: why the step must run before weight quantization (it recomputes weights from their float
+        values, so a packed encoding would be lost), or None.
+    after_weight_changes: why every step that changes weights must come before this one, or None.
+    exports: each export format mapped to None (it can hold what the step produces) or to why it cannot.
+
+    Example: `Traits(changes_weights=True, trains=False, packs_weights=True, quantizes_activations=False,
+    before_packing=None, after_weight_changes=None, exports={"onnx": None, "compressed-tensors": None})`
+    """
+
+    changes_weights: bool
+    trains: bool
+    packs_weights: bool
+    quantizes_activations: bool
+    before_packing: str | None
+    after_weight_changes: str | None
+    exports: Mapping[ExportFormat, str | None]
+
+    def __post_init__(self) -> None:
+        if set(self.exports) != set(EXPORT_FORMATS):
+            raise TypeError(f"traits must answer every export format {EXPORT_FORMATS}, not {tuple(self.exports)}")
+
+    def refusing(self, fmt: ExportFormat, reason: str) -> "Traits":
+        """These traits, except that `fmt` cannot represent the step, because of `reason`."""
+        return dataclasses.replace(self, exports={**self.exports, fmt: reason})
+
 
 class StepConfig(BaseModel):
-    """Base of every step config: unknown fields are errors, configs are immutable once validated."""
+    """Base of every step config: unknown fields are errors, configs are immutable once validated.
+
+    Each config declares `type` (and, in a family with several methods, `method`) as a Literal field whose default
+    is its one value, and inherits or sets `traits`. Instance-dependent answers (an export that depends on a
+    field) override `export_refusal` or `weight_changes_refusal`.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    if TYPE_CHECKING:
+        # Declared for the type checker only: at run time a base annotation would move each config's own `type`
+        # field ahead of its other fields, changing the key order of every dumped recipe.
+        type: str
+
+    traits: ClassVar[Traits]
 
     targets: list[Pattern] = Field(
         default_factory=lambda: ["*"],
@@ -20,3 +77,24 @@ class StepConfig(BaseModel):
     exclude: list[Pattern] = Field(
         default_factory=list, max_length=64, description="fnmatch patterns on module names to leave untouched."
     )
+
+    @classmethod
+    def tag(cls) -> str:
+        """How recipes, errors and reports name the config: `quantize:rtn`, or `distill` for a family with one
+        config and no `method`."""
+        method = declared(cls, "method")
+        return f"{declared(cls, 'type')}:{method}" if method else str(declared(cls, "type"))
+
+    def export_refusal(self, fmt: ExportFormat) -> str | None:
+        """Why export `fmt` cannot represent what this step produces, or None when it can."""
+        return self.traits.exports[fmt]
+
+    def weight_changes_refusal(self) -> str | None:
+        """Why no step that changes weights may follow this one, or None when any may."""
+        return self.traits.after_weight_changes
+
+
+def declared(config: type[StepConfig], field: str) -> str | None:
+    """The value a config's `type` or `method` Literal field is fixed to; None when it has no such field."""
+    info = config.model_fields.get(field)
+    return None if info is None else info.default

@@ -4,14 +4,24 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from core.compression.configs.base import StepConfig
+from core.compression.configs.base import COMPRESSED_TENSORS, ONNX, StepConfig, Traits
 from core.compression.configs.calibration import Reconstructing
 
 RANK_FIELDS = ("rank", "rank_ratio", "energy", "params_kept")
+DECOMPOSITION = Traits(
+    changes_weights=True, trains=False, packs_weights=False, quantizes_activations=False,
+    before_packing="low-rank decomposition must run before weight quantization (factors of a packed weight would "
+    "be float again); decompose first, then quantize",
+    after_weight_changes=None,
+    exports={ONNX: None, COMPRESSED_TENSORS: "low-rank factored layers (two Linears per weight) are not modules of a "
+             "transformers architecture"},
+)
 
 
 class _Decompose(StepConfig):
     """How the rank of each factored layer is chosen: exactly one of the four fields."""
+
+    traits = DECOMPOSITION
 
     type: Literal["decompose"] = "decompose"
     rank: int | None = Field(default=None, ge=1, le=1_000_000, description="the same rank for every layer")

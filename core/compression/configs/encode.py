@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from core.compression.configs.base import StepConfig
+from core.compression.configs.base import COMPRESSED_TENSORS, ONNX, StepConfig, Traits
 
 
 class EncodeHuffman(StepConfig):
@@ -12,6 +12,14 @@ class EncodeHuffman(StepConfig):
 
     Example: `{"type": "encode", "method": "huffman"}`
     """
+
+    traits = Traits(
+        changes_weights=False, trains=False, packs_weights=False, quantizes_activations=False, before_packing=None,
+        after_weight_changes="entropy coding (encode) must come after every step that changes weights; move it to "
+        "the end",
+        exports={ONNX: None, COMPRESSED_TENSORS: "entropy-coded weights have no compressed-tensors format; drop the "
+                 "encode step (the quantized codes are exported as they are)"},
+    )
 
     type: Literal["encode"] = "encode"
     method: Literal["huffman"] = "huffman"

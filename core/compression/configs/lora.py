@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field
 
-from core.compression.configs.base import Pattern
+from core.compression.configs.base import COMPRESSED_TENSORS, ExportFormat, Pattern
 from core.compression.configs.training import TrainingStep
 
 
@@ -40,6 +40,17 @@ class LoRA(TrainingStep):
     objective: Literal["distill", "task"] = "distill"
     merge: bool = True
     lr: float = Field(1e-3, gt=0, le=1)
+
+    def export_refusal(self, fmt: ExportFormat) -> str | None:
+        if fmt == COMPRESSED_TENSORS and not self.merge:
+            return "unmerged LoRA adapters are not part of a transformers architecture; use merge: true"
+        return super().export_refusal(fmt)
+
+    def weight_changes_refusal(self) -> str | None:
+        if not self.merge:
+            return ("lora with merge: false keeps its adapters beside frozen weights, so no step that changes "
+                    "weights may follow it; put it last or use merge: true")
+        return super().weight_changes_refusal()
 
 
 # Every config of this family; `core.compression.spec` tags it `lora`.

@@ -5,10 +5,16 @@ from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from core.compression.configs.base import StepConfig
+from core.compression.configs.base import COMPRESSED_TENSORS, ONNX, StepConfig, Traits
 from core.compression.configs.calibration import Calibrated, Reconstructing
 
 _PATTERN = re.compile(r"^(\d{1,2}):(\d{1,2})$")
+PRUNING = Traits(
+    changes_weights=True, trains=False, packs_weights=False, quantizes_activations=False,
+    before_packing="pruning must run before weight quantization (a packed weight cannot be pruned without losing its "
+    "encoding); prune first, then quantize (Deep Compression's order)",
+    after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None},
+)
 
 
 def nm_pattern(pattern: str) -> tuple[int, int] | None:
@@ -19,6 +25,8 @@ def nm_pattern(pattern: str) -> tuple[int, int] | None:
 
 class _Unstructured(StepConfig):
     """Fields of the element-wise pruning methods."""
+
+    traits = PRUNING
 
     type: Literal["prune"] = "prune"
     sparsity: float = Field(default=0.5, gt=0, lt=1, description="fraction of the selected weights set to zero")
@@ -92,6 +100,9 @@ class PruneStructured(Calibrated):
     of the language-model loss, or of the output energy for models without an LM head).
     Example: `{"type": "prune", "method": "structured", "target": "neurons", "amount": 0.5, "importance": "l1"}`
     """
+
+    traits = PRUNING.refusing(COMPRESSED_TENSORS, "structurally pruned layers have per-layer shapes that a "
+                              "transformers config cannot describe; use magnitude, wanda or sparsegpt pruning")
 
     type: Literal["prune"] = "prune"
     method: Literal["structured"] = "structured"

@@ -5,14 +5,27 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.compression.configs.base import StepConfig
+from core.compression.configs.base import COMPRESSED_TENSORS, ONNX, ExportFormat, StepConfig, Traits
 from core.compression.configs.calibration import CalibrationData
+
+# Weight-only methods: weights become integer codes, a k-means codebook or fp8; activations stay float.
+WEIGHT_ONLY = Traits(changes_weights=True, trains=False, packs_weights=True, quantizes_activations=False,
+                     before_packing=None, after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None})
+# W8A8 methods: Linears become int8 inference modules (int8 x int8 GEMMs, which cannot train).
+INT8_ACTIVATIONS = Traits(
+    changes_weights=True, trains=False, packs_weights=False, quantizes_activations=True, before_packing=None,
+    after_weight_changes=None,
+    exports={ONNX: None, COMPRESSED_TENSORS: "int8-activation (W8A8) modules are not exported to compressed-tensors; "
+             'use a weight-only method (rtn, gptq, mixed, fp8) or export "onnx"'},
+)
 
 GroupSize = Field(default=None, ge=8, le=8192, description="columns sharing one scale when per_group")
 
 
 class _IntGridFields(StepConfig):
     """Integer grid fields shared by rtn, gptq and mixed: granularity, group size, symmetry, embeddings."""
+
+    traits = WEIGHT_ONLY
 
     granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel"
     group_size: int | None = GroupSize
@@ -56,6 +69,9 @@ class QuantizeKMeans(StepConfig):
     Example: `{"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_channel"}`
     """
 
+    traits = WEIGHT_ONLY.refusing(COMPRESSED_TENSORS, "a k-means codebook has no compressed-tensors format (it "
+                                  "stores integer grids and fp8); use rtn, gptq or mixed")
+
     type: Literal["quantize"] = "quantize"
     method: Literal["kmeans"] = "kmeans"
     bits: int = Field(default=4, ge=2, le=8, description="log2 of the number of centroids (2-8)")
@@ -96,6 +112,8 @@ class QuantizeFP8(StepConfig):
 
     Example: `{"type": "quantize", "method": "fp8", "granularity": "per_channel"}`
     """
+
+    traits = WEIGHT_ONLY
 
     type: Literal["quantize"] = "quantize"
     method: Literal["fp8"] = "fp8"
@@ -141,6 +159,13 @@ class QuantizeMixed(_IntGridFields):
             raise ValueError(f"budget.avg_bits must lie between {self.bits[0]} and {self.bits[-1]} (the bits given)")
         return self
 
+    def export_refusal(self, fmt: ExportFormat) -> str | None:
+        if fmt == COMPRESSED_TENSORS and not self.symmetric:
+            return ("per-layer widths with asymmetric zero points do not load in transformers (its dequantizing "
+                    "path applies one scheme to every layer, its default path cannot place packed zero points); "
+                    "use symmetric: true")
+        return super().export_refusal(fmt)
+
 
 def cpu_has_vnni() -> bool:
     """AVX512-VNNI or AVX-VNNI: u8 x s8 dot products accumulate in int32 without saturating."""
@@ -161,6 +186,8 @@ class _Int8ActivationFields(StepConfig):
     """Fields shared by the W8A8 methods (dynamic, static, smoothquant): int8 weights, uint8 activations, both
     executed by torch's x86 (fbgemm) int8 GEMM. Only `nn.Linear` modules are converted; a Linear whose weight is
     tied to another module (e.g. lm_head sharing the embedding) stays float."""
+
+    traits = INT8_ACTIVATIONS
 
     granularity: Literal["per_tensor", "per_channel"] = Field(
         default="per_channel", description="one weight scale per output channel, or one per tensor"

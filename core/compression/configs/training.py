@@ -4,7 +4,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from core.compression.configs.base import StepConfig
+from core.compression.configs.base import COMPRESSED_TENSORS, ONNX, StepConfig, Traits
 
 ResourceId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 DEFAULT_MAX_STEPS = 200
@@ -41,6 +41,9 @@ class TrainingStep(StepConfig):
     rows (`eval_fraction`) is held out for evaluation and never trained on. Train for `max_steps` optimizer steps
     or for `epochs` passes over the training windows (give one of them). A checkpoint is written every
     `checkpoint_every` steps, so a restarted job resumes from the last one."""
+
+    traits = Traits(changes_weights=True, trains=True, packs_weights=False, quantizes_activations=False,
+                    before_packing=None, after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None})
 
     dataset_id: ResourceId | None = None
     teacher: ResourceId = Field("original", description='"original" (the uploaded model) or a model id of yours')

@@ -1,8 +1,5 @@
 """Which Linear modules a W8A8 step converts, and how one float Linear becomes an int8 module in the model state."""
 
-from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
-
 import torch
 from torch import nn
 
@@ -10,52 +7,15 @@ from core.compression.configs.quantize import _Int8ActivationFields
 from core.compression.encoding import quantize_rtn
 from core.compression.int8.modules import DYNAMIC_REWRITE, STATIC_REWRITE, Int8Linear, StaticInt8Linear
 from core.compression.rewrites import apply_rewrite
+from core.compression.select import Selection, select_modules
 from core.compression.state import ModelState, Rewrite, StepReport
-from core.errors import InvalidSpec
 
 
-@dataclass
-class Selection:
-    """The Linears to convert (name, module), in model order, and why any matching one was left out."""
-
-    linears: list[tuple[str, nn.Linear]]
-    notes: list[str] = field(default_factory=list)
-
-
-def select_linears(model: nn.Module, config: _Int8ActivationFields) -> Selection:
-    """`nn.Linear` modules matching a target pattern and no exclude pattern, minus tied ones (kept float, noted).
-
-    A tied weight (lm_head sharing the input embedding) stays float: the int8 module has no float `weight` for
-    transformers to tie on load, and quantizing the shared tensor would change the embedding too.
-    """
-    users = _weight_users(model)
-    matching = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and _matches(name, config.targets) and not _matches(name, config.exclude)
-    ]
-    linears = [(name, module) for name, module in matching if users[id(module.weight)] == 1]
-    notes = [f"{name} kept float: its weight is tied to another module" for name, module in matching
-             if users[id(module.weight)] > 1]
-    if not linears:
-        raise InvalidSpec(
-            f"quantize: targets {config.targets} minus exclude {config.exclude} select no untied nn.Linear module",
-            details={"targets": config.targets, "exclude": config.exclude},
-        )
-    return Selection(linears, notes)
-
-
-def _matches(name: str, patterns: list[str]) -> bool:
-    return any(fnmatchcase(name, pattern) for pattern in patterns)
-
-
-def _weight_users(model: nn.Module) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter):
-            counts[id(weight)] = counts.get(id(weight), 0) + 1
-    return counts
+def select_linears(model: nn.Module, config: _Int8ActivationFields) -> Selection[nn.Linear]:
+    """The `nn.Linear` modules a W8A8 step converts; a tied one (lm_head sharing the input embedding) is skipped
+    and stays float: the int8 module has no float `weight` for transformers to tie on load, and quantizing the
+    shared tensor would change the embedding too."""
+    return select_modules(model, config, (nn.Linear,), tied="skipped")
 
 
 @torch.no_grad()
@@ -91,9 +51,9 @@ def install_int8(
     return module
 
 
-def int8_report(state: ModelState, selection: Selection, original_bytes: int) -> StepReport:
+def int8_report(state: ModelState, selection: Selection[nn.Linear], original_bytes: int) -> StepReport:
     """Metrics every W8A8 step reports: how many Linears now run int8 and how much their weights shrank."""
-    modules = [state.model.get_submodule(name) for name, _ in selection.linears]
+    modules = [state.model.get_submodule(name) for name in selection.modules]
     packed = sum(_stored_bytes(module) for module in modules)
     metrics: dict[str, float | int | str] = {
         "modules_quantized": len(modules),
@@ -102,12 +62,13 @@ def int8_report(state: ModelState, selection: Selection, original_bytes: int) ->
         "packed_bytes": packed,
         "packed_ratio": packed / original_bytes,
     }
-    return StepReport(metrics=metrics, notes=list(selection.notes))
+    notes = [f"{name} kept float: its weight is tied to another module" for name in selection.skipped]
+    return StepReport(metrics=metrics, notes=notes)
 
 
-def linear_bytes(selection: Selection) -> int:
+def linear_bytes(selection: Selection[nn.Linear]) -> int:
     """Bytes of the selected Linears' float weights and biases, before conversion."""
-    return sum(_stored_bytes(linear) for _, linear in selection.linears)
+    return sum(_stored_bytes(linear) for linear in selection.modules.values())
 
 
 def _stored_bytes(module: nn.Module) -> int:

@@ -1,70 +1,23 @@
 """Which weights a quantize step touches, and the loop that encodes them in place."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
 from torch import nn
 
 from core.compression.encoding import decode_into
+from core.compression.select import SharedWeight, select_modules
 from core.compression.sparsity.masks import keep_sparse
 from core.compression.state import Encoding, ModelState, StepContext, StepReport
-from core.errors import InvalidSpec, JobCancelled
+from core.errors import JobCancelled
 
 
-@dataclass
-class SharedWeight:
-    """One weight tensor and every module that uses it (more than one when embeddings are tied)."""
-
-    name: str
-    weight: nn.Parameter
-    modules: list[str]
-
-
-def select_modules(
-    model: nn.Module, targets: list[str], exclude: list[str], include_embeddings: bool = True
-) -> list[tuple[str, nn.Module]]:
-    """`nn.Linear` (and `nn.Embedding`) modules whose name matches a target pattern and no exclude pattern.
-
-    Raises InvalidSpec when nothing is selected, so a typo in a pattern never silently quantizes nothing.
-    """
-    kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding) if include_embeddings else (nn.Linear,)
-    selected = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, kinds) and matches(name, targets) and not matches(name, exclude)
-    ]
-    if not selected:
-        kind_names = " or ".join(kind.__name__ for kind in kinds)
-        raise InvalidSpec(
-            f"quantize: targets {targets} minus exclude {exclude} select no {kind_names} module",
-            details={"targets": targets, "exclude": exclude},
-        )
-    return selected
-
-
-def matches(name: str, patterns: list[str]) -> bool:
-    return any(fnmatchcase(name, pattern) for pattern in patterns)
-
-
-def shared_weights(model: nn.Module, selected: list[tuple[str, nn.Module]]) -> list[SharedWeight]:
-    """Group the selected modules by weight Parameter, so a tied weight is quantized once.
-
-    Every module using the weight is listed, selected or not: quantizing a tied embedding also changes the output
-    projection that shares it, and the report says so.
-    """
-    users: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, nn.Parameter):
-            users.setdefault(id(weight), []).append(name)
-    by_identity: dict[int, SharedWeight] = {}
-    for name, module in selected:
-        key = id(module.weight)
-        by_identity.setdefault(key, SharedWeight(name=f"{name}.weight", weight=module.weight, modules=users[key]))
-    return list(by_identity.values())
+def selected_weights(model: nn.Module, config: Any) -> list[SharedWeight]:
+    """The weights a weight-only quantize step encodes: those of the selected `nn.Linear` (and, with
+    `include_embeddings`, `nn.Embedding`) modules, a tied weight once for all the modules sharing it."""
+    kinds: tuple[type[nn.Module], ...] = (nn.Linear, nn.Embedding) if config.include_embeddings else (nn.Linear,)
+    return select_modules(model, config, kinds, tied="shared").shared_weights()
 
 
 def encode_each(
@@ -118,8 +71,7 @@ def quantize_selected(state: ModelState, config: Any, ctx: StepContext, encode: 
     """The body every weight-only method shares: select the modules by the config's patterns, encode each weight
     once (tied weights too) in place, and report sizes. `describe` completes "<n> weights <describe>";
     `in_place`: `encode` also overwrites the weight with its decoded value."""
-    selected = select_modules(state.model, config.targets, config.exclude, config.include_embeddings)
-    weights = shared_weights(state.model, selected)
+    weights = selected_weights(state.model, config)
     encode_each(state, weights, lambda shared: encode(shared.weight), ctx, in_place)
     metrics = size_metrics(state, weights)
     metrics["bits"] = bits

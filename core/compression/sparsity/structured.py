@@ -19,8 +19,8 @@ from torch import nn
 
 from core.compression.configs.prune import PruneStructured
 from core.compression.rewrites import apply_rewrite, register_rewrite
+from core.compression.select import is_selected, refuse_encoded
 from core.compression.sparsity.calibration import Batch, calibration_batches, on_device, transformer_blocks
-from core.compression.sparsity.select import matches, refuse_encoded
 from core.compression.state import ModelState, Rewrite, StepContext, StepReport
 from core.errors import InvalidSpec
 
@@ -77,7 +77,7 @@ def _kept(score: torch.Tensor, amount: float) -> list[int]:
 
 def _selected(group: UnitGroup, config: PruneStructured) -> bool:
     name = f"{group.block}.{group.consumer}" if group.block else group.consumer
-    return matches(name, config.targets) and not matches(name, config.exclude)
+    return is_selected(name, config)
 
 
 def _parameter_names(model: nn.Module, groups: list[UnitGroup]) -> list[str]:

@@ -10,6 +10,7 @@ from torch import nn
 from core.compression.configs.decompose import DecomposeASVD, DecomposeSVD, DecomposeSVDLLM
 from core.compression.registry import register_step
 from core.compression.rewrites import apply_rewrite
+from core.compression.select import refuse_encoded, select_modules
 from core.compression.sparsity import lowrank
 from core.compression.sparsity.calibration import (
     InputStats,
@@ -17,7 +18,6 @@ from core.compression.sparsity.calibration import (
     calibration_batches,
 )
 from core.compression.sparsity.reconstruct import ReconstructionResult, reconstruct_block, reconstruction_metrics
-from core.compression.sparsity.select import refuse_encoded, select_modules
 from core.compression.state import ModelState, Rewrite, StepContext, StepReport
 from core.errors import JobCancelled
 
@@ -76,7 +76,7 @@ def decompose_svd_llm_step(state: ModelState, config: DecomposeSVDLLM, ctx: Step
 
 def _modules(state: ModelState, config: lowrank.DecomposeConfig,
              kinds: tuple[type[nn.Module], ...]) -> dict[str, nn.Module]:
-    modules = select_modules(state, config, kinds)
+    modules = select_modules(state.model, config, kinds, tied="skipped").modules
     names = [f"{name}.{p}" for name, m in modules.items() for p, _ in m.named_parameters()]
     refuse_encoded(state, names, "decompose")
     return modules

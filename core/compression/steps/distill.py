@@ -5,10 +5,11 @@ from torch import nn
 from core.compression.configs.distill import Distill
 from core.compression.configs.training import DistillLoss
 from core.compression.registry import register_step
+from core.compression.select import is_selected
 from core.compression.state import ModelState, StepContext, StepReport
 from core.compression.training import constraints, student
 from core.compression.training.objectives import Distillation, default_loss, is_causal_lm
-from core.compression.training.run import Outcome, fit, load_teacher, prepare_data, pruned_sparsity, selected
+from core.compression.training.run import Outcome, fit, load_teacher, prepare_data, pruned_sparsity
 from core.errors import InvalidSpec
 
 
@@ -58,7 +59,7 @@ def _candidates(model: nn.Module, config: Distill) -> list[str]:
     return [
         name
         for name, p in model.named_parameters()
-        if selected(name.rpartition(".")[0], config)
+        if is_selected(name.rpartition(".")[0], config)
         and (config.train_embeddings or id(p) not in embeddings)
         and uses[id(p)] == 1
     ]

@@ -2,8 +2,8 @@
 
 from core.compression.configs.encode import EncodeHuffman
 from core.compression.registry import register_step
+from core.compression.select import is_selected
 from core.compression.sparsity.huffman import HUFFMAN, huffman_encoding
-from core.compression.sparsity.select import matches
 from core.compression.state import ModelState, StepContext, StepReport
 from core.errors import InvalidSpec, JobCancelled
 
@@ -15,9 +15,7 @@ def encode_huffman_step(state: ModelState, config: EncodeHuffman, ctx: StepConte
 
     Run it after the steps that pack weights (prune, quantize). Example: `{"type": "encode", "method": "huffman"}`.
     """
-    modules = {name: name.removesuffix(".weight") for name in state.encodings}
-    names = [name for name, module in modules.items()
-             if matches(module, config.targets) and not matches(module, config.exclude)]
+    names = [name for name in state.encodings if is_selected(name.removesuffix(".weight"), config)]
     if not names:
         raise InvalidSpec("encode: no packed weight to code; run it after a prune or quantize step",
                           details={"targets": config.targets, "exclude": config.exclude})

@@ -9,11 +9,12 @@ from core.compression.configs.lora import LoRA
 from core.compression.encoding import decode
 from core.compression.registry import register_step
 from core.compression.rewrites import apply_rewrite, register_rewrite, set_submodule
+from core.compression.select import nothing_selected, select_modules
 from core.compression.sparsity.masks import mask_of
 from core.compression.state import ModelState, Rewrite, StepContext, StepReport
 from core.compression.training.constraints import form_for, reencode
 from core.compression.training.objectives import Distillation, default_loss, evaluate, is_causal_lm
-from core.compression.training.run import fit, load_teacher, prepare_data, pruned_sparsity, selected
+from core.compression.training.run import fit, load_teacher, prepare_data, pruned_sparsity
 from core.errors import InvalidSpec
 
 ADAPTER = "default"
@@ -65,17 +66,14 @@ def lora_step(state: ModelState, config: LoRA, ctx: StepContext) -> StepReport:
 def _targets(state: ModelState, config: LoRA) -> tuple[list[str], list[str]]:
     """Selected Linear modules; with merge, only those whose weight encoding can be refitted after the merge."""
     targets, notes = [], []
-    for name, module in state.model.named_modules():
-        if not (isinstance(module, nn.Linear) and selected(name, config)):
-            continue
+    for name in select_modules(state.model, config, (nn.Linear,), tied="shared").modules:
         encoding = state.encodings.get(f"{name}.weight")
         if config.merge and encoding is not None and form_for(encoding) is None:
             notes.append(f"{name}: no adapter ({encoding.format} weights cannot be refitted after a merge)")
             continue
         targets.append(name)
     if not targets:
-        raise InvalidSpec(f"lora: targets {config.targets} minus exclude {config.exclude} select no nn.Linear",
-                          details={"targets": config.targets, "exclude": config.exclude})
+        raise nothing_selected(config, "nn.Linear module whose weights can be refitted after a merge")
     return targets, notes
 
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from core.compression.configs.prune import PruneMagnitude, PruneSparseGPT, PruneStructured, PruneWanda
 from core.compression.registry import register_step
+from core.compression.select import Tied, refuse_encoded, select_modules
 from core.compression.sparsity import unstructured
 from core.compression.sparsity.calibration import (
     InputStats,
@@ -15,7 +16,6 @@ from core.compression.sparsity.calibration import (
 )
 from core.compression.sparsity.masks import dense_float, sparse_encoding
 from core.compression.sparsity.reconstruct import ReconstructionResult, reconstruct_block, reconstruction_metrics
-from core.compression.sparsity.select import refuse_encoded, select_modules
 from core.compression.sparsity.structured import prune_structured
 from core.compression.state import ModelState, StepContext, StepReport
 
@@ -32,7 +32,8 @@ def prune_magnitude_step(state: ModelState, config: PruneMagnitude, ctx: StepCon
     Example recipe step: `{"type": "prune", "method": "magnitude", "sparsity": 0.5, "scope": "global"}`.
     """
     kinds = (nn.Linear, nn.Conv2d, nn.Embedding) if config.include_embeddings else (nn.Linear, nn.Conv2d)
-    weights = _weights(state, config, kinds, skip_tied=not config.include_embeddings)
+    # An embedding table is pruned together with the LM head tied to it; without embeddings that head is skipped.
+    weights = _weights(state, config, kinds, tied="shared" if config.include_embeddings else "skipped")
     magnitudes = {name: weight.detach().abs() for name, weight in weights.items()}
     nm, threshold = config.nm(), None
     if nm is None and config.scope == "global":
@@ -95,14 +96,10 @@ def prune_structured_step(state: ModelState, config: PruneStructured, ctx: StepC
 
 
 def _weights(state: ModelState, config: PruneMagnitude | PruneWanda | PruneSparseGPT,
-             kinds: tuple[type[nn.Module], ...], skip_tied: bool = True) -> dict[str, nn.Parameter]:
+             kinds: tuple[type[nn.Module], ...], tied: Tied) -> dict[str, nn.Parameter]:
     """The selected weights by parameter name; a tied weight once, under its first module's name."""
-    weights: dict[str, nn.Parameter] = {}
-    seen: set[int] = set()
-    for name, module in select_modules(state, config, kinds, skip_tied).items():
-        if id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            weights[f"{name}.weight"] = module.weight
+    selection = select_modules(state.model, config, kinds, tied=tied)
+    weights = {shared.name: shared.weight for shared in selection.shared_weights()}
     refuse_encoded(state, list(weights), "prune")
     return weights
 
@@ -115,7 +112,7 @@ def _store_pruned(state: ModelState, name: str, weight: nn.Parameter, mask: torc
 
 def _calibrated(state: ModelState, config: PruneWanda | PruneSparseGPT, ctx: StepContext, prune: LayerPruner,
                 want: set[str]) -> StepReport:
-    weights = _weights(state, config, (nn.Linear,))
+    weights = _weights(state, config, (nn.Linear,), tied="skipped")
     layers = {name.removesuffix(".weight"): state.model.get_submodule(name.removesuffix(".weight")) for name in weights}
     data = calibration_batches(state, config, ctx)
     done: set[str] = set()

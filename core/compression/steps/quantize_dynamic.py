@@ -17,13 +17,13 @@ def quantize_dynamic_step(state: ModelState, config: QuantizeDynamic, ctx: StepC
     """
     selection = select_linears(state.model, config)
     original_bytes = linear_bytes(selection)
-    for index, (name, linear) in enumerate(selection.linears):
+    for index, (name, linear) in enumerate(selection.modules.items()):
         if ctx.should_stop():
             raise JobCancelled(f"cancelled while quantizing, before {name}")
         install_int8(state, name, linear, config)
-        ctx.report((index + 1) / len(selection.linears), f"int8 dynamic: {name}")
+        ctx.report((index + 1) / len(selection.modules), f"int8 dynamic: {name}")
     report = int8_report(state, selection, original_bytes)
     activation_bits = 7 if config.reduce_range or not cpu_has_vnni() else 8
-    report.notes.insert(0, f"{len(selection.linears)} Linear modules run int8 weights x {activation_bits}-bit "
+    report.notes.insert(0, f"{len(selection.modules)} Linear modules run int8 weights x {activation_bits}-bit "
                            f"dynamic activations ({config.granularity} weight scales)")
     return report

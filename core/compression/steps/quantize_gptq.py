@@ -12,8 +12,9 @@ from core.compression.quant.data import calibration_for
 from core.compression.quant.gptq import gptq_quantize
 from core.compression.quant.grid import IntGrid, dequantize_codes
 from core.compression.quant.layerwise import BlockCall, first_block_calls, input_hessians, transformer_blocks
-from core.compression.quant.modules import SharedWeight, select_modules, shared_weights, size_metrics, store_decoded
+from core.compression.quant.modules import selected_weights, size_metrics, store_decoded
 from core.compression.registry import register_step
+from core.compression.select import SharedWeight
 from core.compression.sparsity.masks import keep_sparse
 from core.compression.state import ModelState, StepContext, StepReport
 from core.errors import JobCancelled
@@ -33,8 +34,7 @@ def quantize_gptq_step(state: ModelState, config: QuantizeGPTQ, ctx: StepContext
     "group_size": 128, "calibration": {"dataset_id": null, "num_samples": 32, "seq_len": 512}}`.
     """
     grid = IntGrid(config.bits, config.symmetric, config.granularity, config.columns_per_scale)
-    selected = select_modules(state.model, config.targets, config.exclude, config.include_embeddings)
-    weights = shared_weights(state.model, selected)
+    weights = selected_weights(state.model, config)
     batch = calibration_for(state, config.calibration, ctx)
     stats = _Stats()
     in_blocks = _gptq_blocks(state, config, grid, weights, batch.input_ids, ctx, stats)

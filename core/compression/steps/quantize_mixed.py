@@ -6,15 +6,9 @@ from core.compression.configs.quantize import QuantizeMixed
 from core.compression.encoding import decode, quantize_rtn
 from core.compression.metrics import model_outputs, output_cosine
 from core.compression.quant.data import calibration_for
-from core.compression.quant.modules import (
-    SharedWeight,
-    encode_each,
-    select_modules,
-    shared_weights,
-    size_metrics,
-    tied_notes,
-)
+from core.compression.quant.modules import encode_each, selected_weights, size_metrics, tied_notes
 from core.compression.registry import register_step
+from core.compression.select import SharedWeight
 from core.compression.state import Encoding, ModelState, StepContext, StepReport
 from core.errors import JobCancelled
 
@@ -32,8 +26,7 @@ def quantize_mixed_step(state: ModelState, config: QuantizeMixed, ctx: StepConte
     Example recipe step: `{"type": "quantize", "method": "mixed", "bits": [4, 8], "budget": {"avg_bits": 5.0},
     "granularity": "per_group", "group_size": 64}`.
     """
-    selected = select_modules(state.model, config.targets, config.exclude, config.include_embeddings)
-    weights = shared_weights(state.model, selected)
+    weights = selected_weights(state.model, config)
     batch = calibration_for(state, config.calibration, ctx)
     sensitivities = _scan(state, weights, config, batch.input_ids, ctx)
     sizes = {shared.name: shared.weight.numel() for shared in weights}

@@ -1,12 +1,14 @@
 """Post-training static W8A8 quantization: activation ranges calibrated once by an observer."""
 
 import torch
+from torch import nn
 
 from core.compression.configs.quantize import QuantizeStatic, _CalibratedInt8Fields
 from core.compression.int8.calibrate import calibration_ids, range_stats
-from core.compression.int8.convert import Selection, install_int8, int8_report, linear_bytes, select_linears
+from core.compression.int8.convert import install_int8, int8_report, linear_bytes, select_linears
 from core.compression.int8.observers import choose_range, qparams
 from core.compression.registry import register_step
+from core.compression.select import Selection
 from core.compression.state import ModelState, StepContext, StepReport
 
 
@@ -25,19 +27,19 @@ def quantize_static_step(state: ModelState, config: QuantizeStatic, ctx: StepCon
     install_static(state, selection, config, batch.input_ids, {}, ctx)
     report = int8_report(state, selection, original_bytes)
     bits = "7-bit activation ranges" if config.static_reduce_range() else "8-bit activation ranges"
-    report.notes[:0] = [f"{len(selection.linears)} Linear modules run int8 weights x static int8 activations "
+    report.notes[:0] = [f"{len(selection.modules)} Linear modules run int8 weights x static int8 activations "
                         f"({config.observer} observer, {bits})", *batch.notes]
     return report
 
 
-def install_static(state: ModelState, selection: Selection, config: _CalibratedInt8Fields, input_ids: torch.Tensor,
-                   factors: dict[str, torch.Tensor], ctx: StepContext) -> None:
+def install_static(state: ModelState, selection: Selection[nn.Linear], config: _CalibratedInt8Fields,
+                   input_ids: torch.Tensor, factors: dict[str, torch.Tensor], ctx: StepContext) -> None:
     """Calibrate every selected Linear's input range on the float model, then convert them all to static int8.
     `factors` are runtime input factors (SmoothQuant) of some Linears, applied before observing."""
     bins = None if config.observer == "minmax" else config.bins
-    names = {name: factors.get(name) for name, _ in selection.linears}
+    names = {name: factors.get(name) for name in selection.modules}
     stats = range_stats(state.model, names, input_ids, bins, ctx)
-    for name, linear in selection.linears:
+    for name, linear in selection.modules.items():
         low, high = choose_range(stats[name], config.observer, config.percentile)
         input_qparams = qparams(low, high, config.static_reduce_range())
         install_int8(state, name, linear, config, input_qparams=input_qparams, input_factor=factors.get(name))

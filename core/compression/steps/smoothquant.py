@@ -5,9 +5,10 @@ from torch import nn
 
 from core.compression.configs.quantize import QuantizeSmoothQuant
 from core.compression.int8.calibrate import calibration_ids, channel_absmax
-from core.compression.int8.convert import Selection, install_int8, int8_report, linear_bytes, select_linears
+from core.compression.int8.convert import install_int8, int8_report, linear_bytes, select_linears
 from core.compression.int8.smoothing import FoldGroup, fold, llama_fold_groups, smoothing_scale, to_producer
 from core.compression.registry import register_step
+from core.compression.select import Selection
 from core.compression.state import ModelState, StepContext, StepReport
 from core.compression.steps.quantize_static import install_static
 
@@ -23,7 +24,7 @@ def smoothquant_step(state: ModelState, config: QuantizeSmoothQuant, ctx: StepCo
     selection = select_linears(state.model, config)
     original_bytes = linear_bytes(selection)
     batch = calibration_ids(state, config.calibration, ctx)
-    names = [name for name, _ in selection.linears]
+    names = list(selection.modules)
     act_absmax = channel_absmax(state.model, names, batch.input_ids, ctx)
     ctx.report(0.3, "activation maxima measured")
     folded = _fold_groups(state.model, selection, act_absmax, config.alpha)
@@ -31,7 +32,7 @@ def smoothquant_step(state: ModelState, config: QuantizeSmoothQuant, ctx: StepCo
     if config.activations == "static":
         install_static(state, selection, config, batch.input_ids, factors, ctx)
     else:
-        for name, linear in selection.linears:
+        for name, linear in selection.modules.items():
             install_int8(state, name, linear, config, input_factor=factors.get(name))
     report = int8_report(state, selection, original_bytes)
     report.metrics.update({"linears_folded": len(folded), "linears_runtime_smoothed": len(factors)})
@@ -39,10 +40,10 @@ def smoothquant_step(state: ModelState, config: QuantizeSmoothQuant, ctx: StepCo
     return report
 
 
-def _fold_groups(model: nn.Module, selection: Selection, act_absmax: dict[str, torch.Tensor],
+def _fold_groups(model: nn.Module, selection: Selection[nn.Linear], act_absmax: dict[str, torch.Tensor],
                  alpha: float) -> set[str]:
     """Fold smoothing into every Llama-style group whose consumers are all selected; the consumers' names."""
-    selected = {name for name, _ in selection.linears}
+    selected = set(selection.modules)
     groups = [group for group in llama_fold_groups(model) if set(group.consumers) <= selected]
     scales = [_group_scale(model, group, act_absmax, alpha) for group in groups]  # all from the original weights
     for group, scale in zip(groups, scales, strict=True):
@@ -58,12 +59,12 @@ def _group_scale(model: nn.Module, group: FoldGroup, act_absmax: dict[str, torch
 
 
 @torch.no_grad()
-def _runtime_factors(selection: Selection, act_absmax: dict[str, torch.Tensor], folded: set[str],
+def _runtime_factors(selection: Selection[nn.Linear], act_absmax: dict[str, torch.Tensor], folded: set[str],
                      config: QuantizeSmoothQuant) -> dict[str, torch.Tensor]:
     """Smooth the Linears that could not be folded: scale their weight columns by s now, and return 1/s as the
     input factor their int8 module applies at run time."""
     factors = {}
-    for name, linear in selection.linears:
+    for name, linear in selection.modules.items():
         if name in folded:
             continue
         scale = smoothing_scale(act_absmax[name], [linear.weight], config.alpha)
@@ -72,9 +73,9 @@ def _runtime_factors(selection: Selection, act_absmax: dict[str, torch.Tensor], 
     return factors
 
 
-def _summary(selection: Selection, folded: set[str], factors: dict[str, torch.Tensor],
+def _summary(selection: Selection[nn.Linear], folded: set[str], factors: dict[str, torch.Tensor],
              config: QuantizeSmoothQuant) -> str:
-    plain = len(selection.linears) - len(folded) - len(factors)
+    plain = len(selection.modules) - len(folded) - len(factors)
     return (f"SmoothQuant alpha={config.alpha}: {len(folded)} Linears smoothed by folding into the preceding layer, "
-            f"{len(factors)} at run time, {plain} not smoothed; all {len(selection.linears)} run int8 weights x "
+            f"{len(factors)} at run time, {plain} not smoothed; all {len(selection.modules)} run int8 weights x "
             f"{config.activations} int8 activations")

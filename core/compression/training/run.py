@@ -4,7 +4,6 @@ the loop with checkpoints, and the numbers the step reports."""
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 
 import torch
 from torch import nn
@@ -48,10 +47,6 @@ def prepare_data(state: ModelState, config: TrainingStep, ctx: StepContext) -> t
         raise InvalidSpec(f"{config.type}: dataset {config.dataset_id!r}: {exc}",
                           details={"field": "dataset_id"}) from exc
     return training_data.prepare(texts, state.tokenizer, config, varied_lengths=not is_causal_lm(state.model))
-
-
-def selected(name: str, config: TrainingStep) -> bool:
-    return any(fnmatchcase(name, p) for p in config.targets) and not any(fnmatchcase(name, p) for p in config.exclude)
 
 
 @contextmanager
