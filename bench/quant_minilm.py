@@ -52,7 +52,7 @@ def main() -> int:
     return publish(measure(folder, candidates))
 
 
-def quantize_and_save(folder: Path, tokenizer, step: dict, out_dir: Path) -> Path:  # noqa: ANN001
+def quantize_and_save(folder: Path, tokenizer, step: dict, out_dir: Path) -> Path:
     state = ModelState(model=load_model(folder), tokenizer=tokenizer)
     [report] = run_pipeline(state, JobSpec(steps=[step]).steps, StepContext())
     print(json.dumps({key: value for key, value in report.metrics.items() if "/" not in key}), flush=True)

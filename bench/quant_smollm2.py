@@ -68,7 +68,7 @@ def main() -> int:
     return publish(rows)
 
 
-def _variant(name: str, step: dict, folder: Path, tokenizer, tokens: torch.Tensor) -> Row:  # noqa: ANN001
+def _variant(name: str, step: dict, folder: Path, tokenizer, tokens: torch.Tensor) -> Row:
     state = ModelState(model=load_model(folder), tokenizer=tokenizer)
     start = time.perf_counter()
     [report] = run_pipeline(state, JobSpec(steps=[step]).steps, StepContext())

@@ -29,7 +29,7 @@ STEP = {"type": "quantize", "method": "rtn", "bits": 8}
 MIN_PARAMS_PER_S = 0.5e9
 
 
-def one_run(folder) -> dict[str, float]:  # noqa: ANN001 (a Path)
+def one_run(folder) -> dict[str, float]:
     start = time.perf_counter()
     model = load_model(folder)
     loaded = time.perf_counter()

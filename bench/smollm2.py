@@ -35,7 +35,7 @@ def smollm2_folder() -> Path:
     return target
 
 
-def _plain_copy(model):  # noqa: ANN001, ANN202 (a transformers causal LM)
+def _plain_copy(model):
     """The same weights in a model whose config no longer says "gguf", so save_pretrained accepts it."""
     config = model.config
     if hasattr(config, "quantization_config"):
@@ -45,7 +45,7 @@ def _plain_copy(model):  # noqa: ANN001, ANN202 (a transformers causal LM)
     return plain.eval()
 
 
-def news_token_ids(tokenizer, limit: int = EVAL_TOKENS) -> torch.Tensor:  # noqa: ANN001 (any HF tokenizer)
+def news_token_ids(tokenizer, limit: int = EVAL_TOKENS) -> torch.Tensor:
     """The first `limit` tokens of gensim's lee_background.cor (300 news documents): the perplexity text of
     DATA.md's baselines. Never use it for calibration or training."""
     path = package_dir("gensim") / "test" / "test_data" / "lee_background.cor"
@@ -53,7 +53,7 @@ def news_token_ids(tokenizer, limit: int = EVAL_TOKENS) -> torch.Tensor:  # noqa
     return tokenizer(text, return_tensors="pt").input_ids[0, :limit]
 
 
-def news_training_texts(tokenizer, margin: int = 64) -> list[str]:  # noqa: ANN001 (any HF tokenizer)
+def news_training_texts(tokenizer, margin: int = 64) -> list[str]:
     """lee_background.cor's news documents that start after the evaluation tokens (plus a margin), one per item:
     in-domain text for calibration and training that never overlaps what perplexity is measured on."""
     path = package_dir("gensim") / "test" / "test_data" / "lee_background.cor"

@@ -45,7 +45,7 @@ def test_inputs_that_are_always_zero_get_zero_weights() -> None:
 
 
 @pytest.mark.parametrize("build", [tiny_bert, tiny_llama])
-def test_gptq_step_beats_rtn_on_tiny_models_with_calibration(build) -> None:  # noqa: ANN001
+def test_gptq_step_beats_rtn_on_tiny_models_with_calibration(build) -> None:
     fields = {"bits": 3, "granularity": "per_channel", "include_embeddings": False, "exclude": ["lm_head", "pooler*"]}
     # Random token ids, like the probe inputs: the tiny word-level tokenizer would turn Wikipedia into [UNK]s.
     calibration = {"num_samples": 8, "seq_len": 32}

@@ -72,7 +72,7 @@ def test_kmeans_per_row_beats_rtn_at_the_same_bits() -> None:
 
 
 @pytest.mark.parametrize("build", [tiny_bert, tiny_llama])
-def test_kmeans_step_on_tiny_models(build) -> None:  # noqa: ANN001
+def test_kmeans_step_on_tiny_models(build) -> None:
     state, report = quantize_with(build(), method="kmeans", bits=4)
     assert cosine_vs_fp32(build(), state.model) >= 0.98
     assert all(encoding.format == "kmeans" for encoding in state.encodings.values())

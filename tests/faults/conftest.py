@@ -100,7 +100,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         server.stop()
 
 
-def _redis_ready(ping) -> bool:  # noqa: ANN001
+def _redis_ready(ping) -> bool:
     try:
         return bool(ping.ping())
     except Exception:

@@ -28,11 +28,11 @@ def start_upload(client: httpx.Client, file_bytes: int) -> socket.socket:
     return sock
 
 
-def upload_scratch(stack) -> list[Path]:  # noqa: ANN001
+def upload_scratch(stack) -> list[Path]:
     return sorted((Path(stack.env["MCS_ARTIFACT_DIR"]) / "tmp").glob("upload-*"))
 
 
-def wait_until(condition, timeout_s: float = 60, every_s: float = 0.002) -> None:  # noqa: ANN001
+def wait_until(condition, timeout_s: float = 60, every_s: float = 0.002) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, "timed out"

@@ -245,7 +245,7 @@ class JobLifecycle(RuleBasedStateMachine):
             self.seen[job_id] = job
 
 
-def test_job_lifecycle_invariants(unlimited_app):  # noqa: ANN001
+def test_job_lifecycle_invariants(unlimited_app):
     with TestClient(unlimited_app) as client:
         run_state_machine_as_test(
             lambda: JobLifecycle(client),

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.faults
 INT8 = {"type": "quantize"}
 
 
-def taken_over(client, auth, upload) -> str:  # noqa: ANN001
+def taken_over(client, auth, upload) -> str:
     """A job whose first run's lease expired, requeued and claimed by a second run (attempts == 2)."""
     model = upload()
     job_id = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [INT8]}, headers=auth).json()["id"]
@@ -56,7 +56,7 @@ def test_a_run_that_loses_the_job_at_the_end_deletes_its_file_and_records_nothin
 
     real_execute = tasks.execute_job
 
-    def run_then_lose_the_lease(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def run_then_lose_the_lease(*args, **kwargs):
         outcome = real_execute(*args, **kwargs)  # the real pipeline, then the takeover before `succeed`
         with session_scope() as session:
             session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - timedelta(1)))

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.faults
 INT8 = {"type": "quantize"}
 
 
-def claimed_with_expired_lease(client, auth, upload) -> str:  # noqa: ANN001
+def claimed_with_expired_lease(client, auth, upload) -> str:
     model = upload()
     job_id = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [INT8]}, headers=auth).json()["id"]
     redis.Redis.from_url(REDIS_URL).delete("cpu")

@@ -31,7 +31,7 @@ def submit(client: httpx.Client, folder: Path, steps: list[dict]) -> str:
     return job.json()["id"]
 
 
-def wait_for(client: httpx.Client, job_id: str, done, timeout_s: float = 120) -> dict:  # noqa: ANN001
+def wait_for(client: httpx.Client, job_id: str, done, timeout_s: float = 120) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         response = client.get(f"/v1/jobs/{job_id}")
@@ -41,7 +41,7 @@ def wait_for(client: httpx.Client, job_id: str, done, timeout_s: float = 120) ->
     raise AssertionError(f"job {job_id} did not reach the expected state: {client.get(f'/v1/jobs/{job_id}').text}")
 
 
-def running(attempt: int):  # noqa: ANN201
+def running(attempt: int):
     return lambda job: job["status"] == "running" and job["attempts"] == attempt and job["progress"] > 0
 
 
@@ -49,7 +49,7 @@ def ended(job: dict) -> bool:
     return job["status"] in TERMINAL
 
 
-def scratch(stack) -> list[str]:  # noqa: ANN001
+def scratch(stack) -> list[str]:
     work = Path(stack.env["MCS_ARTIFACT_DIR"]) / "tmp"
     return sorted(p.name for p in work.iterdir()) if work.exists() else []
 

@@ -32,7 +32,7 @@ def _operations() -> list[str]:
 
 
 @pytest.fixture()
-def fuzz_schema(unlimited_app):  # noqa: ANN001, ANN201
+def fuzz_schema(unlimited_app):
     """The real app's schema, served in-process, rate limit off (hundreds of requests come from one key)."""
     schema = schemathesis.openapi.from_asgi("/openapi.json", unlimited_app)
     # Unknown query parameters are ignored, as HTTP APIs conventionally do; every other kind of invalid input must
@@ -42,7 +42,7 @@ def fuzz_schema(unlimited_app):  # noqa: ANN001, ANN201
 
 
 @pytest.mark.parametrize("label", _operations())
-def test_operation_matches_its_documentation(label, fuzz_schema, auth):  # noqa: ANN001
+def test_operation_matches_its_documentation(label, fuzz_schema, auth):
     method, path = label.split(" ", 1)
     operation = fuzz_schema[path][method]
     modes = (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
@@ -51,7 +51,7 @@ def test_operation_matches_its_documentation(label, fuzz_schema, auth):  # noqa:
     @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
     @given(case=cases)
-    def check(case) -> None:  # noqa: ANN001
+    def check(case) -> None:
         case.call_and_validate(headers=auth, excluded_checks=NOT_APPLICABLE.get(label, []))
 
     check()

@@ -74,7 +74,7 @@ def input_hessians(linears: dict[str, nn.Linear]) -> Iterator[dict[str, torch.Te
     """While active, every forward of the given Linear modules adds xᵀx of their inputs to `hessians[name]`."""
     hessians = {name: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for name, m in linears.items()}
 
-    def hook_for(name: str):  # noqa: ANN202 (a forward pre-hook)
+    def hook_for(name: str):
         def accumulate(module: nn.Module, args: tuple) -> None:
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             hessians[name].addmm_(x.T, x)

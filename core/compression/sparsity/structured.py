@@ -220,7 +220,7 @@ def _batch_column_score(consumer: nn.Module, x: torch.Tensor, importance: str) -
 def _consumer_inputs(consumers: list[nn.Module], keep_grad: bool) -> Iterator[list[torch.Tensor]]:
     seen: list[torch.Tensor | None] = [None] * len(consumers)
 
-    def recorder(index: int):  # noqa: ANN202 (a forward pre-hook)
+    def recorder(index: int):
         def hook(module: nn.Module, args: tuple) -> None:
             if keep_grad and args[0].requires_grad:
                 args[0].retain_grad()
@@ -301,7 +301,7 @@ def _block_score(x: torch.Tensor, y: torch.Tensor, importance: str) -> float:
 def _block_io(blocks: nn.ModuleList, keep_grad: bool) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
     seen: list[Any] = [None] * len(blocks)
 
-    def recorder(index: int):  # noqa: ANN202 (a forward hook)
+    def recorder(index: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             hidden_in = args[0] if args else kwargs["hidden_states"]
             hidden_out = output[0] if isinstance(output, tuple) else output
