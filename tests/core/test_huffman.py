@@ -55,7 +55,7 @@ def test_encode_step_after_prune_and_quantize_round_trips(tmp_path: Path) -> Non
                                {"type": "encode", "method": "huffman"})
     # The quantize step keeps the pruning mask, so only kept values are int8 codes; Huffman never makes them larger.
     assert {e.format for e in state.encodings.values()} <= {"sparse_bitmask", "huffman"}
-    assert 0 < reports[-1].metrics["coded_ratio"] <= 1.0
+    assert 0 < reports[-1].metrics["stored_ratio"] <= 1.0
     assert_reload_identical(state, tmp_path, probe_inputs(state.model))
 
 

@@ -20,4 +20,4 @@ def test_scale_maps_the_row_maximum_to_448_and_representable_values_survive() ->
 def test_fp8_step_is_nearly_lossless_and_stores_one_byte_per_weight() -> None:
     state, report = quantize_with(tiny_bert(), method="fp8")
     assert cosine_vs_fp32(tiny_bert(), state.model) >= 0.999
-    assert 0.25 <= report.metrics["packed_ratio"] < 0.3
+    assert 0.25 <= report.metrics["stored_ratio"] < 0.3

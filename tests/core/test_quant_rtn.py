@@ -79,13 +79,13 @@ def test_low_bit_steps_stay_close_to_fp32(build: Callable[[], nn.Module], fields
     state, report = quantize(build(), **fields)
     assert cosine_vs_fp32(build(), state.model) >= min_cosine
     assert report.metrics["bits"] == fields["bits"]
-    assert report.metrics["packed_ratio"] < (fields["bits"] + 2) / 32  # codes + 16-bit scales (+ zero points)
+    assert report.metrics["stored_ratio"] < (fields["bits"] + 2) / 32  # codes + 16-bit scales (+ zero points)
 
 
 def test_int4_groups_store_about_an_eighth_of_fp32() -> None:
     state, report = quantize(tiny_llama(), bits=4, granularity="per_group", group_size=32)
     assert all(encoding.format == "packed_int" for encoding in state.encodings.values())
-    assert report.metrics["packed_ratio"] == pytest.approx((4 + 16 / 32) / 32)
+    assert report.metrics["stored_ratio"] == pytest.approx((4 + 16 / 32) / 32)
 
 
 @pytest.mark.parametrize(("fields", "make"), [

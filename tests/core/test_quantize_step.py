@@ -43,7 +43,7 @@ def test_every_linear_and_embedding_weight_is_encoded_and_decoded_in_place() -> 
         assert torch.equal(parameters[name], decode(encoding))
     assert report.metrics["modules_quantized"] == len(expected)
     assert report.metrics["params_quantized"] == sum(parameters[name].numel() for name in expected)
-    assert report.metrics["packed_bytes"] == sum(encoding.nbytes() for encoding in state.encodings.values())
+    assert report.metrics["stored_bytes"] == sum(encoding.nbytes() for encoding in state.encodings.values())
 
 
 def test_tied_embedding_is_quantized_and_stored_once() -> None:

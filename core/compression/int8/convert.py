@@ -8,7 +8,7 @@ from core.compression.encoding import quantize_rtn
 from core.compression.int8.modules import DYNAMIC_REWRITE, STATIC_REWRITE, Int8Linear, StaticInt8Linear
 from core.compression.rewrites import apply_rewrite
 from core.compression.select import Selection, select_modules
-from core.compression.state import ModelState, Rewrite, StepReport
+from core.compression.state import ModelState, Rewrite, StepReport, size_metrics
 
 
 def select_linears(model: nn.Module, config: _Int8ActivationFields) -> Selection[nn.Linear]:
@@ -58,9 +58,7 @@ def int8_report(state: ModelState, selection: Selection[nn.Linear], original_byt
     metrics: dict[str, float | int | str] = {
         "modules_quantized": len(modules),
         "params_quantized": sum(module.qweight.numel() for module in modules),
-        "original_bytes": original_bytes,
-        "packed_bytes": packed,
-        "packed_ratio": packed / original_bytes,
+        **size_metrics(original_bytes, packed),
     }
     notes = [f"{name} kept float: its weight is tied to another module" for name in selection.skipped]
     return StepReport(metrics=metrics, notes=notes)

@@ -9,7 +9,7 @@ from torch import nn
 from core.compression.encoding import decode_into
 from core.compression.select import SharedWeight, select_modules
 from core.compression.sparsity.masks import keep_sparse
-from core.compression.state import Encoding, ModelState, StepContext, StepReport
+from core.compression.state import Encoding, ModelState, StepContext, StepReport, size_metrics
 from core.errors import JobCancelled
 
 
@@ -44,7 +44,7 @@ def store_decoded(weight: nn.Parameter, encoding: Encoding) -> Encoding:
     return encoding
 
 
-def size_metrics(state: ModelState, weights: list[SharedWeight]) -> dict[str, float | int | str]:
+def quantize_metrics(state: ModelState, weights: list[SharedWeight]) -> dict[str, float | int | str]:
     """Counts and bytes every quantize step reports."""
     original_bytes = sum(shared.weight.numel() * shared.weight.element_size() for shared in weights)
     packed_bytes = sum(state.encodings[shared.name].nbytes() for shared in weights)
@@ -52,9 +52,7 @@ def size_metrics(state: ModelState, weights: list[SharedWeight]) -> dict[str, fl
         "modules_quantized": sum(len(shared.modules) for shared in weights),
         "tensors_quantized": len(weights),
         "params_quantized": sum(shared.weight.numel() for shared in weights),
-        "original_bytes": original_bytes,
-        "packed_bytes": packed_bytes,
-        "packed_ratio": packed_bytes / original_bytes,
+        **size_metrics(original_bytes, packed_bytes),
     }
 
 
@@ -73,6 +71,6 @@ def quantize_selected(state: ModelState, config: Any, ctx: StepContext, encode: 
     `in_place`: `encode` also overwrites the weight with its decoded value."""
     weights = selected_weights(state.model, config)
     encode_each(state, weights, lambda shared: encode(shared.weight), ctx, in_place)
-    metrics = size_metrics(state, weights)
+    metrics = quantize_metrics(state, weights)
     metrics["bits"] = bits
     return StepReport(metrics=metrics, notes=[f"{len(weights)} weights {describe}", *tied_notes(weights)])

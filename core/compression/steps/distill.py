@@ -6,7 +6,7 @@ from core.compression.configs.distill import Distill
 from core.compression.configs.training import DistillLoss
 from core.compression.registry import register_step
 from core.compression.select import is_selected
-from core.compression.state import ModelState, StepContext, StepReport
+from core.compression.state import ModelState, StepContext, StepReport, encoded_bytes
 from core.compression.training import constraints, student
 from core.compression.training.objectives import Distillation, default_loss, is_causal_lm
 from core.compression.training.run import Outcome, fit, load_teacher, prepare_data, pruned_sparsity
@@ -100,7 +100,7 @@ def _report(state: ModelState, outcome: Outcome, constrained: constraints.Constr
         "sparsity_before": before,
         "sparsity_after": after,
         "encodings_retrained": len(constrained.forms),
-        "packed_bytes": sum(e.nbytes() for e in state.encodings.values()),
+        "encoded_bytes": encoded_bytes(state),
         "parameters": sum(p.numel() for p in state.model.parameters()),
     })
     notes = notes + outcome.notes + [

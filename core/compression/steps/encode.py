@@ -4,7 +4,7 @@ from core.compression.configs.encode import EncodeHuffman
 from core.compression.registry import register_step
 from core.compression.select import is_selected
 from core.compression.sparsity.huffman import HUFFMAN, huffman_encoding
-from core.compression.state import ModelState, StepContext, StepReport
+from core.compression.state import ModelState, StepContext, StepReport, size_metrics
 from core.errors import InvalidSpec, JobCancelled
 
 
@@ -30,8 +30,6 @@ def encode_huffman_step(state: ModelState, config: EncodeHuffman, ctx: StepConte
             state.encodings[name], coded = candidate, coded + 1
         after += state.encodings[name].nbytes()
         ctx.report((index + 1) / len(names), f"coded {name}")
-    metrics: dict[str, float | int | str] = {"weights_coded": coded, "weights_packed": len(names),
-                                             "packed_bytes_before": before, "packed_bytes_after": after,
-                                             "coded_ratio": after / before}
+    metrics = {"weights_coded": coded, "weights_packed": len(names), **size_metrics(before, after)}
     notes = [f"{coded} of {len(names)} packed weights Huffman-coded; decoding happens once, on load (no speed change)"]
     return StepReport(metrics=metrics, notes=notes)

@@ -11,7 +11,7 @@ from core.compression.registry import register_step
 from core.compression.rewrites import apply_rewrite, register_rewrite, set_submodule
 from core.compression.select import nothing_selected, select_modules
 from core.compression.sparsity.masks import mask_of
-from core.compression.state import ModelState, Rewrite, StepContext, StepReport
+from core.compression.state import ModelState, Rewrite, StepContext, StepReport, encoded_bytes
 from core.compression.training.constraints import form_for, reencode
 from core.compression.training.objectives import Distillation, default_loss, evaluate, is_causal_lm
 from core.compression.training.run import fit, load_teacher, prepare_data, pruned_sparsity
@@ -58,8 +58,7 @@ def lora_step(state: ModelState, config: LoRA, ctx: StepContext) -> StepReport:
         notes.append(f"adapters kept unmerged on {len(targets)} modules (rank {config.rank}); the artifact stores "
                      "them beside the frozen weights and load_compressed rebuilds them (needs peft)")
     metrics = {**outcome.metrics, "adapted_modules": len(targets), "sparsity_before": sparsity_before,
-               "sparsity_after": pruned_sparsity(state), "packed_bytes": sum(e.nbytes() for e in
-                                                                            state.encodings.values())}
+               "sparsity_after": pruned_sparsity(state), "encoded_bytes": encoded_bytes(state)}
     return StepReport(metrics=metrics, notes=notes + outcome.notes)
 
 

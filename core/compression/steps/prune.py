@@ -17,7 +17,7 @@ from core.compression.sparsity.calibration import (
 from core.compression.sparsity.masks import dense_float, sparse_encoding
 from core.compression.sparsity.reconstruct import ReconstructionResult, reconstruct_block, reconstruction_metrics
 from core.compression.sparsity.structured import prune_structured
-from core.compression.state import ModelState, StepContext, StepReport
+from core.compression.state import ModelState, StepContext, StepReport, size_metrics
 
 LayerPruner = Callable[[nn.Linear, InputStats], torch.Tensor]
 SPEED_NOTE = ("unstructured sparsity gives no speedup with dense kernels (and load_compressed restores dense "
@@ -156,9 +156,7 @@ def sparsity_report(state: ModelState, weights: dict[str, nn.Parameter], pattern
         "params_in_pruned_tensors": total,
         "sparsity": zeros / total,
         "model_sparsity": sum(int((p == 0).sum()) for p in state.model.parameters()) / all_params,
-        "dense_bytes": dense,
-        "stored_bytes": stored,
-        "stored_ratio": stored / dense,
+        **size_metrics(dense, stored),
         "pattern": pattern,
     }
     notes = [*notes, f"{len(weights)} weights stored as bitmask + kept values", SPEED_NOTE]

@@ -12,7 +12,7 @@ from core.compression.quant.data import calibration_for
 from core.compression.quant.gptq import gptq_quantize
 from core.compression.quant.grid import IntGrid, dequantize_codes
 from core.compression.quant.layerwise import BlockCall, first_block_calls, input_hessians, transformer_blocks
-from core.compression.quant.modules import selected_weights, size_metrics, store_decoded
+from core.compression.quant.modules import quantize_metrics, selected_weights, store_decoded
 from core.compression.registry import register_step
 from core.compression.select import SharedWeight
 from core.compression.sparsity.masks import keep_sparse
@@ -135,7 +135,7 @@ def _report(
     in_blocks: set[str],
     stats: _Stats,
 ) -> StepReport:
-    metrics = size_metrics(state, weights)
+    metrics = quantize_metrics(state, weights)
     outside = [shared.name for shared in weights if shared.name not in in_blocks]
     metrics.update(
         bits=config.bits,

@@ -6,7 +6,7 @@ from core.compression.configs.quantize import QuantizeMixed
 from core.compression.encoding import decode, quantize_rtn
 from core.compression.metrics import model_outputs, output_cosine
 from core.compression.quant.data import calibration_for
-from core.compression.quant.modules import encode_each, selected_weights, size_metrics, tied_notes
+from core.compression.quant.modules import encode_each, quantize_metrics, selected_weights, tied_notes
 from core.compression.registry import register_step
 from core.compression.select import SharedWeight
 from core.compression.state import Encoding, ModelState, StepContext, StepReport
@@ -102,7 +102,7 @@ def _report(
     chosen: dict[str, int],
     calibration_notes: list[str],
 ) -> StepReport:
-    metrics = size_metrics(state, weights)
+    metrics = quantize_metrics(state, weights)
     total = sum(shared.weight.numel() for shared in weights)
     metrics["avg_bits"] = sum(chosen[shared.name] * shared.weight.numel() for shared in weights) / total
     for name, by_width in sensitivities.items():
