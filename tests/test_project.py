@@ -1,5 +1,7 @@
 """Project-level contracts: configuration defaults and the compose file users run."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,10 @@ def test_compose_runs_the_production_stack_with_a_gpu_worker():
         env = services[name]["environment"]
         assert env["MCS_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert env["MCS_BROKER_URL"].startswith("redis://")
+
+
+def test_recipes_validate_without_torch():
+    """The API validates recipes on hosts that never run a model: importing the configs must not import torch."""
+    probe = "import sys, core.compression.spec; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

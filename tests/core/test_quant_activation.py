@@ -166,7 +166,8 @@ def _onnx_nodes(path: Path) -> list[Any]:
 
 
 def test_static_ranges_use_7_bits_on_cpus_without_vnni_unless_told() -> None:
-    from core.compression.configs.quantize import QuantizeStatic, cpu_has_vnni
+    from core.compression.configs.quantize import QuantizeStatic
+    from core.compression.int8.cpu import cpu_has_vnni
 
     assert QuantizeStatic(method="static").static_reduce_range() is (not cpu_has_vnni())
     assert QuantizeStatic(method="static", reduce_range=True).static_reduce_range() is True

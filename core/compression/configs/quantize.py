@@ -2,7 +2,6 @@
 
 from typing import Annotated, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.compression.configs.base import COMPRESSED_TENSORS, ONNX, ExportFormat, StepConfig, Traits
@@ -167,18 +166,6 @@ class QuantizeMixed(_IntGridFields):
         return super().export_refusal(fmt)
 
 
-def cpu_has_vnni() -> bool:
-    """AVX512-VNNI or AVX-VNNI: u8 x s8 dot products accumulate in int32 without saturating."""
-    check = getattr(torch.cpu, "_is_vnni_supported", None)
-    return bool(check()) if check is not None else False
-
-
-def cpu_has_amx_int8() -> bool:
-    """Intel AMX tiles for int8 (Sapphire Rapids and later): oneDNN's int8 GEMM runs on them."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check()) if check is not None else False
-
-
 ActivationObserver = Literal["minmax", "percentile", "mse", "histogram"]
 
 
@@ -201,7 +188,11 @@ class _Int8ActivationFields(StepConfig):
 
     def static_reduce_range(self) -> bool:
         """Whether calibrated (static) activation ranges use 7 bits."""
-        return self.reduce_range if self.reduce_range is not None else not cpu_has_vnni()
+        if self.reduce_range is not None:
+            return self.reduce_range
+        from core.compression.int8.cpu import cpu_has_vnni  # configs stay torch-free: the API imports them
+
+        return not cpu_has_vnni()
 
 
 class QuantizeDynamic(_Int8ActivationFields):

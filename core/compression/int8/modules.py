@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.compression.configs.quantize import cpu_has_amx_int8, cpu_has_vnni
+from core.compression.int8.cpu import cpu_has_amx_int8, cpu_has_vnni
 from core.compression.rewrites import register_rewrite, set_submodule
 
 DYNAMIC_REWRITE = "int8_dynamic_linear"

@@ -1,7 +1,8 @@
 """Dynamic W8A8 quantization: int8 Linear modules whose activations are quantized per input at run time."""
 
-from core.compression.configs.quantize import QuantizeDynamic, cpu_has_vnni
+from core.compression.configs.quantize import QuantizeDynamic
 from core.compression.int8.convert import install_int8, int8_report, linear_bytes, select_linears
+from core.compression.int8.cpu import cpu_has_vnni
 from core.compression.registry import register_step
 from core.compression.state import ModelState, StepContext, StepReport
 from core.errors import JobCancelled
