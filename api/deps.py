@@ -1,35 +1,94 @@
-"""Typed dependencies: routes declare what they need (`SessionDep`, `TenantDep`, ...) and never build it."""
+"""Typed dependencies: routes declare what they need (`SessionDep`, `TenantDep`, ...) and never build it.
 
-from collections.abc import Iterator
-from typing import Annotated
+Dependencies without I/O are `async def`: a sync one costs a trip through anyio's thread pool, which the routes
+need. A request takes a connection slot (first come, first served, in the event loop) before it takes a pooled
+connection, and gives the slot back after the connection: there are as many slots as the pool has connections, so no
+thread ever waits for the pool. When threads did, 64 pollers parked every thread on the pool while the requests
+holding its connections queued for a thread to go on: 0 requests in 8 s, then `QueuePool limit ... reached`."""
 
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import cache
+from typing import Annotated, TypeVar
+
+import anyio
 from fastapi import Depends, Query, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
+from starlette.types import Scope
 
 from core.db.models import Tenant
 from core.db.repositories import Artifacts, Datasets, Jobs, Models, Tenants
-from core.db.session import session_factory
-from core.errors import Unauthorized
+from core.db.session import connect, session_factory, session_scope
+from core.errors import InvalidRequest, Unauthorized, Unavailable
 from core.settings import Settings, get_settings
 from core.storage import ArtifactStore, get_store
 
+T = TypeVar("T")
+SLOT_WAIT_S = 10  # as long as the pool's own timeout once was: a longer queue is shed with a 503
 
-def get_session() -> Iterator[Session]:
-    session = session_factory()()
+
+def _pool_capacity() -> int:
+    settings = get_settings()
+    return settings.db_pool_size + settings.db_max_overflow
+
+
+@cache
+def _slots() -> anyio.Semaphore:
+    return anyio.Semaphore(_pool_capacity())
+
+
+@cache
+def connection_threads() -> anyio.CapacityLimiter:
+    """Threads that take, give back or briefly use a connection: one per slot, so they never wait for each other
+    nor for the threads that routes run on."""
+    return anyio.CapacityLimiter(_pool_capacity())
+
+
+@asynccontextmanager
+async def connection_slot() -> AsyncIterator[None]:
     try:
-        yield session
+        with anyio.fail_after(SLOT_WAIT_S):
+            await _slots().acquire()
+    except TimeoutError as exc:
+        raise Unavailable("the database is busy; try again shortly") from exc
+    try:
+        yield
     finally:
-        session.rollback()
-        session.close()
+        _slots().release()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+async def with_connection(function: Callable[..., T], *args: object) -> T:
+    """Run `function`, which takes and gives back its own connection, in a thread once a slot is free."""
+    async with connection_slot():
+        return await anyio.to_thread.run_sync(function, *args, limiter=connection_threads())
 
 
-def reject_unknown_query(request: Request) -> None:
+async def get_session() -> AsyncIterator[Session]:
+    """A session on a connection taken before the route runs and given back as soon as it returns (before a
+    download streams)."""
+    async with connection_slot():
+        connection = await anyio.to_thread.run_sync(connect, limiter=connection_threads())
+        session = session_factory()(bind=connection)
+        try:
+            yield session
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_give_back, session, connection, limiter=connection_threads())
+
+
+def _give_back(session: Session, connection: Connection) -> None:
+    session.close()
+    connection.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+async def reject_unknown_query(request: Request) -> None:
     """A misspelt query parameter (`?pagesize=5`) would otherwise be ignored and the default used without a word:
     refuse it with the usual 422 listing each unknown name and the names the route accepts."""
     dependant = getattr(request.scope.get("route"), "dependant", None)
@@ -65,35 +124,58 @@ StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 bearer = HTTPBearer(auto_error=False, description="an API key from `mcs keys create`")
 
 
-def current_tenant(
-    session: SessionDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> Tenant:
-    key = credentials.credentials.strip() if credentials else ""
+def bearer_key(scope: Scope) -> str:
+    """The key of the request's `Authorization: Bearer <key>` header, '' without one. Two headers are an
+    `InvalidRequest`: servers and proxies disagree on which of them counts."""
+    values = [value for name, value in scope["headers"] if name == b"authorization"]
+    if len(values) > 1:
+        raise InvalidRequest(f"send one Authorization header, not {len(values)}")
+    scheme, _, key = values[0].decode("latin-1").partition(" ") if values else ("", "", "")
+    return key.strip() if scheme.lower() == "bearer" else ""
+
+
+async def authenticate(scope: Scope) -> Tenant:
+    """The tenant of the request's API key, looked up on a connection held only for the query."""
+    key = bearer_key(scope)
     if not key:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` (create one with `mcs keys create`)")
-    tenant = Tenants(session).for_api_key(key)
+    tenant = await with_connection(_tenant_for_key, key)
     if tenant is None:
         raise Unauthorized("the API key is unknown or revoked")
+    return tenant
+
+
+def _tenant_for_key(key: str) -> Tenant | None:
+    with session_scope() as session:
+        return Tenants(session).for_api_key(key)
+
+
+async def current_tenant(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Tenant:
+    """The tenant that `api.ratelimit.Admission` authenticated before the body was read, so a request's key is
+    looked up once (`credentials` declares the bearer scheme in the OpenAPI document)."""
+    tenant: Tenant = request.state.tenant
     return tenant
 
 
 TenantDep = Annotated[Tenant, Depends(current_tenant)]
 
 
-def models_repo(session: SessionDep, tenant: TenantDep) -> Models:
+async def models_repo(session: SessionDep, tenant: TenantDep) -> Models:
     return Models(session, tenant.id)
 
 
-def jobs_repo(session: SessionDep, tenant: TenantDep) -> Jobs:
+async def jobs_repo(session: SessionDep, tenant: TenantDep) -> Jobs:
     return Jobs(session, tenant.id)
 
 
-def datasets_repo(session: SessionDep, tenant: TenantDep) -> Datasets:
+async def datasets_repo(session: SessionDep, tenant: TenantDep) -> Datasets:
     return Datasets(session, tenant.id)
 
 
-def artifacts_repo(session: SessionDep, tenant: TenantDep) -> Artifacts:
+async def artifacts_repo(session: SessionDep, tenant: TenantDep) -> Artifacts:
     return Artifacts(session, tenant.id)
 
 

@@ -1,6 +1,7 @@
 """One handler maps the core error hierarchy (and request validation) to `{"error": {code, message, details}}`."""
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,7 +23,9 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.PayloadTooLarge: 413,
     errors.Unauthorized: 401,
     errors.NotFound: 404,
+    errors.RequestTimeout: 408,
     errors.Conflict: 409,
+    errors.PreconditionFailed: 412,
     errors.RangeNotSatisfiable: 416,
     errors.RateLimited: 429,
     errors.StorageFailed: 507,
@@ -31,15 +34,19 @@ STATUS: dict[type[errors.ServiceError], int] = {
 
 
 DESCRIPTIONS = {
-    400: "Malformed or unsafe input: an unreadable body or multipart form, a refused upload",
+    400: "Malformed or unsafe input: an unreadable body or multipart form, a refused upload, two Authorization "
+         "headers",
     401: "Missing, unknown or revoked API key",
     404: "No such id for this tenant (another tenant's id looks the same)",
+    408: "The request body stopped arriving for MCS_BODY_TIMEOUT_S",
     409: "Conflicts with the current state (a finished job, an active job, a reused Idempotency-Key)",
-    413: "Request body or upload over its limit",
+    412: "`If-Match` does not match the current ETag",
+    413: "Request body or upload over its limit (MCS_MAX_UPLOAD_BYTES, MCS_MAX_JSON_BYTES)",
     416: "Malformed or unsatisfiable Range",
     422: "Invalid request: every bad field is listed in `details`",
-    429: "Rate limit of this API key exceeded; see Retry-After",
-    503: "Database unreachable; see Retry-After",
+    429: "Rate limit of this API key (or, without a valid key, of this client address) exceeded; see Retry-After",
+    500: "Unexpected server error, logged; code `internal_error`",
+    503: "Database or job queue (broker) unreachable; see Retry-After",
     507: "The service is out of storage space",
 }
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "string"}}}
@@ -51,12 +58,12 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
                      **({"headers": RETRY_AFTER} if status == 429 else {})} for status in statuses}
 
 
-# Every /v1 route needs a key, validates its input, is rate limited and reads the database.
-V1_ERRORS = error_responses(401, 422, 429, 503)
+# Every /v1 route needs one key, validates its input, is rate limited and reads the database.
+V1_ERRORS = error_responses(400, 401, 422, 429, 500, 503)
 
 
 def error_response(status: int, code: str, message: str, details: object = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "details": details}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -68,12 +75,26 @@ def status_for(exc: errors.ServiceError) -> int:
     return 500
 
 
+def service_response(exc: errors.ServiceError) -> JSONResponse:
+    """The error body and status of a service error, with the headers its status calls for."""
+    return error_response(status_for(exc), exc.code, exc.message, exc.details, _headers_for(exc))
+
+
+def _headers_for(exc: errors.ServiceError) -> dict[str, str] | None:
+    if isinstance(exc, errors.Unauthorized):
+        return {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, errors.RangeNotSatisfiable) and isinstance(exc.details, dict):
+        return {"Content-Range": f"bytes */{exc.details['size']}"}
+    if isinstance(exc, errors.RateLimited) and isinstance(exc.details, dict):
+        return {"Retry-After": str(exc.details["retry_after_s"])}
+    if isinstance(exc, errors.Unavailable):
+        return {"Retry-After": "5"}
+    return None
+
+
 async def service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.ServiceError)
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, errors.Unauthorized) else None
-    if isinstance(exc, errors.RangeNotSatisfiable) and isinstance(exc.details, dict):
-        headers = {"Content-Range": f"bytes */{exc.details['size']}"}
-    return error_response(status_for(exc), exc.code, exc.message, exc.details, headers)
+    return service_response(exc)
 
 
 async def validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -97,7 +118,13 @@ async def database_down(request: Request, exc: Exception) -> JSONResponse:
                           headers={"Retry-After": "5"})
 
 
+async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """Anything else, in the one error body (Starlette still logs the traceback and re-raises after this answer)."""
+    return error_response(500, "internal_error", "unexpected server error; it has been logged")
+
+
 def install(app: FastAPI) -> None:
+    app.add_exception_handler(Exception, internal_error)
     app.add_exception_handler(errors.ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -1,67 +1,101 @@
-"""Bound every request body before anything buffers it: a lying or missing Content-Length cannot fill the disk."""
+"""Bound every request body before anything buffers it, in size and in time: a lying or missing Content-Length
+cannot fill the disk, a body that stops arriving cannot hold a connection for ever."""
 
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
+import anyio
 from fastapi import Form
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import error_response
-from core.errors import PayloadTooLarge
+from api.errors import service_response
+from core.errors import PayloadTooLarge, RequestTimeout
 
 # A display name given in a form: printable, bounded (a NUL would be refused by PostgreSQL with a 500).
 NameField = Annotated[str | None, Form(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
-class BodySizeLimit:
-    """A declared length over the cap is answered at once; an undeclared (chunked) or lying one is counted as it
-    arrives. Past the cap the app sees a disconnect (it stops reading and spools nothing more), its own answer is
-    dropped and the client gets the 413."""
+DISCONNECT: Message = {"type": "http.disconnect"}
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class Cap(NamedTuple):
+    """A body size limit and the setting that sets it (named in the 413)."""
+
+    max_bytes: int
+    setting: str
+
+
+class BodyLimits:
+    """A multipart upload may be as large as MCS_MAX_UPLOAD_BYTES, any other body (JSON) as MCS_MAX_JSON_BYTES. A
+    declared length over the cap is answered at once; an undeclared (chunked) or lying one is counted as it
+    arrives. A body whose next piece takes longer than MCS_BODY_TIMEOUT_S is a 408. Past a limit the app sees a
+    disconnect (it stops reading and spools nothing more), its own answer is dropped and the client gets ours."""
+
+    def __init__(self, app: ASGIApp, upload: Cap, json: Cap, timeout_s: float) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self.upload, self.json, self.timeout_s = upload, json, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._too_large(declared.decode(errors="replace"))(scope, receive, send)
+        headers = dict(scope["headers"])
+        cap = self.upload if headers.get(b"content-type", b"").lower().startswith(b"multipart/") else self.json
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > cap.max_bytes):
+            await _closing(_too_large(cap, declared.decode(errors="replace")))(scope, receive, send)
             return
-        body = _CountedBody(receive, send, self.max_bytes)
+        body = _GuardedBody(receive, send, cap, self.timeout_s)
         try:
             await self.app(scope, body.receive, body.send)
         except Exception:
-            if not body.exceeded:
+            if body.refusal is None:
                 raise
-        if body.exceeded and not body.response_started:
-            await self._too_large(f"more than {self.max_bytes:,}")(scope, receive, send)
-
-    def _too_large(self, size: str) -> Response:
-        message = f"request body of {size} bytes exceeds the limit of {self.max_bytes:,} bytes (MCS_MAX_UPLOAD_BYTES)"
-        return error_response(413, PayloadTooLarge.code, message)
+        if body.refusal is not None and not body.response_started:
+            await _closing(body.refusal)(scope, receive, send)
 
 
-class _CountedBody:
-    def __init__(self, receive: Receive, send: Send, max_bytes: int) -> None:
-        self._receive, self._send, self.max_bytes = receive, send, max_bytes
-        self.seen, self.exceeded, self.response_started = 0, False, False
+def _too_large(cap: Cap, size: str) -> Response:
+    message = f"request body of {size} bytes exceeds the limit of {cap.max_bytes:,} bytes ({cap.setting})"
+    return service_response(PayloadTooLarge(message))
+
+
+def _closing(response: Response) -> Response:
+    """The rest of a refused body is never read: the server closes the connection instead of draining it."""
+    response.headers["Connection"] = "close"
+    return response
+
+
+class _GuardedBody:
+    def __init__(self, receive: Receive, send: Send, cap: Cap, timeout_s: float) -> None:
+        self._receive, self._send, self.cap, self.timeout_s = receive, send, cap, timeout_s
+        self.seen, self.complete, self.response_started = 0, False, False
+        self.refusal: Response | None = None
 
     async def receive(self) -> Message:
-        if self.exceeded:
-            return {"type": "http.disconnect"}
-        message = await self._receive()
+        if self.refusal is not None:
+            return DISCONNECT
+        if self.complete:  # the body is in: what follows is a wait for the client to leave, with no time limit
+            return await self._receive()
+        with anyio.move_on_after(self.timeout_s):
+            return self._count(await self._receive())
+        timeout = RequestTimeout(f"the request body stopped arriving for {self.timeout_s:g} s (MCS_BODY_TIMEOUT_S)")
+        return self._refuse(service_response(timeout))
+
+    def _count(self, message: Message) -> Message:
         if message["type"] == "http.request":
             self.seen += len(message.get("body", b""))
-            if self.seen > self.max_bytes:
-                self.exceeded = True
-                return {"type": "http.disconnect"}
+            self.complete = not message.get("more_body", False)
+            if self.seen > self.cap.max_bytes:
+                return self._refuse(_too_large(self.cap, f"more than {self.cap.max_bytes:,}"))
         return message
 
+    def _refuse(self, response: Response) -> Message:
+        self.refusal = response
+        return DISCONNECT
+
     async def send(self, message: Message) -> None:
-        if self.exceeded and not self.response_started:
-            return  # the app's answer to the cut-off body (a 400 or a disconnect error) is replaced by our 413
+        if self.refusal is not None and not self.response_started:
+            return  # the app's answer to the cut-off body (a 400 or a disconnect error) is replaced by ours
         self.response_started = self.response_started or message["type"] == "http.response.start"
         await self._send(message)

@@ -7,8 +7,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import errors
-from api.limits import BodySizeLimit
-from api.ratelimit import RateLimit, rate_limit_buckets
+from api.limits import BodyLimits, Cap
+from api.ratelimit import Admission, rate_limit_buckets
 from api.routers import artifacts, datasets, health, jobs, models
 from core.scratch import remove_stale_scratch
 from core.settings import get_settings
@@ -36,9 +36,10 @@ def create_app() -> FastAPI:
         form_limits={"max_files": settings.max_form_files, "max_fields": settings.max_form_fields,
                      "max_part_size": settings.max_form_field_bytes},
     )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes + 64 * 1024)
-    # added last, so it runs first: a client over its limit costs no body parsing and no database query
-    app.add_middleware(RateLimit, buckets=rate_limit_buckets(settings))
+    app.add_middleware(BodyLimits, upload=Cap(settings.max_upload_bytes + 64 * 1024, "MCS_MAX_UPLOAD_BYTES"),
+                       json=Cap(settings.max_json_bytes, "MCS_MAX_JSON_BYTES"), timeout_s=settings.body_timeout_s)
+    # added last, so it runs first: a request without a valid key, or over its rate limit, costs no body
+    app.add_middleware(Admission, buckets=rate_limit_buckets(settings))
     errors.install(app)
     for module in (health, models, datasets, jobs, artifacts):
         app.include_router(module.router)

@@ -9,13 +9,13 @@ log = logging.getLogger(__name__)
 
 
 def enqueue(job: Job) -> bool:
-    """Send the job id to its queue. Called only after the job row is committed; if the broker is down the job
-    stays `queued` in the database and the worker's reconciler sends it later, so it is never lost."""
+    """Send the job id to its queue; False when the broker refused it (the submission then withdraws the job and
+    answers 503). Called only after the job row is committed: the worker must find it."""
     try:
         app.send_task(RUN_JOB_TASK, args=[job.id], queue=job.queue)
         return True
-    except Exception as exc:  # broker unreachable: the reconciler covers it
-        log.warning("could not enqueue job %s (it stays queued): %s", job.id, exc)
+    except Exception as exc:  # broker unreachable
+        log.warning("could not enqueue job %s: %s", job.id, exc)
         return False
 
 

@@ -1,10 +1,10 @@
-"""Per-API-key rate limit: a token bucket per key (or per client address when no key is sent), answered with 429
-and `Retry-After` before any route runs; MCS_RATE_LIMIT_PER_MINUTE=0 turns it off.
+"""Admission, before any body is read: the API key of a /v1 request is checked, then a token bucket per valid key
+(per client address for everything else: a missing, unknown or revoked key, /docs) is spent, answered with 429 and
+`Retry-After` when empty; MCS_RATE_LIMIT_PER_MINUTE=0 turns the limit off.
 
 With Redis as the broker, the buckets live in Redis and every API process shares them (one atomic Lua script per
 request). The embedded default has no Redis: its buckets live in the API process, which is then the only one."""
 
-import hashlib
 import logging
 import math
 import time
@@ -13,14 +13,18 @@ from dataclasses import dataclass
 
 import anyio
 import redis
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import error_response
-from core.errors import RateLimited
+from api.deps import authenticate, bearer_key
+from api.errors import service_response
+from core.db.repositories import hash_key
+from core.errors import InvalidRequest, RateLimited, ServiceError, Unauthorized
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 MAX_TRACKED = 100_000  # least recently seen local buckets are dropped beyond this: memory stays bounded
+REDIS_THREADS = 16
 EXEMPT = ("/healthz", "/readyz")
 REDIS_PREFIX = "mcs:ratelimit:"
 # Refill by the time elapsed on Redis's own clock (API hosts' clocks need not agree), spend one token or return the
@@ -81,9 +85,11 @@ class RedisBuckets:
         self.rate, self.burst = per_minute / 60, burst
         self.fallback = LocalBuckets(per_minute, burst)
         self.redis_up = True
+        # its own threads: a slow Redis then never holds the threads that routes run on
+        self.threads = anyio.CapacityLimiter(REDIS_THREADS)
 
     async def take(self, key: str) -> float:
-        return await anyio.to_thread.run_sync(self.take_now, key)
+        return await anyio.to_thread.run_sync(self.take_now, key, limiter=self.threads)
 
     def take_now(self, key: str) -> float:
         try:
@@ -106,29 +112,55 @@ def rate_limit_buckets(settings: Settings) -> LocalBuckets | RedisBuckets | None
     return LocalBuckets(settings.rate_limit_per_minute, settings.rate_limit_burst)
 
 
-class RateLimit:
+class Admission:
+    """FastAPI reads and parses a body before it solves a route's dependencies, so the key is checked here, before
+    the app receives anything: a request refused here costs no body. Routes get the tenant through `TenantDep`."""
+
     def __init__(self, app: ASGIApp, buckets: LocalBuckets | RedisBuckets | None) -> None:
         self.app = app
         self.buckets = buckets
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.buckets is None or scope["path"] in EXEMPT:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        wait_s = await self.buckets.take(_client_key(scope))
-        if wait_s > 0:
-            retry_after = str(math.ceil(wait_s))
-            message = f"too many requests for this API key; retry in {retry_after} s"
-            response = error_response(429, RateLimited.code, message, {"retry_after_s": int(retry_after)},
-                                      headers={"Retry-After": retry_after})
-            await response(scope, receive, send)
+        try:
+            await self._admit(scope)
+        except ServiceError as exc:
+            await _refusal(scope, exc)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
+    async def _admit(self, scope: Scope) -> None:
+        if not scope["path"].startswith("/v1/"):
+            await self._spend(scope, _address_bucket(scope))
+            return
+        try:
+            scope.setdefault("state", {})["tenant"] = await authenticate(scope)
+        except (InvalidRequest, Unauthorized):
+            await self._spend(scope, _address_bucket(scope))  # random keys buy no fresh buckets
+            raise
+        await self._spend(scope, "key:" + hash_key(bearer_key(scope)))
 
-def _client_key(scope: Scope) -> str:
-    authorization = dict(scope["headers"]).get(b"authorization")
-    if authorization:
-        return "key:" + hashlib.sha256(authorization).hexdigest()  # never keep the key itself in memory
+    async def _spend(self, scope: Scope, bucket: str) -> None:
+        if self.buckets is None or scope["path"] in EXEMPT:
+            return
+        wait_s = await self.buckets.take(bucket)
+        if wait_s > 0:
+            retry_after = math.ceil(wait_s)
+            raise RateLimited(f"too many requests for this API key or client address; retry in {retry_after} s",
+                              {"retry_after_s": retry_after})
+
+
+def _address_bucket(scope: Scope) -> str:
     client = scope.get("client")
     return f"addr:{client[0] if client else 'unknown'}"
+
+
+def _refusal(scope: Scope, exc: ServiceError) -> Response:
+    """A request refused before its body was read closes the connection: the server then reads no more of it."""
+    response = service_response(exc)
+    headers = dict(scope["headers"])
+    if headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers:
+        response.headers["Connection"] = "close"
+    return response

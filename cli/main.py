@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="create an API key for a tenant (printed once, last line)")
     create.add_argument("--tenant", required=True)
     create.set_defaults(run=_keys_create)
+    listing = keys.add_parser("list", help="list a tenant's API keys: prefix, created, revoked")
+    listing.add_argument("--tenant", required=True)
+    listing.set_defaults(run=_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke an API key at once, by its prefix (see `keys list`) or value")
+    revoke.add_argument("key", metavar="PREFIX_OR_KEY")
+    revoke.set_defaults(run=_keys_revoke)
 
     demo = sub.add_parser("demo", help="compress the real all-MiniLM-L6-v2 through the API and print the numbers")
     demo.add_argument("--api-url", default=None, help="use a running API instead of starting the embedded stack")
@@ -78,6 +84,38 @@ def _keys_create(args: argparse.Namespace) -> int:
         key = tenants.create_api_key(tenants.get_or_create(args.tenant))
     print(f"API key for tenant {args.tenant!r} (shown once; only its hash is stored):", file=sys.stderr)
     print(key)
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    from core.db.repositories import Tenants
+    from core.db.session import session_scope
+    from core.errors import NotFound
+
+    try:
+        with session_scope() as session:
+            keys = Tenants(session).api_keys(args.tenant)
+    except NotFound as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    for key in keys:
+        revoked = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+        print(f"{key.prefix}  created {key.created_at:%Y-%m-%d %H:%M}  {revoked}")
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from core.db.repositories import Tenants
+    from core.db.session import session_scope
+    from core.errors import Conflict, NotFound
+
+    try:
+        with session_scope() as session:
+            prefix = Tenants(session).revoke_api_key(args.key).prefix
+    except (NotFound, Conflict) as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    print(f"revoked the API key {prefix}…; requests with it now get 401")
     return 0
 
 

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     max_form_files: int = Field(4, gt=0, description="files in one multipart request")
     max_form_fields: int = Field(16, gt=0, description="text fields in one multipart request")
     max_form_field_bytes: int = Field(64 * 1024, gt=0, description="bytes of one multipart text field")
+    max_json_bytes: int = Field(1024**2, gt=0, description="bytes of a request body that is not a multipart upload")
+    body_timeout_s: float = Field(30.0, gt=0, description="longest wait for the next piece of a request body")
+    db_pool_size: int = Field(10, gt=0, description="database connections each process keeps open")
+    db_max_overflow: int = Field(10, ge=0, description="connections opened beyond the pool at busy times")
     default_queue: str = "cpu"
 
     @model_validator(mode="after")

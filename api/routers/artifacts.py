@@ -1,53 +1,97 @@
 import base64
 import re
-from typing import Annotated
+from typing import Annotated, Any
+from urllib.parse import quote
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request, Response
 from fastapi.responses import StreamingResponse
 
 from api.deps import V1_DEPENDENCIES, ArtifactsDep, StoreDep
 from api.errors import V1_ERRORS, error_responses
-from core.errors import RangeNotSatisfiable
+from core.db.models import Artifact
+from core.errors import PreconditionFailed, RangeNotSatisfiable
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=V1_ERRORS,
                    dependencies=V1_DEPENDENCIES)
 
 SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 ZIP = {"application/zip": {"schema": {"type": "string", "format": "binary"}}}
-DOWNLOAD_RESPONSES = {
+Responses = dict[int | str, dict[str, Any]]
+NOT_MODIFIED: Responses = {304: {"description": "`If-None-Match` matches the ETag: the client's copy is current"}}
+DOWNLOAD_RESPONSES: Responses = {
     200: {"description": "The whole artifact", "content": ZIP},
     206: {"description": "The requested byte range (`Content-Range`)", "content": ZIP},
-    **error_responses(404, 416),
+    **NOT_MODIFIED,
+    **error_responses(404, 412, 416),
 }
+HEAD_RESPONSES: Responses = {200: {"description": "The headers a GET would answer, without the body"},
+                             **NOT_MODIFIED, **error_responses(404, 412)}
+ETagList = Annotated[str | None, Header(max_length=2000, description="ETags, comma-separated, or `*`")]
 
 
 @router.get("/{artifact_id}", name="download_artifact", response_class=StreamingResponse,
             responses=DOWNLOAD_RESPONSES)
+@router.head("/{artifact_id}", name="artifact_headers", response_class=Response, responses=HEAD_RESPONSES)
 def download_artifact(
     artifact_id: str,
+    request: Request,
     artifacts: ArtifactsDep,
     store: StoreDep,
     range_header: Annotated[str | None, Header(alias="Range", max_length=200)] = None,
-) -> StreamingResponse:
-    """Stream the artifact (a zip of the compressed model folder), with `Range` support for resumed downloads."""
+    if_range: Annotated[str | None, Header(max_length=200, description="honour Range only for this ETag")] = None,
+    if_match: ETagList = None,
+    if_none_match: ETagList = None,
+) -> Response:
+    """Stream the artifact (a zip of the compressed model folder), with `Range` support for resumed downloads and
+    conditional requests on its ETag (RFC 9110); HEAD answers the headers of a GET without the body."""
     artifact = artifacts.get(artifact_id)
+    etag = f'"{artifact.sha256}"'
+    if if_match is not None and not etag_matches(if_match, etag, weak=False):
+        raise PreconditionFailed(f"If-Match {if_match!r} does not match the artifact's ETag {etag}", {"etag": etag})
+    if if_none_match is not None and etag_matches(if_none_match, etag, weak=True):
+        return Response(status_code=304, headers={"ETag": etag})
     size = store.size(artifact.storage_key)
+    # Range is defined for GET only; a stale If-Range (another ETag, or a date: we send no Last-Modified) asks for
+    # the whole new file rather than a piece of it
+    start, end = parse_range(range_header if request.method == "GET" and if_range in (None, etag) else None, size)
+    headers = download_headers(artifact, etag, start, end, size)
+    status = 206 if "Content-Range" in headers else 200
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type="application/zip")
+    body = store.read_range(artifact.storage_key, start, end)
+    return StreamingResponse(body, status_code=status, headers=headers, media_type="application/zip")
+
+
+def download_headers(artifact: Artifact, etag: str, start: int, end: int, size: int) -> dict[str, str]:
     digest = base64.b64encode(bytes.fromhex(artifact.sha256)).decode()
     headers = {
-        "ETag": f'"{artifact.sha256}"',
+        "ETag": etag,
         "Repr-Digest": f"sha-256=:{digest}:",
         "Digest": f"SHA-256={digest}",
         "Accept-Ranges": "bytes",
-        "Content-Disposition": f'attachment; filename="{artifact.name}"',
+        "Content-Disposition": content_disposition(artifact.name),
+        "Content-Length": str(end - start + 1),
     }
-    start, end = parse_range(range_header, size)
-    status = 200
     if (start, end) != (0, size - 1):
-        status = 206
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    headers["Content-Length"] = str(end - start + 1)
-    body = store.read_range(artifact.storage_key, start, end)
-    return StreamingResponse(body, status_code=status, headers=headers, media_type="application/zip")
+    return headers
+
+
+def content_disposition(name: str) -> str:
+    """RFC 6266: `filename*` carries the name in UTF-8, percent-encoded (no character of it can end the header or
+    start a parameter); `filename` is an ASCII stand-in for old clients, without quotes, backslashes, semicolons or
+    control characters."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\;' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+def etag_matches(header: str, etag: str, weak: bool) -> bool:
+    """Whether an If-Match / If-None-Match value names `etag` (a strong ETag): `*` names any; a `W/` tag matches
+    only in the weak comparison that If-None-Match uses."""
+    tags = [tag.strip() for tag in header.split(",")]
+    if weak:
+        tags = [tag.removeprefix("W/") for tag in tags]
+    return "*" in tags or etag in tags
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int]:

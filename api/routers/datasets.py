@@ -28,7 +28,7 @@ class DatasetOut(BaseModel):
     created_at: object
 
 
-@router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(400, 413, 507))
+@router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(400, 408, 413, 507))
 def upload_dataset(
     datasets: DatasetsDep,
     session: SessionDep,

@@ -13,7 +13,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS,
                    dependencies=V1_DEPENDENCIES)
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=error_responses(400, 404, 409, 413, 503))
+@router.post("", status_code=202, response_model=JobOut, responses=error_responses(400, 404, 408, 409, 413, 503))
 def create_job(
     body: JobCreate,
     request: Request,

@@ -16,7 +16,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=V1_ERRORS,
                    dependencies=V1_DEPENDENCIES)
 
 
-@router.post("", status_code=201, response_model=ModelOut, responses=error_responses(400, 413, 507))
+@router.post("", status_code=201, response_model=ModelOut, responses=error_responses(400, 408, 413, 507))
 def upload_model(
     models: ModelsDep,
     session: SessionDep,

@@ -353,7 +353,8 @@ class JobRuns:
         was accepted (it ends `cancelled`) or it has no attempt left (it ends `failed` with `error`): never waiting in
         `queued` for nothing."""
         job = self.get(job_id)
-        if job is None or job.status in TERMINAL or (attempt is not None and job.attempts != attempt):
+        held = job is not None and job.status == JobStatus.running and job.attempts == attempt
+        if job is None or job.status in TERMINAL or (attempt is not None and not held):
             return False
         if job.cancel_requested:  # nobody would run it again: end it as the accepted cancel promised
             self.fail(job_id, cancelled("cancelled; its last run had failed"), JobStatus.cancelled)

@@ -1,3 +1,7 @@
+from cli.main import main
+from tests.api.conftest import api_key
+
+
 def test_every_v1_route_needs_a_key(client):
     for method, path in [("get", "/v1/models"), ("get", "/v1/jobs"), ("get", "/v1/artifacts/art_x"),
                          ("post", "/v1/jobs")]:
@@ -6,6 +10,29 @@ def test_every_v1_route_needs_a_key(client):
         assert response.json()["error"]["code"] == "unauthorized"
     wrong = client.get("/v1/models", headers={"Authorization": "Bearer mcs_not-a-key"})
     assert wrong.status_code == 401 and "unknown" in wrong.json()["error"]["message"]
+    assert wrong.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_two_authorization_headers_are_400_not_first_one_wins(client, auth, other_auth):
+    headers = [("Authorization", auth["Authorization"]), ("Authorization", other_auth["Authorization"])]
+    response = client.get("/v1/models", headers=headers)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"
+
+
+def test_keys_are_listed_and_revoked_by_prefix_or_value(client, capsys):
+    first, second = api_key("carol"), api_key("carol")
+    assert client.get("/v1/models", headers={"Authorization": f"Bearer {first}"}).status_code == 200
+    assert main(["keys", "list", "--tenant", "carol"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert sorted(line.split()[0] for line in listed) == sorted([first[:12], second[:12]])
+    assert all(line.endswith("active") for line in listed)
+    assert main(["keys", "revoke", first[:12]]) == 0 and main(["keys", "revoke", second]) == 0
+    for key in (first, second):
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    assert main(["keys", "list", "--tenant", "carol"]) == 0
+    assert all("revoked" in line for line in capsys.readouterr().out.splitlines())
+    assert main(["keys", "revoke", first[:12]]) == 1  # nothing active left to revoke
+    assert main(["keys", "list", "--tenant", "nobody"]) == 1
 
 
 def test_other_tenants_rows_are_404_like_unknown_ids(client, auth, other_auth, upload):

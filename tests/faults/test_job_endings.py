@@ -96,6 +96,7 @@ def test_a_job_submitted_while_the_broker_is_down_is_503_and_nothing_is_queued(s
         for key in (None, "submit-once"):
             refused = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": key} if key else {})
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "unavailable", refused.text
+            assert refused.headers["Retry-After"]
         assert client.get("/v1/jobs").json()["total"] == jobs_before
     finally:
         redis_server.start(lambda: httpx.get(f"{client.base_url}/readyz").status_code == 200)

@@ -48,7 +48,8 @@ def broker_down() -> Iterator[None]:
     from celery import Celery
 
     dead = Celery("dead-broker", broker="redis://127.0.0.1:1/0")
-    dead.conf.broker_connection_retry_on_startup = False
+    dead.conf.update(broker_connection_retry_on_startup=False,
+                     broker_transport_options=api.queue.app.conf.broker_transport_options)
     live, api.queue.app = api.queue.app, dead
     try:
         yield

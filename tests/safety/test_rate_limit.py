@@ -57,3 +57,15 @@ def test_the_embedded_default_limits_each_process_on_its_own(two_apps, auth, tmp
 def test_with_redis_down_each_process_still_limits(two_apps, auth):
     first, second = two_apps(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
     assert alternate(first, second, auth, 2 * BURST + 2) == [200] * 2 * BURST + [429] * 2
+
+
+def test_made_up_keys_draw_on_the_client_address_bucket(two_apps, auth):
+    """A fresh random key per request once bought a fresh bucket per request: now every request without a valid
+    key, whatever it sends, spends from its client address's bucket, while a valid key keeps its own."""
+    first, second = two_apps(get_settings().broker_url)
+    made_up = [{"Authorization": f"Bearer mcs_made-up-{i}"} for i in range(BURST + 2)]
+    statuses = [(first, second)[i % 2].get("/v1/models", headers=headers).status_code
+                for i, headers in enumerate(made_up)]
+    assert statuses == [401] * BURST + [429] * 2
+    assert first.get("/v1/models").status_code == 429  # no key at all: the same address bucket
+    assert alternate(first, second, auth, 2) == [200, 200]

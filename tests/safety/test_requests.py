@@ -1,16 +1,20 @@
 """Hostile HTTP requests: multipart abuse, bad recipes, other tenants' ids, byte ranges, floods."""
 
 import concurrent.futures
+import contextlib
 import hashlib
 import os
+import re
 import select
 import socket
 import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from typing import NamedTuple
 
 import httpx
+import psutil
 import pytest
 from fastapi.testclient import TestClient
 
@@ -85,15 +89,21 @@ def test_multipart_without_a_boundary_and_wrong_content_types(client, auth):
     assert client.post("/v1/models", json={"file": "x"}, headers=auth).status_code == 422
 
 
+class Server(NamedTuple):
+    address: str
+    pid: int
+
+
 @pytest.fixture()
-def small_server(db, tmp_path) -> Iterator[str]:
-    """A real uvicorn process (TestClient buffers a request body before the app sees it) with a 1 MB limit."""
-    env = {**os.environ, "MCS_MAX_UPLOAD_BYTES": "1000000"}
+def small_server(db, tmp_path) -> Iterator[Server]:
+    """A real uvicorn process (TestClient buffers a request body before the app sees it) with a 1 MB limit and a
+    body that pauses for 1 s timed out."""
+    env = {**os.environ, "MCS_MAX_UPLOAD_BYTES": "1000000", "MCS_BODY_TIMEOUT_S": "1"}
     port = free_port()
     process = spawn([sys.executable, "-m", "cli.main", "serve", "--port", str(port)], env, tmp_path / "api.log")
     try:
         wait_ready(f"http://127.0.0.1:{port}", [process])
-        yield f"127.0.0.1:{port}"
+        yield Server(f"127.0.0.1:{port}", process.pid)
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -128,13 +138,77 @@ def multipart_chunks(total: int, size: int = 64 * 1024, chunked: bool = True) ->
 def test_chunked_body_without_length_and_a_lying_length_are_413(small_server, auth):
     request = f"POST /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: {auth['Authorization']}\r\n" \
               "Content-Type: multipart/form-data; boundary=b\r\n"
-    status, sent = raw_upload(small_server, request + "Transfer-Encoding: chunked\r\n\r\n",
+    status, sent = raw_upload(small_server.address, request + "Transfer-Encoding: chunked\r\n\r\n",
                               multipart_chunks(5 * 1024**3))
     assert status == 413 and sent < 50_000_000  # stopped near the 1 MB limit, not after 5 GB
-    status, sent = raw_upload(small_server, request + "Content-Length: 100\r\n\r\n",
+    status, sent = raw_upload(small_server.address, request + "Content-Length: 100\r\n\r\n",
                               multipart_chunks(3_000_000, chunked=False))
     assert status in (400, 413, 422) and sent < 50_000_000
     assert leftovers() == []
+
+
+def send_until_closed(address: str, head: str, limit: int = 256 * 1024**2) -> tuple[bytes, int]:
+    """Send `head`, then zeros until the server closes the connection (or `limit` bytes went out); return the
+    server's answer and the body bytes sent."""
+    host, port = address.split(":")
+    sent, chunk = 0, b"\0" * 64 * 1024
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode())
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < limit:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        return read_answer(sock), sent
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One response: its head and the Content-Length bytes of its body."""
+    answer = b""
+    while (b"\r\n\r\n" not in answer
+           or len(answer.split(b"\r\n\r\n", 1)[1]) < int(re.search(rb"content-length: (\d+)", answer, re.I)[1])):
+        answer += sock.recv(65536) or b"\r\n\r\ncontent-length: 0"  # closed early: end the loop with what came
+    return answer
+
+
+def test_a_2_gib_body_without_a_valid_key_is_401_before_it_is_read(small_server):
+    """Authentication comes before the body: no key, or a made-up one, costs the API neither the upload nor the
+    parsing of a JSON body (it once cost ~6x the body in memory), and the connection is closed, not drained."""
+    requests = [f"POST {path} HTTP/1.1\r\nHost: x\r\n{key}Content-Type: {kind}\r\nContent-Length: {2 * 1024**3}\r\n\r\n"
+                for path, kind in [("/v1/jobs", "application/json"), ("/v1/models", "multipart/form-data; boundary=b")]
+                for key in ["", "Authorization: Bearer mcs_made-up\r\n"]]
+    server = psutil.Process(small_server.pid)
+    send_until_closed(small_server.address, requests[0])  # the first request builds what the process keeps
+    before = server.memory_info().rss
+    for head in requests * 3:
+        answer, sent = send_until_closed(small_server.address, head)
+        assert answer.startswith(b"HTTP/1.1 401") and b'"code":"unauthorized"' in answer, answer[:300]
+        assert b"www-authenticate: Bearer" in answer and sent < 16 * 1024**2
+    assert server.memory_info().rss - before < 16 * 1024**2
+
+
+def test_json_bodies_are_capped_near_1_mb(client, auth, small_server):
+    huge = client.post("/v1/jobs", json={"model_id": "mdl_x", "steps": [INT8] * 30_000}, headers=auth)  # 1.5 MB
+    assert "MCS_MAX_JSON_BYTES" in error(huge, 413)["message"]
+    head = f"POST /v1/jobs HTTP/1.1\r\nHost: x\r\n{auth_header(auth)}Content-Length: {2 * 1024**3}\r\n\r\n"
+    answer, sent = send_until_closed(small_server.address, head)
+    assert answer.startswith(b"HTTP/1.1 413") and sent < 16 * 1024**2
+
+
+def test_a_body_that_stops_arriving_is_408(small_server, auth):
+    head = f"POST /v1/models HTTP/1.1\r\nHost: x\r\n{auth_header(auth)}" \
+           "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+    host, port = small_server.address.split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode())
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in answer, answer[:300]
+    assert b"connection: close" in answer.lower() and time.monotonic() - started < 5
+    assert leftovers() == []
+
+
+def auth_header(auth: dict[str, str]) -> str:
+    return f"Authorization: {auth['Authorization']}\r\n"
 
 
 def test_rate_limit_is_per_key_with_retry_after(small_app, auth, other_auth):
@@ -154,7 +228,7 @@ def test_rate_limit_is_per_key_with_retry_after(small_app, auth, other_auth):
     ({"type": "prune", "method": "magnitude", "sparsity": 1.5}, "sparsity"),
     ({**INT8, "bits": 1}, "bits"),
     ({**INT8, "surprise": True}, "surprise"),
-    ({**INT8, "targets": ["x" * 1024**2]}, "targets"),
+    ({**INT8, "targets": ["x" * 100_000]}, "targets"),  # a long pattern, still under MCS_MAX_JSON_BYTES
 ])
 def test_bad_recipes_are_422_naming_the_field(client, auth, upload, step, field):
     model = upload()
