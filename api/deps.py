@@ -20,12 +20,12 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 from starlette.types import Scope
 
-from core.db.models import Tenant
-from core.db.repositories import Artifacts, Datasets, Jobs, Models, Tenants
-from core.db.session import connect, session_factory, session_scope
 from core.errors import InvalidRequest, Unauthorized, Unavailable
-from core.settings import Settings, get_settings
-from core.storage import ArtifactStore, get_store
+from core.service.db.models import Tenant
+from core.service.db.repositories import Artifacts, Datasets, Jobs, Models, Tenants
+from core.service.db.session import connect, session_factory, session_scope
+from core.service.settings import Settings, get_settings
+from core.service.storage import ArtifactStore, get_store
 
 T = TypeVar("T")
 SLOT_WAIT_S = 10  # as long as the pool's own timeout once was: a longer queue is shed with a 503

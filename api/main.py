@@ -10,8 +10,8 @@ from api import errors
 from api.limits import BodyLimits, Cap
 from api.ratelimit import Admission, rate_limit_buckets
 from api.routers import artifacts, datasets, health, jobs, models
-from core.scratch import remove_stale_scratch
-from core.settings import get_settings
+from core.service.scratch import remove_stale_scratch
+from core.service.settings import get_settings
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 import logging
 
-from core.db.models import Job
+from core.service.db.models import Job
 from worker.celery_app import RUN_JOB_TASK, app
 
 log = logging.getLogger(__name__)

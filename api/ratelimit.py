@@ -18,9 +18,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.deps import authenticate, bearer_key
 from api.errors import service_response
-from core.db.repositories import hash_key
 from core.errors import InvalidRequest, RateLimited, ServiceError, Unauthorized
-from core.settings import Settings
+from core.service.db.repositories import hash_key
+from core.service.settings import Settings
 
 log = logging.getLogger(__name__)
 MAX_TRACKED = 100_000  # least recently seen local buckets are dropped beyond this: memory stays bounded

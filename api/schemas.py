@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core import errors
 from core.compression.spec import JobSpec
-from core.db.models import JobStatus
+from core.service.db.models import JobStatus
 
 # The codes a job's `error` can carry: the user's faults found while running, then the job machine's own endings.
 JOB_FAILURE_CODES = tuple(cls.code for cls in (
@@ -38,6 +38,18 @@ class ModelOut(BaseModel):
     architecture: str
     model_type: str
     num_parameters: int
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    format: str
+    num_samples: int
     size_bytes: int
     sha256: str
     created_at: datetime

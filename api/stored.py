@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from core.storage import ArtifactStore
+from core.service.storage import ArtifactStore
 
 
 @contextmanager

@@ -24,16 +24,16 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from bench.report import load_average, machine_description, markdown_table, update_section
-from core.calibration import default_corpus
-from core.compressed import load_compressed, save_compressed
+from core.compression.artifact import load_compressed, save_compressed
 from core.compression.configs.training import TrainingStep
+from core.compression.corpus import default_corpus
 from core.compression.metrics import weights_size_bytes
+from core.compression.modelio import load_model
 from core.compression.pipeline import run_pipeline
+from core.compression.shipped import THREADS, Variant, measure, minilm_folder, package_dir
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext
 from core.compression.training.data import split_rows
-from core.modelio import load_model
-from core.shipped import THREADS, Variant, measure, minilm_folder, package_dir
 
 NAME = "distill_minilm"
 COMMAND = f".venv/bin/python -m bench.{NAME}"

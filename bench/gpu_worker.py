@@ -189,7 +189,7 @@ def _seconds(start: str | None, end: str | None) -> float | None:
 def _gpu_latency(model_dir: Path, artifact: Path | None) -> dict[str, float]:
     """Forward latency, batch 8 x 128 tokens, CUDA events, median of 20 after 5 warm-ups."""
     from core import load_compressed
-    from core.modelio import load_model
+    from core.compression.modelio import load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = {"fp32": load_model(model_dir, device)}
@@ -229,7 +229,7 @@ def _default_config_dir() -> Path:
 
 
 def _default_texts() -> Path:
-    from core.shipped import package_dir
+    from core.compression.shipped import package_dir
 
     return package_dir("gensim") / "test" / "test_data" / "lee_background.cor"
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 
 from bench.report import load_average, machine_description, markdown_table, update_section
-from core.compression.int8.modules import _quantized_engine, _quantized_weight
-from core.shipped import LATENCY_BATCH, LATENCY_TOKENS, THREADS
+from core.compression.int8.layers import _quantized_engine, _quantized_weight
+from core.compression.shipped import LATENCY_BATCH, LATENCY_TOKENS, THREADS
 
 NAME = "int8_gemm"
 COMMAND = f".venv/bin/python -m bench.{NAME}"

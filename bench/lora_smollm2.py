@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from bench.report import machine_description, markdown_table, update_section
 from bench.smollm2 import EVAL_TOKENS, EVAL_WINDOW, news_token_ids, news_training_texts, smollm2_folder
-from core.calibration import default_corpus
-from core.compressed import load_compressed, save_compressed
+from core.compression.artifact import load_compressed, save_compressed
+from core.compression.corpus import default_corpus
 from core.compression.metrics import perplexity
 from core.compression.pipeline import run_pipeline
 from core.compression.spec import JobSpec

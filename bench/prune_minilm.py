@@ -15,13 +15,13 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from bench.int8_minilm import table
 from bench.report import machine_description, markdown_table, update_section
-from core.compressed import load_compressed, save_compressed
+from core.compression.artifact import load_compressed, save_compressed
 from core.compression.metrics import weights_size_bytes
+from core.compression.modelio import load_model
 from core.compression.pipeline import run_pipeline
+from core.compression.shipped import LATENCY_BATCH, LATENCY_TOKENS, THREADS, Variant, measure, minilm_folder
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext
-from core.modelio import load_model
-from core.shipped import LATENCY_BATCH, LATENCY_TOKENS, THREADS, Variant, measure, minilm_folder
 
 NAME = "prune_minilm"
 COMMAND = f".venv/bin/python -m bench.{NAME}"

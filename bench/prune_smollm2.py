@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from bench.report import machine_description, markdown_table, update_section
 from bench.smollm2 import EVAL_TOKENS, EVAL_WINDOW, news_training_texts, smollm2_folder
 from bench.smollm2 import news_token_ids as news_ids
-from core.calibration import default_corpus
+from core.compression.corpus import default_corpus
 from core.compression.metrics import perplexity
 from core.compression.pipeline import run_pipeline
 from core.compression.spec import JobSpec

@@ -16,11 +16,11 @@ import torch
 
 from bench.report import load_average, machine_description, markdown_table, update_section
 from bench.smollm2 import smollm2_folder
+from core.compression.modelio import load_model
 from core.compression.pipeline import run_pipeline
 from core.compression.registry import load_step_modules
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext
-from core.modelio import load_model
 
 NAME = "rtn_throughput"
 COMMAND = f".venv/bin/python -m bench.{NAME}"

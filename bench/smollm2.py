@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from core.shipped import package_dir
+from core.compression.shipped import package_dir
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("MCS_BENCH_CACHE", Path(__file__).resolve().parents[1] / "var" / "models"))

@@ -18,13 +18,11 @@ from torch import nn
 
 from bench.int8_minilm import table
 from bench.report import load_average, machine_description, markdown_table, update_section
-from core.compressed import load_compressed, save_compressed
+from core.compression.artifact import load_compressed, save_compressed
 from core.compression.metrics import interleaved_latency_ms, weights_size_bytes
+from core.compression.modelio import load_model
 from core.compression.pipeline import run_pipeline
-from core.compression.spec import JobSpec, StepConfig
-from core.compression.state import ModelState, StepContext
-from core.modelio import load_model
-from core.shipped import (
+from core.compression.shipped import (
     LATENCY_BATCH,
     LATENCY_ROUNDS,
     LATENCY_TOKENS,
@@ -36,6 +34,8 @@ from core.shipped import (
     minilm_folder,
     review_sentences,
 )
+from core.compression.spec import JobSpec, StepConfig
+from core.compression.state import ModelState, StepContext
 
 NAME = "w8a8_minilm"
 COMMAND = f".venv/bin/python -m bench.{NAME}"

@@ -21,12 +21,12 @@ from transformers import AutoTokenizer
 
 from bench.report import machine_description, markdown_table, update_section
 from bench.smollm2 import EVAL_TOKENS, EVAL_WINDOW, news_token_ids, smollm2_folder
-from core.compressed import load_compressed, save_compressed
+from core.compression.artifact import load_compressed, save_compressed
 from core.compression.metrics import perplexity, weights_size_bytes
+from core.compression.modelio import load_model
 from core.compression.pipeline import run_pipeline
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext
-from core.modelio import load_model
 
 NAME = "w8a8_smollm2"
 COMMAND = f".venv/bin/python -m bench.{NAME}"

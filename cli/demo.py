@@ -18,7 +18,7 @@ import httpx
 import transformers
 
 from cli.stack import local_stack
-from core.settings import get_settings
+from core.service.settings import get_settings
 
 RECIPE = {"steps": [{"type": "quantize", "method": "rtn", "bits": 8, "granularity": "per_channel",
                      "symmetric": True, "exclude": []}]}
@@ -46,7 +46,7 @@ def run_demo(api_url: str | None, api_key: str | None) -> int:
 
 def _embedded_stack():
     """Migrate, then run the API and a Celery worker as child processes on the embedded default."""
-    from core.db.migrate import upgrade
+    from core.service.db.migrate import upgrade
 
     get_settings().var_dir.mkdir(parents=True, exist_ok=True)  # the embedded SQLite files live there
     upgrade(get_settings().database_url)
@@ -56,8 +56,8 @@ def _embedded_stack():
 
 
 def create_key() -> str:
-    from core.db.repositories import Tenants
-    from core.db.session import session_scope
+    from core.service.db.repositories import Tenants
+    from core.service.db.session import session_scope
 
     with session_scope() as session:
         tenants = Tenants(session)
@@ -65,7 +65,7 @@ def create_key() -> str:
 
 
 def _minilm_folder() -> Path:
-    from core.shipped import minilm_folder
+    from core.compression.shipped import minilm_folder
 
     return minilm_folder()
 
@@ -126,7 +126,7 @@ def checked_json(response: httpx.Response) -> dict[str, Any]:
 def _print_table(source: Path, artifact: Path, job: dict[str, Any]) -> None:
     from core import load_compressed
     from core.compression.metrics import weights_size_bytes
-    from core.shipped import measure
+    from core.compression.shipped import measure
 
     with tempfile.TemporaryDirectory(prefix="mcs-demo-artifact-") as tmp:
         with zipfile.ZipFile(artifact) as zf:

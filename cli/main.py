@@ -66,8 +66,8 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from core.db.migrate import upgrade
-    from core.settings import get_settings
+    from core.service.db.migrate import upgrade
+    from core.service.settings import get_settings
 
     _ensure_sqlite_folder()
     upgrade()
@@ -76,8 +76,8 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    from core.db.repositories import Tenants
-    from core.db.session import session_scope
+    from core.service.db.repositories import Tenants
+    from core.service.db.session import session_scope
 
     with session_scope() as session:
         tenants = Tenants(session)
@@ -88,9 +88,9 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    from core.db.repositories import Tenants
-    from core.db.session import session_scope
     from core.errors import NotFound
+    from core.service.db.repositories import Tenants
+    from core.service.db.session import session_scope
 
     try:
         with session_scope() as session:
@@ -105,9 +105,9 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:
-    from core.db.repositories import Tenants
-    from core.db.session import session_scope
     from core.errors import Conflict, NotFound
+    from core.service.db.repositories import Tenants
+    from core.service.db.session import session_scope
 
     try:
         with session_scope() as session:
@@ -126,7 +126,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ensure_sqlite_folder() -> None:
-    from core.settings import get_settings
+    from core.service.settings import get_settings
 
     settings = get_settings()
     settings.var_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,6 @@
-"""Model compression library: recipes, steps, metrics and the compressed artifact format.
+"""Model compression: the pure library (`core.compression`: recipes, steps, pipeline, metrics, model I/O, the
+artifact format and exports) and the service built on it (`core.service`: settings, database, storage, uploads, job
+submission). `core.errors` is the one error tree both raise.
 
 `import core` stays light (no torch); `core.load_compressed(path)` imports the heavy machinery on first use.
 """
@@ -11,8 +13,8 @@ if TYPE_CHECKING:
 
 
 def load_compressed(path: Path | str) -> "PreTrainedModel":
-    """Load a compressed artifact folder or .zip into a transformers model in eval mode (see core.compressed)."""
-    from core.compressed import load_compressed as load
+    """Load a compressed artifact folder or .zip into a transformers model in eval mode (core.compression.artifact)."""
+    from core.compression.artifact import load_compressed as load
 
     return load(path)
 __version__ = "0.1.0"

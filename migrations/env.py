@@ -1,10 +1,10 @@
-"""Alembic environment: targets core.db metadata, database URL from the service settings (MCS_DATABASE_URL)."""
+"""Alembic environment: targets core.service.db metadata, database URL from the service settings (MCS_DATABASE_URL)."""
 
 from alembic import context
 
-from core.db.models import Base
-from core.db.session import make_engine
-from core.settings import get_settings
+from core.service.db.models import Base
+from core.service.db.session import make_engine
+from core.service.settings import get_settings
 
 target_metadata = Base.metadata
 

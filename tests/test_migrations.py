@@ -4,9 +4,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from core.db.migrate import downgrade, upgrade
-from core.db.models import Base
-from core.db.session import make_engine
+from core.service.db.migrate import downgrade, upgrade
+from core.service.db.models import Base
+from core.service.db.session import make_engine
 
 
 def schema_diff(url: str) -> list:

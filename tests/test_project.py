@@ -8,7 +8,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from core.settings import Settings
+from core.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ limit so a long job is not redelivered while it is still running.
 from celery import Celery
 from kombu import Queue
 
-from core.settings import Settings, get_settings
+from core.service.settings import Settings, get_settings
 
 RUN_JOB_TASK = "worker.tasks.run_job"
 

@@ -19,9 +19,6 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
-from core.db.models import JobStatus
-from core.db.repositories import JobRuns
-from core.db.session import session_scope
 from core.errors import (
     InternalError,
     JobCancelled,
@@ -31,8 +28,11 @@ from core.errors import (
     StorageFailed,
     Unavailable,
 )
-from core.scratch import remove_stale_scratch
-from core.settings import Settings
+from core.service.db.models import JobStatus
+from core.service.db.repositories import JobRuns
+from core.service.db.session import session_scope
+from core.service.scratch import remove_stale_scratch
+from core.service.settings import Settings
 
 log = logging.getLogger(__name__)
 INFRASTRUCTURE_FAULTS = (Unavailable, OperationalError, OSError)

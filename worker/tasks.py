@@ -18,16 +18,16 @@ from celery.exceptions import TimeLimitExceeded
 from celery.signals import task_failure, worker_process_init, worker_ready, worker_shutdown
 
 from core import __version__
+from core.compression.execute import execute_job, load_input, reading_input
 from core.compression.pipeline import StepHooks
 from core.compression.spec import JobSpec, StepConfig
 from core.compression.state import StepContext, StepReport
-from core.datasets import read_texts
-from core.db.models import Job, JobStatus, utcnow
-from core.db.repositories import Datasets, JobRuns, Models
-from core.db.session import engine, session_scope
-from core.jobs import execute_job, load_input, reading_input
-from core.settings import Settings, get_settings
-from core.storage import ArtifactStore, get_store
+from core.service.datasets import read_texts
+from core.service.db.models import Job, JobStatus, utcnow
+from core.service.db.repositories import Datasets, JobRuns, Models
+from core.service.db.session import engine, session_scope
+from core.service.settings import Settings, get_settings
+from core.service.storage import ArtifactStore, get_store
 from worker.celery_app import RUN_JOB_TASK, app
 from worker.faults import INFRASTRUCTURE_FAULTS, Heartbeat, Sweeper, failure_for, retries_exhausted, timeout_error
 
@@ -141,7 +141,7 @@ def _context(job: Job) -> StepContext:
 
 def _teacher_models(tenant_id: str, device: torch.device) -> Callable[[str], Any]:
     """Resolve a step's `teacher` model id to that tenant's uploaded model, loaded fresh ("original" is handled in
-    core.jobs)."""
+    core.compression.execute)."""
 
     def teacher(model_id: str) -> Any:
         with session_scope() as session:
@@ -156,7 +156,7 @@ def _dataset_texts(tenant_id: str) -> Callable[[str | None], list[str]]:
 
     def texts(dataset_id: str | None) -> list[str]:
         if dataset_id is None:
-            from core.calibration import default_corpus
+            from core.compression.corpus import default_corpus
 
             return default_corpus()
         with session_scope() as session:

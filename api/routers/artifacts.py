@@ -8,8 +8,8 @@ from fastapi.responses import StreamingResponse
 
 from api.deps import V1_DEPENDENCIES, ArtifactsDep, StoreDep
 from api.errors import V1_ERRORS, error_responses
-from core.db.models import Artifact
 from core.errors import PreconditionFailed, RangeNotSatisfiable
+from core.service.db.models import Artifact
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"], responses=V1_ERRORS,
                    dependencies=V1_DEPENDENCIES)

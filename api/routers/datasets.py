@@ -1,31 +1,18 @@
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
-from pydantic import BaseModel, ConfigDict
 
 from api.deps import V1_DEPENDENCIES, DatasetsDep, PageNumber, PageSize, SessionDep, SettingsDep, StoreDep
 from api.errors import V1_ERRORS, error_responses
 from api.limits import NameField
-from api.schemas import Page
+from api.schemas import DatasetOut, Page
 from api.stored import delete_with_files, discard_unless_committed
-from core.datasets import store_dataset_upload
-from core.db.models import new_id
-from core.uploads import display_name
+from core.service.datasets import store_dataset_upload
+from core.service.db.models import new_id
+from core.service.uploads import display_name
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=V1_ERRORS,
                    dependencies=V1_DEPENDENCIES)
-
-
-class DatasetOut(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: str
-    name: str
-    format: str
-    num_samples: int
-    size_bytes: int
-    sha256: str
-    created_at: object
 
 
 @router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(400, 408, 413, 507))

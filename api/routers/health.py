@@ -6,7 +6,7 @@ from sqlalchemy import text
 
 from api import queue
 from api.deps import with_connection
-from core.db.session import session_scope
+from core.service.db.session import session_scope
 
 router = APIRouter(tags=["health"])
 

@@ -6,8 +6,8 @@ from api import queue
 from api.deps import V1_DEPENDENCIES, JobsDep, PageNumber, PageSize, SessionDep, SettingsDep
 from api.errors import V1_ERRORS, error_responses
 from api.schemas import JobCreate, JobOut, Page
-from core.db.models import Job, JobStatus
-from core.job_submission import JobRequest, submit_job
+from core.service.db.models import Job, JobStatus
+from core.service.jobs import JobRequest, submit_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS,
                    dependencies=V1_DEPENDENCIES)

@@ -7,10 +7,10 @@ from api.errors import V1_ERRORS, error_responses
 from api.limits import NameField
 from api.schemas import ModelOut, Page
 from api.stored import delete_with_files, discard_unless_committed
-from core.db.models import new_id
-from core.db.repositories import Jobs
 from core.errors import Conflict
-from core.uploads import display_name, store_model_upload
+from core.service.db.models import new_id
+from core.service.db.repositories import Jobs
+from core.service.uploads import display_name, store_model_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=V1_ERRORS,
                    dependencies=V1_DEPENDENCIES)

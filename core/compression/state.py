@@ -64,7 +64,7 @@ def _ignore_progress(fraction: float, message: str) -> None:
 
 
 def _default_texts(dataset_id: str | None) -> list[str]:
-    from core.calibration import default_corpus
+    from core.compression.corpus import default_corpus
 
     if dataset_id is not None:
         raise LookupError(f"no dataset provider is configured to resolve dataset {dataset_id!r}")

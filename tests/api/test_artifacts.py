@@ -7,9 +7,9 @@ from email.utils import collapse_rfc2231_value
 
 import pytest
 
-from core.db.repositories import JobRuns
-from core.db.session import session_scope
-from core.storage import get_store
+from core.service.db.repositories import JobRuns
+from core.service.db.session import session_scope
+from core.service.storage import get_store
 
 INT8 = {"type": "quantize"}
 PAYLOAD = bytes(range(256)) * 40

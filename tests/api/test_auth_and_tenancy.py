@@ -1,5 +1,5 @@
 from cli.main import main
-from tests.api.conftest import api_key
+from tests.fixtures.api import api_key
 
 
 def test_every_v1_route_needs_a_key(client):

@@ -2,12 +2,12 @@ import json
 
 import pytest
 
-from core.datasets import read_texts
-from core.db.repositories import Datasets, Models, Tenants
-from core.db.session import session_scope
 from core.errors import NotFound
-from core.job_submission import check_references
-from core.storage import get_store
+from core.service.datasets import read_texts
+from core.service.db.repositories import Datasets, Models, Tenants
+from core.service.db.session import session_scope
+from core.service.jobs import check_references
+from core.service.storage import get_store
 
 INT8 = {"type": "quantize"}
 
@@ -46,7 +46,7 @@ def test_bad_datasets_get_clear_4xx(client, auth):
 
 
 def test_dataset_over_the_cap_is_413(client, auth, monkeypatch):
-    from core.settings import get_settings
+    from core.service.settings import get_settings
 
     monkeypatch.setattr(get_settings(), "max_dataset_bytes", 100)
     response = post_dataset(client, auth, b"x" * 101, "d.txt")

@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import redis
 
-from core.db.models import Model
-from core.db.repositories import JobRuns, Jobs, Models
-from core.db.session import session_scope
-from tests.conftest import REDIS_URL
+from core.service.db.models import Model
+from core.service.db.repositories import JobRuns, Jobs, Models
+from core.service.db.session import session_scope
+from tests.fixtures.environment import REDIS_URL
 
 INT8 = {"type": "quantize", "method": "rtn", "bits": 8, "granularity": "per_channel", "symmetric": True}
 

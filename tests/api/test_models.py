@@ -5,8 +5,8 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from core.settings import get_settings
-from tests.api.conftest import zip_folder
+from core.service.settings import get_settings
+from tests.fixtures.api import zip_folder
 
 
 def stored_model_dirs() -> list[Path]:

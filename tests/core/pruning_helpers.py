@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from core.compressed import load_compressed, save_compressed
+from core.compression.artifact import load_compressed, save_compressed
 from core.compression.pipeline import run_pipeline
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext, StepReport

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from core.archive import ExtractionLimits, extract_archive
+from core.compression.archive import ExtractionLimits, extract_archive
 from core.errors import InvalidRequest, PayloadTooLarge, UnsafeInput
 
 LIMITS = ExtractionLimits(max_members=10, max_total_bytes=1_000_000, max_ratio=50)

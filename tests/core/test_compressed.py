@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 import core
-from core.compressed import load_compressed, save_compressed
+from core.compression.artifact import load_compressed, save_compressed
 from core.compression.metrics import model_outputs, probe_inputs, weights_size_bytes
 from core.compression.state import ModelState
 from core.errors import UnsafeInput, UnsupportedModel

@@ -18,13 +18,13 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-from core.compressed import load_compressed, save_compressed
-from core.compressed_tensors_export import export_compressed_tensors
+from core.compression.artifact import load_compressed, save_compressed
+from core.compression.execute import execute_job
+from core.compression.exports.compressed_tensors import export_compressed_tensors
 from core.compression.pipeline import StepHooks, run_pipeline
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext
 from core.errors import UnsupportedModel
-from core.jobs import execute_job
 from tests.models import save_model_folder, tiny_llama
 
 INT4_G32 = {"type": "quantize", "bits": 4, "granularity": "per_group", "group_size": 32}

@@ -1,9 +1,9 @@
 """The training steps inside a whole job: teacher "original" is the uploaded folder, the artifact saves and loads."""
 
+from core.compression.execute import execute_job
 from core.compression.pipeline import StepHooks
 from core.compression.spec import JobSpec
 from core.compression.state import StepContext
-from core.jobs import execute_job
 from tests.core.training_helpers import FAST, texts
 from tests.models import save_model_folder, tiny_bert, tiny_tokenizer
 

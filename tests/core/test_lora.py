@@ -4,7 +4,7 @@ weights on their encodings, unmerged adapters survive the artifact round trip.""
 import pytest
 import torch
 
-from core.compressed import load_compressed, save_compressed
+from core.compression.artifact import load_compressed, save_compressed
 from core.compression.encoding import decode
 from tests.core.training_helpers import FAST, run
 from tests.models import tiny_llama

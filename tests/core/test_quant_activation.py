@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from core.compressed import load_compressed, save_compressed
-from core.compression.int8.modules import DynamicInt8Linear, Int8Linear, StaticInt8Linear
+from core.compression.artifact import load_compressed, save_compressed
+from core.compression.int8.layers import DynamicInt8Linear, Int8Linear, StaticInt8Linear
 from core.compression.int8.smoothing import fold, llama_fold_groups
 from core.compression.metrics import model_outputs, output_cosine, probe_inputs
 from core.compression.pipeline import run_pipeline
@@ -141,8 +141,8 @@ def test_invalid_configs_name_the_field(step: dict[str, Any], field: str) -> Non
 def test_onnx_export_runs_in_onnxruntime_with_matching_outputs(tmp_path: Path, build: Callable[[], PreTrainedModel],
                                                                method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
+    from core.compression.exports.onnx import export_onnx
     from core.compression.int8 import modules
-    from core.export import export_onnx
 
     # ONNX's DynamicQuantizeLinear is 8-bit: compare with the module's 8-bit arithmetic, which it runs on CPUs with
     # VNNI (without VNNI it switches to 7 bits, which no ONNX operator expresses).

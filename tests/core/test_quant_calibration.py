@@ -2,7 +2,7 @@
 
 import torch
 
-from core.calibration import calibration_batch, default_corpus, strip_wiki_markup
+from core.compression.corpus import calibration_batch, default_corpus, strip_wiki_markup
 from tests.models import tiny_tokenizer
 
 

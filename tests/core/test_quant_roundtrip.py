@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-from core.compressed import load_compressed, save_compressed
+from core.compression.artifact import load_compressed, save_compressed
 from core.compression.metrics import model_outputs, probe_inputs, weights_size_bytes
 from tests.core.quant_helpers import quantize_with
 from tests.models import save_model_folder, tiny_bert, tiny_llama

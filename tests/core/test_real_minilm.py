@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from core.compressed import load_compressed, save_compressed
+from core.compression.artifact import load_compressed, save_compressed
 from core.compression.metrics import PROBE_SENTENCES, mean_cosine, sentence_embeddings, weights_size_bytes
-from core.modelio import load_model
+from core.compression.modelio import load_model
 from tests.core.helpers import quantize
 
 pytestmark = pytest.mark.slow

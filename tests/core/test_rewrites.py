@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.compressed import load_compressed, save_compressed
+from core.compression.artifact import load_compressed, save_compressed
 from core.compression.rewrites import apply_rewrite, register_rewrite, set_submodule
 from core.compression.state import ModelState, Rewrite
 from core.errors import UnsupportedModel

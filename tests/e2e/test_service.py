@@ -16,26 +16,13 @@ import torch
 from cli.stack import local_stack
 from core import load_compressed
 from core.compression import metrics
-from core.db.repositories import Tenants
-from core.db.session import make_engine
-from tests.api.conftest import zip_folder
-from tests.conftest import E2E_BROKER_URL
+from tests.fixtures.api import zip_folder
+from tests.fixtures.environment import E2E_BROKER_URL
+from tests.fixtures.services import create_key
 from tests.models import save_model_folder, tiny_bert, tiny_llama
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 INT8 = {"type": "quantize", "method": "rtn", "bits": 8, "granularity": "per_channel", "symmetric": True}
-
-
-def create_key(database_url: str, tenant: str) -> str:
-    from sqlalchemy.orm import Session
-
-    engine = make_engine(database_url)
-    with Session(engine) as session:
-        tenants = Tenants(session)
-        key = tenants.create_api_key(tenants.get_or_create(tenant))
-        session.commit()
-    engine.dispose()
-    return key
 
 
 @pytest.fixture(scope="module")

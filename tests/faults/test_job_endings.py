@@ -10,8 +10,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.api.conftest import zip_folder
-from tests.faults.test_worker_faults import INT8, ended, submit, wait_for
+from tests.fixtures.api import zip_folder
+from tests.fixtures.services import INT8, ended, submit, wait_for
 from tests.models import save_model_folder, tiny_llama, tiny_tokenizer
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]

@@ -27,10 +27,10 @@ from hypothesis.stateful import (
 )
 
 import api.queue
-from core.db.models import Job, new_id
-from core.db.repositories import JobRuns, Models, Tenants
-from core.db.session import session_scope
 from core.errors import Unavailable
+from core.service.db.models import Job, new_id
+from core.service.db.repositories import JobRuns, Models, Tenants
+from core.service.db.session import session_scope
 from worker.faults import retries_exhausted
 
 pytestmark = pytest.mark.faults

@@ -6,10 +6,10 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import update
 
-from core.db.models import Job, utcnow
-from core.db.repositories import JobRuns
-from core.db.session import session_scope
-from core.storage import get_store
+from core.service.db.models import Job, utcnow
+from core.service.db.repositories import JobRuns
+from core.service.db.session import session_scope
+from core.service.storage import get_store
 from worker import tasks
 
 pytestmark = pytest.mark.faults

@@ -11,12 +11,12 @@ import redis
 import torch
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core.db.models import JobStatus
-from core.db.repositories import JobRuns
-from core.db.session import session_scope
 from core.errors import InvalidSpec, StepFailed, Unavailable
-from core.settings import get_settings
-from tests.conftest import REDIS_URL
+from core.service.db.models import JobStatus
+from core.service.db.repositories import JobRuns
+from core.service.db.session import session_scope
+from core.service.settings import get_settings
+from tests.fixtures.environment import REDIS_URL
 from worker.celery_app import RUN_JOB_TASK, app
 from worker.faults import failure_for, sweep
 

@@ -12,41 +12,13 @@ import psutil
 import pytest
 
 from cli.stack import spawn
-from tests.api.conftest import zip_folder
+from tests.fixtures.services import INT8, ended, running, submit, wait_for
 from tests.models import save_model_folder, tiny_bert
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
-INT8 = {"type": "quantize", "method": "rtn", "bits": 8}
 # Jobs that must outlast a time limit: 50 epochs of distillation over the default corpus, far more than any CPU runs
 # within the limits (32 int8 steps, used before, ended inside 4 s on an AVX-512 EPYC).
 LONG_JOB = [{"type": "distill", "epochs": 50, "checkpoint_every": 100_000}]
-TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def submit(client: httpx.Client, folder: Path, steps: list[dict]) -> str:
-    model = client.post("/v1/models", files={"file": ("m.zip", zip_folder(folder), "application/zip")})
-    assert model.status_code == 201, model.text
-    job = client.post("/v1/jobs", json={"model_id": model.json()["id"], "steps": steps})
-    assert job.status_code == 202, job.text
-    return job.json()["id"]
-
-
-def wait_for(client: httpx.Client, job_id: str, done, timeout_s: float = 120) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        response = client.get(f"/v1/jobs/{job_id}")
-        if response.status_code == 200 and done(job := response.json()):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not reach the expected state: {client.get(f'/v1/jobs/{job_id}').text}")
-
-
-def running(attempt: int):
-    return lambda job: job["status"] == "running" and job["attempts"] == attempt and job["progress"] > 0
-
-
-def ended(job: dict) -> bool:
-    return job["status"] in TERMINAL
 
 
 def scratch(stack) -> list[str]:

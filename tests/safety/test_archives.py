@@ -1,4 +1,4 @@
-"""Archives built to escape the extraction folder or expand without bound (see core/archive.py)."""
+"""Archives built to escape the extraction folder or expand without bound (see core/compression/archive.py)."""
 
 import io
 import stat
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from core.archive import ExtractionLimits, extract_archive
+from core.compression.archive import ExtractionLimits, extract_archive
 from core.errors import InvalidRequest, PayloadTooLarge, UnsafeInput
-from tests.safety.conftest import leftovers
+from tests.fixtures.api import leftovers
 
 pytestmark = pytest.mark.safety
 LIMITS = ExtractionLimits(max_members=1000, max_total_bytes=10_000_000, max_ratio=100)

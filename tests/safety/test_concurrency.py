@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from cli.stack import free_port, spawn, wait_ready
-from core.db.models import new_id
-from core.db.repositories import Jobs, Models, Tenants
-from core.db.session import session_scope
+from core.service.db.models import new_id
+from core.service.db.repositories import Jobs, Models, Tenants
+from core.service.db.session import session_scope
 
 pytestmark = pytest.mark.safety
 CLIENTS = 64

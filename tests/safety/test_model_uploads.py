@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.modelio import load_model
-from tests.api.conftest import zip_folder
+from core.compression.modelio import load_model
+from tests.fixtures.api import leftovers, zip_folder
 from tests.models import save_model_folder, tiny_bert, tiny_llama, tiny_tokenizer
-from tests.safety.conftest import leftovers
 
 pytestmark = pytest.mark.safety
 ROOT = Path(__file__).resolve().parents[2]

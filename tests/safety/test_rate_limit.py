@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cli.stack import free_port
-from core.settings import get_settings
+from core.service.settings import get_settings
 
 pytestmark = pytest.mark.safety
 BURST = 5

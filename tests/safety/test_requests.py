@@ -19,11 +19,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from cli.stack import free_port, spawn, wait_ready
-from core.db.repositories import JobRuns
-from core.db.session import session_scope
-from core.settings import get_settings
-from core.storage import get_store
-from tests.safety.conftest import leftovers
+from core.service.db.repositories import JobRuns
+from core.service.db.session import session_scope
+from core.service.settings import get_settings
+from core.service.storage import get_store
+from tests.fixtures.api import leftovers
 
 pytestmark = pytest.mark.safety
 INT8 = {"type": "quantize", "method": "rtn", "bits": 8}
@@ -52,7 +52,7 @@ def small_app(db, monkeypatch) -> Iterator[TestClient]:
 
 
 def test_client_filenames_never_name_our_files(client, auth, bert_folder):
-    from tests.api.conftest import zip_folder
+    from tests.fixtures.api import zip_folder
 
     for filename, expected in [("../../app.py", "app.py"), ("..\\..\\x.zip", "x"), ("a\x00b.zip", None)]:
         files = {"file": (filename, zip_folder(bert_folder), "application/zip")}
@@ -62,7 +62,7 @@ def test_client_filenames_never_name_our_files(client, auth, bert_folder):
 
 
 def test_control_characters_in_the_name_field_are_422(client, auth, bert_folder):
-    from tests.api.conftest import zip_folder
+    from tests.fixtures.api import zip_folder
 
     files = {"file": ("m.zip", zip_folder(bert_folder), "application/zip")}
     problem = error(client.post("/v1/models", files=files, data={"name": "a\x00b"}, headers=auth), 422)

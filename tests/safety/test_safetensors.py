@@ -8,10 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from core.compression.safetensors_check import MAX_HEADER_BYTES, check_safetensors
 from core.errors import UnsafeInput
-from core.safetensors_check import MAX_HEADER_BYTES, check_safetensors
-from tests.api.conftest import zip_folder
-from tests.safety.conftest import leftovers
+from tests.fixtures.api import leftovers, zip_folder
 
 pytestmark = pytest.mark.safety
 

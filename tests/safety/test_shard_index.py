@@ -16,13 +16,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from core.compressed import load_compressed, save_compressed
+from core.compression.artifact import load_compressed, save_compressed
+from core.compression.modelio import WEIGHTS_INDEX, load_model
 from core.compression.state import ModelState
 from core.errors import UnsafeInput, UnsupportedModel
-from core.modelio import WEIGHTS_INDEX, load_model
-from tests.api.conftest import zip_folder
+from tests.fixtures.api import leftovers, zip_folder
 from tests.models import save_model_folder, save_sharded_folder, tiny_bert, tiny_llama, tiny_tokenizer
-from tests.safety.conftest import leftovers
 
 pytestmark = pytest.mark.safety
 FIRST_SHARD = "model-00001-of-00005.safetensors"

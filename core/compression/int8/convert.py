@@ -5,7 +5,7 @@ from torch import nn
 
 from core.compression.configs.quantize import _Int8ActivationFields
 from core.compression.encoding import quantize_rtn
-from core.compression.int8.modules import DYNAMIC_REWRITE, STATIC_REWRITE, Int8Linear, StaticInt8Linear
+from core.compression.int8.layers import DYNAMIC_REWRITE, STATIC_REWRITE, Int8Linear, StaticInt8Linear
 from core.compression.rewrites import apply_rewrite
 from core.compression.select import Selection, select_modules
 from core.compression.state import ModelState, Rewrite, StepReport, size_metrics

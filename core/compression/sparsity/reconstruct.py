@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.compression.configs.calibration import Reconstruction
-from core.compression.sparsity.calibration import BlockRun, block_output
+from core.compression.sparsity.blockwise import BlockRun, block_output
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch import nn
 from core.compression.configs.prune import PruneStructured
 from core.compression.rewrites import apply_rewrite, register_rewrite
 from core.compression.select import is_selected, refuse_encoded
-from core.compression.sparsity.calibration import Batch, calibration_batches, on_device, transformer_blocks
+from core.compression.sparsity.blockwise import Batch, calibration_batches, on_device, transformer_blocks
 from core.compression.state import ModelState, Rewrite, StepContext, StepReport
 from core.errors import InvalidSpec
 

@@ -12,7 +12,7 @@ from core.compression.registry import register_step
 from core.compression.rewrites import apply_rewrite
 from core.compression.select import refuse_encoded, select_modules
 from core.compression.sparsity import lowrank
-from core.compression.sparsity.calibration import (
+from core.compression.sparsity.blockwise import (
     InputStats,
     block_statistics,
     calibration_batches,

@@ -9,7 +9,7 @@ from core.compression.configs.prune import PruneMagnitude, PruneSparseGPT, Prune
 from core.compression.registry import register_step
 from core.compression.select import Tied, refuse_encoded, select_modules
 from core.compression.sparsity import unstructured
-from core.compression.sparsity.calibration import (
+from core.compression.sparsity.blockwise import (
     InputStats,
     block_statistics,
     calibration_batches,

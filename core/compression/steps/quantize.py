@@ -3,7 +3,7 @@
 from torch import nn
 
 from core.compression.encoding import quantize_rtn_
-from core.compression.quant.modules import quantize_selected
+from core.compression.quant.weights import quantize_selected
 from core.compression.registry import register_step
 from core.compression.spec import QuantizeRTN
 from core.compression.state import Encoding, ModelState, StepContext, StepReport

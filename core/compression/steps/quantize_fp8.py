@@ -2,7 +2,7 @@
 
 from core.compression.configs.quantize import QuantizeFP8
 from core.compression.quant.fp8 import quantize_fp8
-from core.compression.quant.modules import quantize_selected
+from core.compression.quant.weights import quantize_selected
 from core.compression.registry import register_step
 from core.compression.state import ModelState, StepContext, StepReport
 

@@ -5,14 +5,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.calibration import CalibrationBatch
 from core.compression.configs.quantize import QuantizeGPTQ
+from core.compression.corpus import CalibrationBatch
 from core.compression.encoding import decode, packed_int_encoding, quantize_packed_int
-from core.compression.quant.data import calibration_for
+from core.compression.quant.calibration_tokens import calibration_for
 from core.compression.quant.gptq import gptq_quantize
 from core.compression.quant.grid import IntGrid, dequantize_codes
 from core.compression.quant.layerwise import BlockCall, first_block_calls, input_hessians, transformer_blocks
-from core.compression.quant.modules import quantize_metrics, selected_weights, store_decoded
+from core.compression.quant.weights import quantize_metrics, selected_weights, store_decoded
 from core.compression.registry import register_step
 from core.compression.select import SharedWeight
 from core.compression.sparsity.masks import keep_sparse

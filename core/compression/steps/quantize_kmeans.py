@@ -4,7 +4,7 @@ from torch import nn
 
 from core.compression.configs.quantize import QuantizeKMeans
 from core.compression.quant.kmeans import quantize_kmeans
-from core.compression.quant.modules import quantize_selected
+from core.compression.quant.weights import quantize_selected
 from core.compression.registry import register_step
 from core.compression.sparsity.masks import mask_of
 from core.compression.state import Encoding, ModelState, StepContext, StepReport

@@ -5,8 +5,8 @@ import torch
 from core.compression.configs.quantize import QuantizeMixed
 from core.compression.encoding import decode, quantize_rtn
 from core.compression.metrics import model_outputs, output_cosine
-from core.compression.quant.data import calibration_for
-from core.compression.quant.modules import encode_each, quantize_metrics, selected_weights, tied_notes
+from core.compression.quant.calibration_tokens import calibration_for
+from core.compression.quant.weights import encode_each, quantize_metrics, selected_weights, tied_notes
 from core.compression.registry import register_step
 from core.compression.select import SharedWeight
 from core.compression.state import Encoding, ModelState, StepContext, StepReport

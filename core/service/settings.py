@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
-    from core.archive import ExtractionLimits
+    from core.compression.archive import ExtractionLimits
 
 GiB = 1024**3
 
@@ -65,7 +65,7 @@ class Settings(BaseSettings):
 
     @property
     def extraction_limits(self) -> "ExtractionLimits":
-        from core.archive import ExtractionLimits
+        from core.compression.archive import ExtractionLimits
 
         return ExtractionLimits(self.max_archive_members, self.max_extracted_bytes, self.max_compression_ratio)
 

@@ -29,8 +29,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from core.compression.safetensors_check import FLOAT_DTYPES, check_safetensors
 from core.errors import ServiceError, UnsafeInput, UnsupportedModel
-from core.safetensors_check import FLOAT_DTYPES, check_safetensors
 
 MAX_CONFIG_BYTES = 1024 * 1024
 MAX_LISTING_BYTES = 16 * 1024**2  # an index of 100,000 tensors (the safetensors cap) is ~8 MB; so are huge vocabularies

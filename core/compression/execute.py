@@ -21,15 +21,15 @@ import torch
 from safetensors import SafetensorError
 from transformers import PreTrainedTokenizerBase
 
-from core.compressed import load_compressed, save_compressed
 from core.compression import metrics
+from core.compression.artifact import load_compressed, save_compressed
 from core.compression.export_rules import COMPRESSED_TENSORS, ONNX
+from core.compression.exports.onnx import export_onnx
+from core.compression.modelio import load_model, load_tokenizer, read_model_config
 from core.compression.pipeline import StepHooks, run_pipeline
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext, StepReport
 from core.errors import InputUnreadable, ServiceError, StepFailed, UnsupportedModel
-from core.export import export_onnx
-from core.modelio import load_model, load_tokenizer, read_model_config
 
 log = logging.getLogger(__name__)
 PIPELINE_SHARE = (0.1, 0.8)
@@ -131,7 +131,11 @@ def _export_compressed_tensors(folder: Path, probe: "_Probe", device: torch.devi
     """Write the compressed-tensors folder inside the artifact and load it back with transformers' own loader: the
     cosine of its outputs vs the original model's, its format and the encoded weights it keeps as plain values
     go into the job's metrics."""
-    from core.compressed_tensors_export import CT_FOLDER, export_compressed_tensors, load_compressed_tensors
+    from core.compression.exports.compressed_tensors import (
+        CT_FOLDER,
+        export_compressed_tensors,
+        load_compressed_tensors,
+    )
 
     try:
         export = export_compressed_tensors(folder, folder / CT_FOLDER)

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import BinaryIO, Literal, TextIO
 
 from core.errors import InvalidRequest, PayloadTooLarge
-from core.settings import Settings
-from core.storage import ArtifactStore
-from core.uploads import scratch_dir, spool_upload
+from core.service.settings import Settings
+from core.service.storage import ArtifactStore
+from core.service.uploads import scratch_dir, spool_upload
 
 DatasetFormat = Literal["auto", "jsonl", "text"]
 MAX_LINE_BYTES = 1 << 20

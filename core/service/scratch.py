@@ -5,7 +5,7 @@ import shutil
 import time
 from pathlib import Path
 
-from core.settings import Settings
+from core.service.settings import Settings
 
 UPLOAD_PREFIXES = ("upload-", "dataset-")
 JOB_PREFIX = "job-"

@@ -84,11 +84,11 @@ class _TensorOutputs(nn.Module):
 
 
 def _int8_translations() -> dict[Any, Any]:
-    """ONNX translations of the int8 Linear export ops (core.compression.int8.modules)."""
+    """ONNX translations of the int8 Linear export ops (core.compression.int8.layers)."""
     import onnxscript
     from onnxscript import opset18 as op
 
-    import core.compression.int8.modules  # noqa: F401  (registers torch.ops.mcs.*)
+    import core.compression.int8.layers  # noqa: F401  (registers torch.ops.mcs.*)
 
     def integer_matmul(x_codes: Any, x_scale: Any, x_zero_point: Any, qweight: Any, weight_scale: Any) -> Any:
         codes = op.MatMulInteger(x_codes, op.Transpose(qweight, perm=[1, 0]), x_zero_point)  # weights: zero point 0

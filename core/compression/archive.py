@@ -25,6 +25,11 @@ class ExtractionLimits:
     max_ratio: float
 
 
+# What `load_compressed` allows when it extracts an artifact zip by itself (the service's own limits for uploads are
+# MCS_MAX_ARCHIVE_MEMBERS, MCS_MAX_EXTRACTED_BYTES and MCS_MAX_COMPRESSION_RATIO, with the same defaults).
+ARTIFACT_LIMITS = ExtractionLimits(max_members=1000, max_total_bytes=4 * 1024**3, max_ratio=200.0)
+
+
 def extract_archive(archive: Path, dest: Path, limits: ExtractionLimits) -> Path:
     """Extract `archive` into the new folder `dest` and return the model root inside it (the folder holding
     config.json: `dest` itself, or its single top-level folder)."""

@@ -4,14 +4,14 @@ Keys are relative paths such as `models/<id>/model` (a folder) or `artifacts/<jo
 S3-compatible store implements the same methods.
 """
 
-from core.storage.local import LocalArtifactStore
-from core.storage.protocol import ArtifactStore
+from core.service.storage.local import LocalArtifactStore
+from core.service.storage.protocol import ArtifactStore
 
 __all__ = ["ArtifactStore", "LocalArtifactStore", "get_store"]
 
 
 def get_store() -> ArtifactStore:
-    from core.settings import get_settings
+    from core.service.settings import get_settings
 
     settings = get_settings()
     assert settings.artifact_dir is not None

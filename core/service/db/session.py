@@ -12,7 +12,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import Unavailable
-from core.settings import get_settings
+from core.service.settings import get_settings
 
 
 def make_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> Engine:

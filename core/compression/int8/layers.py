@@ -124,8 +124,8 @@ class StaticInt8Linear(Int8Linear):
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, scale, zero_point, packed)
 
 
-# Export-only ops: what the int8 modules compute, as graph nodes that `core.export` translates into ONNX's
-# DynamicQuantizeLinear / QuantizeLinear + MatMulInteger. Their eager bodies are the same arithmetic in float
+# Export-only ops: what the int8 modules compute, as graph nodes that `core.compression.exports.onnx` translates into
+# ONNX's DynamicQuantizeLinear / QuantizeLinear + MatMulInteger. Their eager bodies are the same arithmetic in float
 # (a reference; the modules call fbgemm outside export).
 @torch.library.custom_op("mcs::int8_linear_dynamic", mutates_args=())
 def int8_linear_dynamic(x: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,

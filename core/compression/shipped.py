@@ -76,6 +76,6 @@ def measure(folder: Path, candidates: list[tuple[str, PreTrainedModel, int]]) ->
 
 
 def load_fp32(folder: Path) -> PreTrainedModel:
-    from core.modelio import load_model
+    from core.compression.modelio import load_model
 
     return load_model(folder)

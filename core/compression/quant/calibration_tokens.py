@@ -1,7 +1,7 @@
 """Calibration tokens for a data-driven quantize step, from the step's `calibration` block."""
 
-from core.calibration import CalibrationBatch, calibration_batch
 from core.compression.configs.quantize import CalibrationData
+from core.compression.corpus import CalibrationBatch, calibration_batch
 from core.compression.state import ModelState, StepContext
 
 

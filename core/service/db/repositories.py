@@ -10,8 +10,20 @@ from typing import Any, TypeVar
 from sqlalchemy import CursorResult, Executable, func, select, update
 from sqlalchemy.orm import Session
 
-from core.db.models import TERMINAL, ApiKey, Artifact, Base, Dataset, Job, JobStatus, JobStep, Model, Tenant, utcnow
 from core.errors import Conflict, JobCancelled, NotFound, Unavailable, WorkerLost
+from core.service.db.models import (
+    TERMINAL,
+    ApiKey,
+    Artifact,
+    Base,
+    Dataset,
+    Job,
+    JobStatus,
+    JobStep,
+    Model,
+    Tenant,
+    utcnow,
+)
 
 Row = TypeVar("Row", bound=Base)
 

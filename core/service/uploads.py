@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from core.archive import extract_archive
+from core.compression.archive import extract_archive
+from core.compression.modelio import ModelInfo, inspect_model_folder
 from core.errors import InvalidRequest, PayloadTooLarge, StorageFailed
-from core.modelio import ModelInfo, inspect_model_folder
-from core.settings import Settings
-from core.storage import ArtifactStore
+from core.service.settings import Settings
+from core.service.storage import ArtifactStore
 
 CHUNK = 1 << 20
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})

@@ -14,9 +14,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.compression.spec import config_class
-from core.db.models import Dataset, Job
-from core.db.repositories import Datasets, Jobs, Models
 from core.errors import Conflict, InvalidSpec, NotFound, Unavailable
+from core.service.db.models import Dataset, Job
+from core.service.db.repositories import Datasets, Jobs, Models
 
 MIN_TRAINING_SAMPLES = 2
 

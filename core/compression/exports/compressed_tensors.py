@@ -45,13 +45,13 @@ from compressed_tensors.utils import get_direct_state_dict
 from torch import nn
 from transformers import CompressedTensorsConfig, PreTrainedModel
 
-from core.compressed import copy_tokenizer_files, load_compressed, read_manifest, stored_encodings
+from core.compression.artifact import copy_tokenizer_files, load_compressed, read_manifest, stored_encodings
 from core.compression.encoding import INT8_RTN, PACKED_INT
+from core.compression.modelio import model_class_for, read_config
 from core.compression.quant.fp8 import FP8_E4M3
 from core.compression.sparsity.masks import DENSE_FLOAT, SPARSE_BITMASK, unpack_bits, unwrap
 from core.compression.state import Encoding
 from core.errors import UnsupportedModel
-from core.modelio import model_class_for, read_config
 
 CT_FOLDER = "compressed-tensors"
 CONFIG_FILE = "config.json"

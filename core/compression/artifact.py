@@ -28,13 +28,12 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from core.archive import extract_archive
+from core.compression.archive import ARTIFACT_LIMITS, ExtractionLimits, extract_archive
 from core.compression.encoding import decode
+from core.compression.modelio import model_class_for, model_file, read_config
 from core.compression.rewrites import replay
 from core.compression.state import Encoding, ModelState, Rewrite
 from core.errors import UnsupportedModel
-from core.modelio import model_class_for, model_file, read_config
-from core.settings import get_settings
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -110,8 +109,9 @@ def save_compressed(
     return out_dir
 
 
-def load_compressed(path: Path | str) -> PreTrainedModel:
-    """Rebuild the model saved by `save_compressed`, in eval mode, from its folder or a .zip of that folder.
+def load_compressed(path: Path | str, limits: ExtractionLimits = ARTIFACT_LIMITS) -> PreTrainedModel:
+    """Rebuild the model saved by `save_compressed`, in eval mode, from its folder or a .zip of that folder (a zip
+    is extracted under `limits`).
 
     Example: `model = load_compressed("job-42.zip")`, then use it like the original transformers model.
     """
@@ -120,9 +120,8 @@ def load_compressed(path: Path | str) -> PreTrainedModel:
         return _load_folder(path)
     if not zipfile.is_zipfile(path):
         raise UnsupportedModel(f"{path.name}: expected a compressed model folder or a .zip of one")
-    settings = get_settings()
     with tempfile.TemporaryDirectory(prefix="mcs-artifact-") as tmp:
-        return _load_folder(extract_archive(path, Path(tmp) / "artifact", settings.extraction_limits))
+        return _load_folder(extract_archive(path, Path(tmp) / "artifact", limits))
 
 
 def _save_configs(model: PreTrainedModel, out_dir: Path) -> None:
