@@ -7,7 +7,7 @@ model, and every bad field is reported at once as a 422.
 """
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Self, Union
+from typing import TYPE_CHECKING, Annotated, Any, Self, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, GetJsonSchemaHandler, Tag, model_validator
 from pydantic.json_schema import JsonSchemaValue
@@ -69,14 +69,17 @@ def _tag_fields(config: type[StepConfig], family: tuple[type[StepConfig], ...]) 
 TAGS = list(CONFIGS_BY_TAG)
 _MEMBERS = tuple(Annotated[config, Tag(config.tag()), _tag_fields(config, family)]
                  for family in FAMILIES for config in family)
-StepSpec = Annotated[
-    Union.__getitem__(_MEMBERS),  # a Union built from the tuple of tagged configs
-    Discriminator(
-        _discriminate,
-        custom_error_type="unknown_step",
-        custom_error_message=f"unknown step: `type` (and `method`) must be one of {', '.join(TAGS)}",
-    ),
-]
+if TYPE_CHECKING:  # a type checker cannot follow the union built at run time; every member is a StepConfig
+    StepSpec = StepConfig
+else:
+    StepSpec = Annotated[
+        Union.__getitem__(_MEMBERS),  # a Union built from the tuple of tagged configs
+        Discriminator(
+            _discriminate,
+            custom_error_type="unknown_step",
+            custom_error_message=f"unknown step: `type` (and `method`) must be one of {', '.join(TAGS)}",
+        ),
+    ]
 
 
 class JobSpec(BaseModel):

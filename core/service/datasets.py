@@ -4,7 +4,7 @@ with one sample per line. Validated while streaming, stored normalised as JSONL,
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal, TextIO
+from typing import Any, BinaryIO, Literal, TextIO
 
 from core.errors import InvalidRequest, PayloadTooLarge
 from core.service.settings import Settings
@@ -73,7 +73,7 @@ def _normalise(source: Path, target: Path, fmt: str) -> int:
     return count
 
 
-def _write_record(out: TextIO, record: dict, number: int) -> None:
+def _write_record(out: TextIO, record: dict[str, Any], number: int) -> None:
     try:
         out.write(json.dumps(record, ensure_ascii=False) + "\n")
     except UnicodeEncodeError as exc:  # JSON's "\\ud800" escape decodes to a lone surrogate, which is not text
@@ -81,7 +81,7 @@ def _write_record(out: TextIO, record: dict, number: int) -> None:
                              "which is not a character", {"line": number}) from exc
 
 
-def _parse_line(raw: bytes, number: int, fmt: str) -> dict | None:
+def _parse_line(raw: bytes, number: int, fmt: str) -> dict[str, Any] | None:
     if len(raw) > MAX_LINE_BYTES:
         raise PayloadTooLarge(f"line {number} is longer than {MAX_LINE_BYTES:,} bytes", {"line": number})
     try:
@@ -95,7 +95,7 @@ def _parse_line(raw: bytes, number: int, fmt: str) -> dict | None:
     return _json_record(line, number)
 
 
-def _json_record(line: str, number: int) -> dict:
+def _json_record(line: str, number: int) -> dict[str, Any]:
     try:
         value = json.loads(line)
     except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, or an integer over 4,300 digits

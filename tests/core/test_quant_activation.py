@@ -142,11 +142,11 @@ def test_onnx_export_runs_in_onnxruntime_with_matching_outputs(tmp_path: Path, b
                                                                method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     onnxruntime = pytest.importorskip("onnxruntime")
     from core.compression.exports.onnx import export_onnx
-    from core.compression.int8 import modules
+    from core.compression.int8 import layers
 
     # ONNX's DynamicQuantizeLinear is 8-bit: compare with the module's 8-bit arithmetic, which it runs on CPUs with
     # VNNI (without VNNI it switches to 7 bits, which no ONNX operator expresses).
-    monkeypatch.setattr(modules, "_VNNI", True)
+    monkeypatch.setattr(layers, "_VNNI", True)
 
     state, _ = compress(build(), STEPS[method])
     path = export_onnx(state.model, tmp_path / "onnx", probe_inputs(state.model, batch=2, seq_len=16))

@@ -262,5 +262,5 @@ class QuantizeSmoothQuant(_CalibratedInt8Fields):
 
 
 # Every config of this family; `core.compression.spec` tags each one `quantize:<method>`.
-CONFIGS = (QuantizeRTN, QuantizeKMeans, QuantizeGPTQ, QuantizeFP8, QuantizeMixed)
+CONFIGS: tuple[type[StepConfig], ...] = (QuantizeRTN, QuantizeKMeans, QuantizeGPTQ, QuantizeFP8, QuantizeMixed)
 CONFIGS += (QuantizeDynamic, QuantizeStatic, QuantizeSmoothQuant)  # W8A8: int8 activations too
