@@ -19,6 +19,7 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.InvalidSpec: 422,
     errors.InvalidRequest: 400,
     errors.UnsupportedModel: 422,
+    errors.ChecksumMismatch: 422,
     errors.UnsafeInput: 400,
     errors.PayloadTooLarge: 413,
     errors.Unauthorized: 401,
@@ -39,9 +40,11 @@ DESCRIPTIONS = {
     401: "Missing, unknown or revoked API key",
     404: "No such id for this tenant (another tenant's id looks the same)",
     408: "The request body stopped arriving for MCS_BODY_TIMEOUT_S",
-    409: "Conflicts with the current state (a finished job, an active job, a reused Idempotency-Key)",
+    409: "Conflicts with the current state (a finished job, an active job, a reused Idempotency-Key, an upload "
+         "offset that is not the bytes received so far)",
     412: "`If-Match` does not match the current ETag",
-    413: "Request body or upload over its limit (MCS_MAX_UPLOAD_BYTES, MCS_MAX_JSON_BYTES)",
+    413: "Request body or upload over its limit (MCS_MAX_UPLOAD_BYTES, MCS_MAX_JSON_BYTES, a chunked upload's "
+         "declared sizes and MCS_MAX_MODEL_UPLOAD_BYTES)",
     416: "Malformed or unsatisfiable Range",
     422: "Invalid request: every bad field is listed in `details`",
     429: "Rate limit of this API key (or, without a valid key, of this client address) exceeded; see Retry-After",

@@ -1,6 +1,7 @@
 """Bound every request body before anything buffers it, in size and in time: a lying or missing Content-Length
 cannot fill the disk, a body that stops arriving cannot hold a connection for ever."""
 
+import re
 from typing import Annotated, NamedTuple
 
 import anyio
@@ -16,6 +17,9 @@ NameField = Annotated[str | None, Form(min_length=1, max_length=200, pattern=r"^
 
 
 DISCONNECT: Message = {"type": "http.disconnect"}
+# The raw body of a chunked upload's file (PUT /v1/uploads/{id}/files/{name}): streamed to disk by its route, which
+# also holds it to the file's declared size.
+STREAMED_FILE = re.compile(r"^/v1/uploads/[^/]+/files/[^/]+$")
 
 
 class Cap(NamedTuple):
@@ -26,21 +30,28 @@ class Cap(NamedTuple):
 
 
 class BodyLimits:
-    """A multipart upload may be as large as MCS_MAX_UPLOAD_BYTES, any other body (JSON) as MCS_MAX_JSON_BYTES. A
+    """A multipart upload may be as large as MCS_MAX_UPLOAD_BYTES, a file of a chunked upload (`PUT` to
+    `STREAMED_FILE`) as MCS_MAX_UPLOAD_FILE_BYTES, any other body (JSON) as MCS_MAX_JSON_BYTES. A
     declared length over the cap is answered at once; an undeclared (chunked) or lying one is counted as it
     arrives. A body whose next piece takes longer than MCS_BODY_TIMEOUT_S is a 408. Past a limit the app sees a
     disconnect (it stops reading and spools nothing more), its own answer is dropped and the client gets ours."""
 
-    def __init__(self, app: ASGIApp, upload: Cap, json: Cap, timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, upload: Cap, json: Cap, timeout_s: float, streamed: Cap | None = None) -> None:
         self.app = app
         self.upload, self.json, self.timeout_s = upload, json, timeout_s
+        self.streamed = streamed or json
+
+    def _cap(self, scope: Scope, headers: dict[bytes, bytes]) -> Cap:
+        if scope["method"] == "PUT" and STREAMED_FILE.match(scope["path"]):
+            return self.streamed
+        return self.upload if headers.get(b"content-type", b"").lower().startswith(b"multipart/") else self.json
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        cap = self.upload if headers.get(b"content-type", b"").lower().startswith(b"multipart/") else self.json
+        cap = self._cap(scope, headers)
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > cap.max_bytes):
             await _closing(_too_large(cap, declared.decode(errors="replace")))(scope, receive, send)

@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from api import errors
 from api.limits import BodyLimits, Cap
 from api.ratelimit import Admission, rate_limit_buckets
-from api.routers import artifacts, datasets, health, jobs, models
+from api.routers import artifacts, datasets, health, jobs, models, uploads
 from core.service.scratch import remove_stale_scratch
 from core.service.settings import get_settings
 
@@ -37,11 +37,12 @@ def create_app() -> FastAPI:
                      "max_part_size": settings.max_form_field_bytes},
     )
     app.add_middleware(BodyLimits, upload=Cap(settings.max_upload_bytes + 64 * 1024, "MCS_MAX_UPLOAD_BYTES"),
-                       json=Cap(settings.max_json_bytes, "MCS_MAX_JSON_BYTES"), timeout_s=settings.body_timeout_s)
+                       json=Cap(settings.max_json_bytes, "MCS_MAX_JSON_BYTES"), timeout_s=settings.body_timeout_s,
+                       streamed=Cap(settings.max_upload_file_bytes, "MCS_MAX_UPLOAD_FILE_BYTES"))
     # added last, so it runs first: a request without a valid key, or over its rate limit, costs no body
     app.add_middleware(Admission, buckets=rate_limit_buckets(settings))
     errors.install(app)
-    for module in (health, models, datasets, jobs, artifacts):
+    for module in (health, models, uploads, datasets, jobs, artifacts):
         app.include_router(module.router)
     return app
 

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from core import errors
 from core.compression.spec import JobSpec
-from core.service.db.models import JobStatus
+from core.service.db.models import JobStatus, UploadStatus
 
 # The codes a job's `error` can carry: the user's faults found while running, then the job machine's own endings.
 JOB_FAILURE_CODES = tuple(cls.code for cls in (
@@ -124,3 +124,44 @@ class Page(BaseModel, Generic[T]):
         return cls(items=[convert(row) for row in rows], page=page, page_size=page_size, total=total)
 
 
+
+
+class UploadFileIn(BaseModel):
+    """One file of a chunked upload's manifest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, max_length=255, description="a plain file name of the model folder, e.g. "
+                      "`model-00001-of-00002.safetensors` (no folders)")
+    size: int = Field(ge=0, description="bytes")
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="hex digest, checked when the file is complete")
+
+
+class UploadCreate(BaseModel):
+    """A chunked upload of a model folder: every file it will hold, PUT one by one afterwards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    files: list[UploadFileIn] = Field(min_length=1, description="must include config.json and a *.safetensors file")
+
+
+class UploadFileOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    path: str
+    size: int
+    sha256: str
+    received: int = Field(description="bytes received so far: the offset to resume at")
+    complete: bool = Field(description="all bytes received and the sha256 matched")
+
+
+class UploadOut(BaseModel):
+    id: str
+    name: str
+    status: UploadStatus
+    files: list[UploadFileOut]
+    received_bytes: int
+    total_bytes: int
+    created_at: datetime
+    expires_at: datetime

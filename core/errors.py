@@ -128,3 +128,9 @@ class PreconditionFailed(ServiceError):
     """A conditional request (`If-Match`) does not hold for the current representation."""
 
     code = "precondition_failed"
+
+
+class ChecksumMismatch(ServiceError):
+    """An uploaded file is complete but its sha256 is not the one its manifest declared."""
+
+    code = "checksum_mismatch"

@@ -10,7 +10,7 @@ from api.stored import delete_with_files, discard_unless_committed
 from core.errors import Conflict
 from core.service.db.models import new_id
 from core.service.db.repositories import Jobs
-from core.service.uploads import display_name, store_model_upload
+from core.service.uploads import add_model_row, display_name, store_model_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=V1_ERRORS,
                    dependencies=V1_DEPENDENCIES)
@@ -29,16 +29,8 @@ def upload_model(
     model_id = new_id("mdl")
     stored = store_model_upload(file.file, model_id, settings, store)
     with discard_unless_committed(store, stored.storage_key):
-        row = models.add(
-            id=model_id,
-            name=name or display_name(file.filename, "model", (".tar.gz", ".tgz", ".zip")),
-            architecture=stored.info.architecture,
-            model_type=stored.info.model_type,
-            num_parameters=stored.info.num_parameters,
-            size_bytes=stored.info.weight_bytes,
-            sha256=stored.sha256,
-            storage_key=stored.storage_key,
-        )
+        label = name or display_name(file.filename, "model", (".tar.gz", ".tgz", ".zip"))
+        row = add_model_row(models, model_id, label, stored)
         session.commit()
     return ModelOut.model_validate(row)
 

@@ -2,7 +2,9 @@
 
     config.json (+ generation_config.json)  the model config, `architectures` naming the class to rebuild
     model.safetensors                        `<param>.qweight`, `<param>.scale`, ... for each encoded parameter,
-                                             the plain tensor for every other state_dict entry, shared ones once
+                                             the plain tensor for every other state_dict entry, shared ones once;
+                                             or shards named by model.safetensors.index.json (the streaming
+                                             engine, `core.compression.sequential`, writes those)
     compression.json                         the job's manifest + format_version, encodings, aliases, versions
     tokenizer files                          copied from the original folder
 
@@ -30,7 +32,7 @@ from transformers.initialization import no_init_weights
 
 from core.compression.archive import ARTIFACT_LIMITS, ExtractionLimits, extract_archive
 from core.compression.encoding import decode
-from core.compression.modelio import model_class_for, model_file, read_config
+from core.compression.modelio import model_class_for, model_file, read_config, weight_files
 from core.compression.rewrites import replay
 from core.compression.state import Encoding, ModelState, Rewrite
 from core.errors import UnsupportedModel
@@ -88,15 +90,29 @@ def save_compressed(
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"save_compressed needs a transformers PreTrainedModel, got {type(model).__name__}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    _save_configs(model, out_dir)
+    save_configs(model, out_dir)
     tensors, aliases = _packed_tensors(model.state_dict(), state.encodings)
     save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    records = {name: encoding_record(encoding) for name, encoding in state.encodings.items()}
+    write_manifest(out_dir, manifest, records, aliases, state.rewrites)
+    if source_dir is not None:
+        copy_tokenizer_files(source_dir, out_dir)
+    return out_dir
+
+
+def write_manifest(out_dir: Path, manifest: Mapping[str, Any], encodings: Mapping[str, dict[str, Any]],
+                   aliases: Mapping[str, str], rewrites: list[Rewrite]) -> None:
+    """Write compression.json: `manifest` plus the format keys the loader reads (which win over manifest keys);
+    `encodings` maps each encoded parameter to its `encoding_record`.
+
+    Example: `write_manifest(out, {"job_id": "job-1"}, {"lm_head.weight": encoding_record(encoding)}, {}, [])`.
+    """
     record = {
         **manifest,
         "format_version": FORMAT_VERSION,
-        "encodings": {name: _encoding_record(encoding) for name, encoding in state.encodings.items()},
-        "aliases": aliases,
-        "rewrites": [dataclasses.asdict(rewrite) for rewrite in state.rewrites],
+        "encodings": dict(encodings),
+        "aliases": dict(aliases),
+        "rewrites": [dataclasses.asdict(rewrite) for rewrite in rewrites],
         "library_versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -104,9 +120,6 @@ def save_compressed(
         },
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
-    if source_dir is not None:
-        copy_tokenizer_files(source_dir, out_dir)
-    return out_dir
 
 
 def load_compressed(path: Path | str, limits: ExtractionLimits = ARTIFACT_LIMITS) -> PreTrainedModel:
@@ -124,7 +137,8 @@ def load_compressed(path: Path | str, limits: ExtractionLimits = ARTIFACT_LIMITS
         return _load_folder(extract_archive(path, Path(tmp) / "artifact", limits))
 
 
-def _save_configs(model: PreTrainedModel, out_dir: Path) -> None:
+def save_configs(model: PreTrainedModel, out_dir: Path) -> None:
+    """Write config.json (naming the model's class) and generation_config.json; `model` may be on the meta device."""
     config = copy.deepcopy(model.config)
     # Configs built in code carry no architectures; without it the loader would rebuild the base model class.
     config.architectures = [type(model).__name__]
@@ -147,7 +161,7 @@ def _packed_tensors(
         stored = next((name for name in group if name in encodings), group[0])
         aliases.update({name: stored for name in group if name != stored})
         if stored in encodings:
-            tensors.update(_encoded_tensors(stored, encodings[stored], state_dict[stored]))
+            tensors.update(_checked_encoded_tensors(stored, encodings[stored], state_dict[stored]))
         else:
             tensors[stored] = state_dict[stored].contiguous()
     return tensors, aliases
@@ -162,14 +176,20 @@ def _shared_groups(state_dict: dict[str, torch.Tensor]) -> list[list[str]]:
     return list(groups.values())
 
 
-def _encoded_tensors(name: str, encoding: Encoding, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+def _checked_encoded_tensors(name: str, encoding: Encoding, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     # A step that changed the weight after it was encoded would make the artifact compute something else.
     if not torch.equal(decode(encoding).to(weight.device, weight.dtype), weight):
         raise ValueError(f"{name} was modified after it was encoded; the encoding is stale")
+    return encoded_tensors(name, encoding)
+
+
+def encoded_tensors(name: str, encoding: Encoding) -> dict[str, torch.Tensor]:
+    """The tensors an artifact stores for parameter `name`: `<name>.qweight`, `<name>.scale`, ..."""
     return {f"{name}.{key}": tensor.contiguous().cpu() for key, tensor in encoding.tensors.items()}
 
 
-def _encoding_record(encoding: Encoding) -> dict[str, Any]:
+def encoding_record(encoding: Encoding) -> dict[str, Any]:
+    """What compression.json records of an encoding: its format, meta and the names of its tensors."""
     return {"format": encoding.format, "meta": encoding.meta, "tensors": sorted(encoding.tensors)}
 
 
@@ -185,7 +205,7 @@ def copy_tokenizer_files(source_dir: Path, out_dir: Path) -> None:
 def _load_folder(folder: Path) -> PreTrainedModel:
     manifest = read_manifest(folder)
     config = read_config(folder)
-    state_dict = _read_state_dict(model_file(folder, WEIGHTS_FILE, ARTIFACT), manifest)
+    state_dict = _read_state_dict(_artifact_weights(folder), manifest)
     cls = model_class_for(config)
     # Every parameter is overwritten from the file, so random initialisation would only cost time.
     with no_init_weights():
@@ -215,7 +235,7 @@ def stored_encodings(folder: Path) -> dict[str, Encoding]:
     """The encodings of an artifact folder as saved (packed tensors, not decoded), keyed by parameter name."""
     manifest = read_manifest(folder)
     try:
-        stored = load_file(model_file(folder, WEIGHTS_FILE, ARTIFACT))
+        stored = _load_stored(_artifact_weights(folder))
         return {
             name: Encoding(record.format, {key: stored[f"{name}.{key}"] for key in record.tensors}, record.meta)
             for name, record in manifest.encodings.items()
@@ -224,10 +244,29 @@ def stored_encodings(folder: Path) -> dict[str, Encoding]:
         raise UnsupportedModel(f"{WEIGHTS_FILE} does not match {MANIFEST_FILE}: {exc!r}") from exc
 
 
-def _read_state_dict(path: Path, manifest: _Manifest) -> dict[str, torch.Tensor]:
+def _artifact_weights(folder: Path) -> list[Path]:
+    """model.safetensors, or the shards its index names: plain `*.safetensors` names of regular files in `folder`."""
+    if (folder / WEIGHTS_FILE).exists() or (folder / WEIGHTS_FILE).is_symlink():
+        return [model_file(folder, WEIGHTS_FILE, ARTIFACT)]
+    return weight_files(folder)
+
+
+def _load_stored(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor of `files`; a name stored in two shards is refused rather than one copy silently winning."""
+    stored: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors = load_file(file)
+        twice = sorted(stored.keys() & tensors.keys())
+        if twice:
+            raise UnsupportedModel(f"{file.name} stores {twice[0]!r}, which another shard stores too")
+        stored.update(tensors)
+    return stored
+
+
+def _read_state_dict(files: list[Path], manifest: _Manifest) -> dict[str, torch.Tensor]:
     """Decode the packed tensors back into a plain state_dict, shared tensors under each of their names."""
     try:
-        stored = load_file(path)
+        stored = _load_stored(files)
         state_dict = {name: _decode_record(name, record, stored) for name, record in manifest.encodings.items()}
         state_dict.update(stored)
         state_dict.update({alias: state_dict[target] for alias, target in manifest.aliases.items()})

@@ -9,6 +9,7 @@ from core.service.settings import Settings
 
 UPLOAD_PREFIXES = ("upload-", "dataset-")
 JOB_PREFIX = "job-"
+CHUNKED_PREFIX = "chunked-"  # a resumable upload: kept until untouched for its whole MCS_UPLOAD_TTL_S
 
 
 def remove_stale_scratch(settings: Settings, running_job_ids: set[str] | None = None) -> int:
@@ -31,6 +32,8 @@ def _max_age(name: str, settings: Settings, running_job_ids: set[str] | None) ->
     """How long a scratch entry may sit untouched before it is stale; None: never ours to remove."""
     if name.startswith(UPLOAD_PREFIXES):
         return settings.scratch_max_age_s
+    if name.startswith(CHUNKED_PREFIX):  # its last change is after its creation: never swept before it expires
+        return settings.upload_ttl_s
     if name.startswith(JOB_PREFIX) and running_job_ids is not None:
         return None if name.removeprefix(JOB_PREFIX) in running_job_ids else settings.job_lease_s
     return None

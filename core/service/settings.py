@@ -30,7 +30,12 @@ class Settings(BaseSettings):
     max_extracted_bytes: int = Field(4 * GiB, gt=0)
     max_archive_members: int = Field(1000, gt=0)
     max_compression_ratio: float = Field(200.0, gt=1)
-    max_model_parameters: int = Field(2_000_000_000, gt=0)
+    max_model_parameters: int = Field(80_000_000_000, gt=0, description="70B-class models fit")
+    # 160 GiB fits a 70B model in bf16 (140 GB of weights), uploaded file by file (POST /v1/uploads)
+    max_model_upload_bytes: int = Field(160 * GiB, gt=0, description="all files of one chunked upload together")
+    max_upload_file_bytes: int = Field(160 * GiB, gt=0, description="one file of a chunked upload")
+    max_upload_files: int = Field(1000, gt=0, description="files in the manifest of one chunked upload")
+    upload_ttl_s: int = Field(24 * 3600, gt=0, description="a chunked upload expires this long after it was created")
 
     job_soft_time_limit_s: int = Field(3240, gt=0)
     job_hard_time_limit_s: int = Field(3600, gt=0)

@@ -14,6 +14,8 @@ from typing import BinaryIO
 from core.compression.archive import extract_archive
 from core.compression.modelio import ModelInfo, inspect_model_folder
 from core.errors import InvalidRequest, PayloadTooLarge, StorageFailed
+from core.service.db.models import Model
+from core.service.db.repositories import Models
 from core.service.settings import Settings
 from core.service.storage import ArtifactStore
 
@@ -78,7 +80,29 @@ def store_model_upload(source: BinaryIO, model_id: str, settings: Settings, stor
     with scratch_dir(settings, "upload") as scratch:
         sha256, size = spool_upload(source, scratch / "upload", settings.max_upload_bytes)
         root = extract_archive(scratch / "upload", scratch / "extracted", settings.extraction_limits)
-        info = inspect_model_folder(root, settings.max_model_parameters)
-        key = model_storage_key(model_id)
-        store.put_tree(key, root)
+        info, key = store_model_folder(root, model_id, settings, store)
         return StoredUpload(info=info, sha256=sha256, size_bytes=size, storage_key=key)
+
+
+def store_model_folder(root: Path, model_id: str, settings: Settings, store: ArtifactStore) -> tuple[ModelInfo, str]:
+    """Validate a model folder (without loading its weights) and store it under the model's key; returns the
+    validation's findings and the key. Shared by archive uploads and chunked uploads, so both accept the same models."""
+    info = inspect_model_folder(root, settings.max_model_parameters)
+    key = model_storage_key(model_id)
+    store.put_tree(key, root)
+    return info, key
+
+
+def add_model_row(models: Models, model_id: str, name: str, stored: StoredUpload) -> Model:
+    """The model's row for a stored upload (the caller commits)."""
+    row: Model = models.add(
+        id=model_id,
+        name=name,
+        architecture=stored.info.architecture,
+        model_type=stored.info.model_type,
+        num_parameters=stored.info.num_parameters,
+        size_bytes=stored.info.weight_bytes,
+        sha256=stored.sha256,
+        storage_key=stored.storage_key,
+    )
+    return row

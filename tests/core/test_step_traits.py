@@ -13,6 +13,7 @@ from core.compression.configs.prune import PruneMagnitude
 from core.compression.configs.quantize import WEIGHT_ONLY, QuantizeDynamic
 from core.compression.export_rules import check_exports
 from core.compression.order import check_order
+from core.compression.sequential import TENSOR_ENCODERS
 from core.compression.spec import FAMILIES, TAGS, JobSpec, config_class
 
 CONFIGS = [config for family in FAMILIES for config in family]
@@ -54,6 +55,12 @@ def test_job_submission_finds_the_trains_trait_of_a_recipe_step() -> None:
     assert config_class({"type": "lora", "dataset_id": "dst_1"}) is LoRA
     assert config_class({"type": "quantize", "method": "dynamic"}) is QuantizeDynamic
     assert config_class({"type": "no such step"}) is None and config_class({"method": "rtn"}) is None
+
+
+def test_the_layer_by_layer_engine_runs_exactly_the_steps_whose_traits_say_so() -> None:
+    streaming = {config.tag() for config in CONFIGS if config.traits.streams_per_tensor}
+    assert streaming == {"quantize:rtn", "quantize:fp8"}
+    assert {config.tag() for config in TENSOR_ENCODERS} == streaming
 
 
 class QuantizeNew(StepConfig):

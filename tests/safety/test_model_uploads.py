@@ -115,7 +115,7 @@ def test_remote_code_and_attention_overrides_are_ignored(client, auth, bert_fold
     ({"model_type": "../../etc/passwd"}, "model_type '../../etc/passwd'"),
     ({"vocab_size": 1e9}, "vocab_size must be an integer"),
     ({"vocab_size": 10**9}, "vocab_size = 1000000000 is outside"),
-    ({"vocab_size": 4_000_000, "hidden_size": 1024, "num_attention_heads": 16}, "parameters; the limit is"),
+    ({"vocab_size": 16_000_000, "hidden_size": 8192, "num_attention_heads": 64}, "parameters; the limit is"),
     ({"num_hidden_layers": -2}, "num_hidden_layers = -2 is outside"),
     ({"num_hidden_layers": 100_000}, "num_hidden_layers = 100000 is outside"),
     ({"hidden_size": "64"}, "hidden_size must be an integer"),

@@ -16,13 +16,15 @@ pytestmark = pytest.mark.safety
 EXAMPLES_PER_OPERATION = int(os.environ.get("MCS_FUZZ_EXAMPLES", "25"))
 # Checks that cannot hold for some operations; every other check (no 5xx, documented statuses, headers and bodies)
 # runs everywhere, on valid and invalid data alike.
-# - An upload's file must be a safe model archive or UTF-8 text/JSONL, and a recipe obeys rules across fields and
-#   steps (N:M patterns, observer options, step order): schema-valid data is rightly refused there (400 / 422).
+# - An upload's file must be a safe model archive or UTF-8 text/JSONL, a chunked upload's manifest names plain files
+#   including config.json and safetensors, and a recipe obeys rules across fields and steps (N:M patterns, observer
+#   options, step order): schema-valid data is rightly refused there (400 / 413 / 422).
 # - A multipart form carries only text and files, so most "invalid" form values are valid on the wire (a null goes
 #   out as the text "null", a number as its digits, an empty field means "not given"); tests/safety/test_requests.py
 #   covers hostile forms instead.
 UPLOAD = [positive_data_acceptance, negative_data_rejection]
-NOT_APPLICABLE = {"POST /v1/models": UPLOAD, "POST /v1/datasets": UPLOAD, "POST /v1/jobs": [positive_data_acceptance]}
+NOT_APPLICABLE = {"POST /v1/models": UPLOAD, "POST /v1/datasets": UPLOAD, "POST /v1/jobs": [positive_data_acceptance],
+                  "POST /v1/uploads": [positive_data_acceptance]}
 
 
 def _operations() -> list[str]:

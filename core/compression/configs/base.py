@@ -30,9 +30,12 @@ class Traits:
         values, so a packed encoding would be lost), or None.
     after_weight_changes: why every step that changes weights must come before this one, or None.
     exports: each export format mapped to None (it can hold what the step produces) or to why it cannot.
+    streams_per_tensor: the step encodes each weight from that weight alone, without data or the rest of the model
+        (rtn, fp8), so `core.compression.sequential` can run it block by block on a model larger than memory.
 
     Example: `Traits(changes_weights=True, trains=False, packs_weights=True, quantizes_activations=False,
-    before_packing=None, after_weight_changes=None, exports={"onnx": None, "compressed-tensors": None})`
+    before_packing=None, after_weight_changes=None, exports={"onnx": None, "compressed-tensors": None},
+    streams_per_tensor=False)`
     """
 
     changes_weights: bool
@@ -42,6 +45,7 @@ class Traits:
     before_packing: str | None
     after_weight_changes: str | None
     exports: Mapping[ExportFormat, str | None]
+    streams_per_tensor: bool
 
     def __post_init__(self) -> None:
         if set(self.exports) != set(EXPORT_FORMATS):
@@ -50,6 +54,10 @@ class Traits:
     def refusing(self, fmt: ExportFormat, reason: str) -> "Traits":
         """These traits, except that `fmt` cannot represent the step, because of `reason`."""
         return dataclasses.replace(self, exports={**self.exports, fmt: reason})
+
+    def streaming(self) -> "Traits":
+        """These traits, for a config whose weights are encoded one tensor at a time with no data."""
+        return dataclasses.replace(self, streams_per_tensor=True)
 
 
 class StepConfig(BaseModel):

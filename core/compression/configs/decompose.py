@@ -15,6 +15,7 @@ DECOMPOSITION = Traits(
     after_weight_changes=None,
     exports={ONNX: None, COMPRESSED_TENSORS: "low-rank factored layers (two Linears per weight) are not modules of a "
              "transformers architecture"},
+    streams_per_tensor=False,
 )
 
 

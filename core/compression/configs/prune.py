@@ -13,7 +13,7 @@ PRUNING = Traits(
     changes_weights=True, trains=False, packs_weights=False, quantizes_activations=False,
     before_packing="pruning must run before weight quantization (a packed weight cannot be pruned without losing its "
     "encoding); prune first, then quantize (Deep Compression's order)",
-    after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None},
+    after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None}, streams_per_tensor=False,
 )
 
 

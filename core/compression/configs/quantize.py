@@ -9,13 +9,15 @@ from core.compression.configs.calibration import CalibrationData
 
 # Weight-only methods: weights become integer codes, a k-means codebook or fp8; activations stay float.
 WEIGHT_ONLY = Traits(changes_weights=True, trains=False, packs_weights=True, quantizes_activations=False,
-                     before_packing=None, after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None})
+                     before_packing=None, after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None},
+                     streams_per_tensor=False)
 # W8A8 methods: Linears become int8 inference modules (int8 x int8 GEMMs, which cannot train).
 INT8_ACTIVATIONS = Traits(
     changes_weights=True, trains=False, packs_weights=False, quantizes_activations=True, before_packing=None,
     after_weight_changes=None,
     exports={ONNX: None, COMPRESSED_TENSORS: "int8-activation (W8A8) modules are not exported to compressed-tensors; "
              'use a weight-only method (rtn, gptq, mixed, fp8) or export "onnx"'},
+    streams_per_tensor=False,
 )
 
 GroupSize = Field(default=None, ge=8, le=8192, description="columns sharing one scale when per_group")
@@ -54,6 +56,8 @@ class QuantizeRTN(_IntGridFields):
 
     Example: `{"type": "quantize", "method": "rtn", "bits": 4, "granularity": "per_group", "group_size": 64}`
     """
+
+    traits = WEIGHT_ONLY.streaming()
 
     type: Literal["quantize"] = "quantize"
     method: Literal["rtn"] = "rtn"
@@ -112,7 +116,7 @@ class QuantizeFP8(StepConfig):
     Example: `{"type": "quantize", "method": "fp8", "granularity": "per_channel"}`
     """
 
-    traits = WEIGHT_ONLY
+    traits = WEIGHT_ONLY.streaming()
 
     type: Literal["quantize"] = "quantize"
     method: Literal["fp8"] = "fp8"

@@ -43,7 +43,8 @@ class TrainingStep(StepConfig):
     `checkpoint_every` steps, so a restarted job resumes from the last one."""
 
     traits = Traits(changes_weights=True, trains=True, packs_weights=False, quantizes_activations=False,
-                    before_packing=None, after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None})
+                    before_packing=None, after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None},
+                    streams_per_tensor=False)
 
     dataset_id: ResourceId | None = None
     teacher: ResourceId = Field("original", description='"original" (the uploaded model) or a model id of yours')

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import CursorResult, Executable, func, select, update
+from sqlalchemy import CursorResult, Executable, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from core.errors import Conflict, JobCancelled, NotFound, Unavailable, WorkerLost
@@ -22,6 +22,8 @@ from core.service.db.models import (
     JobStep,
     Model,
     Tenant,
+    Upload,
+    UploadStatus,
     utcnow,
 )
 
@@ -214,6 +216,51 @@ class Datasets(_TenantScoped):
 class Artifacts(_TenantScoped):
     row_type = Artifact
     noun = "artifact"
+
+
+class Uploads:
+    """A tenant's chunked uploads. An expired one is as gone as an unknown id (404)."""
+
+    def __init__(self, session: Session, tenant_id: str) -> None:
+        self.session = session
+        self.tenant_id = tenant_id
+
+    def get(self, upload_id: str) -> Upload:
+        row = None if "\x00" in upload_id else self.session.scalar(
+            select(Upload).where(Upload.id == upload_id, Upload.tenant_id == self.tenant_id,
+                                 Upload.expires_at > utcnow())
+        )
+        if row is None:
+            raise NotFound(f"upload {upload_id!r} not found (or expired)")
+        return row
+
+    def add(self, name: str, manifest: list[dict[str, Any]], ttl: timedelta) -> Upload:
+        row = Upload(tenant_id=self.tenant_id, name=name, manifest=manifest, expires_at=utcnow() + ttl)
+        self.session.add(row)
+        self.session.flush()
+        return row
+
+    def delete(self, row: Upload) -> None:
+        self.session.delete(row)
+        self.session.flush()
+
+    def expired_ids(self) -> list[str]:
+        query = select(Upload.id).where(Upload.tenant_id == self.tenant_id, Upload.expires_at <= utcnow())
+        return list(self.session.scalars(query))
+
+    def delete_ids(self, upload_ids: list[str]) -> None:
+        self.session.execute(delete(Upload).where(Upload.tenant_id == self.tenant_id, Upload.id.in_(upload_ids)))
+
+    def set_status(self, row: Upload, expected: UploadStatus, status: UploadStatus) -> bool:
+        """Guarded transition: of two concurrent completes, one finds the upload `open` and takes it."""
+        changed = _affected(
+            self.session,
+            update(Upload).where(Upload.id == row.id, Upload.tenant_id == self.tenant_id, Upload.status == expected)
+            .values(status=status)
+        )
+        self.session.flush()
+        self.session.refresh(row)
+        return bool(changed)
 
 
 def attempts_exhausted(attempts: int) -> dict[str, Any]:

@@ -1,3 +1,4 @@
+import errno
 import os
 import shutil
 import uuid
@@ -39,7 +40,7 @@ class LocalArtifactStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         try:
-            shutil.copytree(source_dir, staging)
+            _move_or_copy(source_dir, staging)
             for file in staging.rglob("*"):
                 if file.is_file():
                     with file.open("rb") as handle:
@@ -88,3 +89,14 @@ class LocalArtifactStore:
             shutil.rmtree(target, ignore_errors=True)
         else:
             target.unlink(missing_ok=True)
+
+
+def _move_or_copy(source_dir: Path, target: Path) -> None:
+    """Move the folder when it is on the artifact filesystem (scratch is: a 140 GB upload is renamed, not copied);
+    copy it from anywhere else."""
+    try:
+        os.rename(source_dir, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copytree(source_dir, target)

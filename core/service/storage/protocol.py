@@ -8,7 +8,8 @@ class ArtifactStore(Protocol):
         """Store `source` under `key` atomically (readers see the old object or the new one, never half)."""
 
     def put_tree(self, key: str, source_dir: Path) -> None:
-        """Store a whole folder under `key`, atomically replacing any previous one."""
+        """Store a whole folder under `key`, atomically replacing any previous one. `source_dir` is consumed (moved
+        into place where it can be, so a big model is not copied)."""
 
     def local_tree(self, key: str) -> Path:
         """A local folder with the tree stored under `key` (the folder itself for the local store)."""

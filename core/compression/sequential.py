@@ -1,0 +1,327 @@
+"""The streaming engine: compress a model folder block by block, so peak memory follows the largest tensor (plus
+one output shard being filled), not the model, and a model larger than the worker's RAM still compresses.
+
+The model is built on the meta device (names, shapes, tied weights; no memory), the steps' selections come from the
+same `select_modules` the in-memory handlers use, and each block's tensors are read from the memory-mapped input
+shards in their stored dtype, upcast to float32 one tensor (or chunk of rows) at a time, encoded by the same
+functions (`quantize_rtn`, `quantize_fp8`), and written to output shards of bounded size with
+`model.safetensors.index.json`.
+Plain tensors are stored in float32, as the in-memory path (which loads the model in float32) stores them, so both
+engines write the same artifact. Only steps whose traits say `streams_per_tensor` can run here.
+"""
+
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from core.compression.artifact import (
+    WEIGHTS_FILE,
+    copy_tokenizer_files,
+    encoded_tensors,
+    encoding_record,
+    save_configs,
+    write_manifest,
+)
+from core.compression.configs.base import StepConfig
+from core.compression.configs.quantize import QuantizeFP8, QuantizeRTN
+from core.compression.encoding import decode, quantize_rtn
+from core.compression.modelio import (
+    WEIGHTS_INDEX,
+    check_named_files,
+    meta_model,
+    model_class_for,
+    read_generation_config,
+    read_model_config,
+    weight_files,
+)
+from core.compression.quant.fp8 import quantize_fp8
+from core.compression.quant.weights import selected_weights
+from core.compression.spec import FAMILIES
+from core.compression.state import Encoding, StepContext, StepReport
+from core.errors import InvalidSpec, JobCancelled, UnsupportedModel
+
+# An output shard is held in memory until it is written, so its size adds to the peak; 256 MiB of int4 output is
+# ~1 GiB of bf16 input, ~140 files for a 70 B model.
+DEFAULT_SHARD_BYTES = 256 * 1024**2
+# Weights over this many elements are encoded by chunks of rows where each row is encoded on its own: the float32
+# copy and the arithmetic's temporaries (~4x the float32 size for int4 groups) of a 70 B model's 1 B-parameter
+# embedding would otherwise need ~20 GB at once; 4 M elements keep them near 80 MB.
+CHUNK_ELEMENTS = 1 << 22
+# A name inside a numbered block (`model.layers.3.mlp.up_proj.weight`) belongs to that block (`model.layers.3`).
+BLOCK_PREFIX = re.compile(r"^(.*?\.\d+)\.")
+
+TensorEncoder = Callable[[Any, torch.Tensor], Encoding]
+# The per-tensor arithmetic of each streamable step: the functions its in-memory handler calls.
+TENSOR_ENCODERS: dict[type[StepConfig], TensorEncoder] = {
+    QuantizeRTN: lambda config, weight: quantize_rtn(
+        weight, config.bits, config.granularity, config.symmetric, config.columns_per_scale),
+    QuantizeFP8: lambda config, weight: quantize_fp8(weight, config.granularity),
+}
+
+
+@dataclass
+class _Tensor:
+    """One tensor of the model: every state_dict name that views it, the name it is stored (and encoded) under, the
+    steps that encode it in recipe order, and its meta-device shape and dtype."""
+
+    names: list[str]
+    stored: str
+    steps: list[int]
+    shape: torch.Size
+    is_float: bool
+
+
+@dataclass
+class _StepTotals:
+    tensors: int = 0
+    params: int = 0
+    original_bytes: int = 0
+    stored_bytes: int = 0
+
+
+@dataclass
+class _Totals:
+    """What the run learnt for compression.json and the step reports."""
+
+    records: dict[str, dict[str, Any]]
+    per_step: list[_StepTotals]
+
+
+@dataclass
+class _ShardWriter:
+    """Collects output tensors and writes them as a safetensors shard each time `max_bytes` would be exceeded."""
+
+    out_dir: Path
+    max_bytes: int
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    pending_bytes: int = 0
+    files: list[Path] = field(default_factory=list)
+    weight_map: dict[str, int] = field(default_factory=dict)
+    total_bytes: int = 0
+
+    def add(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending.update(tensors)
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        path = self.out_dir / f".partial-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.weight_map.update({name: len(self.files) for name in self.pending})
+        self.files.append(path)
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        """Write the last shard, then give the shards their final names: model.safetensors when there is one,
+        else `model-0000i-of-0000n.safetensors` and the index naming each tensor's shard."""
+        if self.pending:
+            self.flush()
+        if len(self.files) == 1:
+            self.files[0].rename(self.out_dir / WEIGHTS_FILE)
+            return
+        names = [f"model-{i + 1:05d}-of-{len(self.files):05d}.safetensors" for i in range(len(self.files))]
+        for path, name in zip(self.files, names, strict=True):
+            path.rename(self.out_dir / name)
+        index = {"metadata": {"total_size": self.total_bytes},
+                 "weight_map": {tensor: names[i] for tensor, i in sorted(self.weight_map.items())}}
+        (self.out_dir / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2), encoding="utf-8")
+
+
+def compress_streaming(model_dir: Path, steps: list[StepConfig], out_dir: Path, ctx: StepContext | None = None,
+                       manifest: Mapping[str, Any] | None = None,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[StepReport]:
+    """Compress the model folder `model_dir` with `steps` into the artifact folder `out_dir` block by block, and
+    return one report per step. The artifact is the one `save_compressed` writes for the same recipe (sharded when
+    over `max_shard_bytes`); `manifest` goes into compression.json. Every step must have the `streams_per_tensor`
+    trait (InvalidSpec otherwise); `ctx` gets progress per block and is polled for cancellation between blocks.
+
+    Example: `compress_streaming(Path("llama-7b"), [QuantizeRTN(bits=4, granularity="per_group", group_size=128)],
+    Path("out"))`.
+    """
+    check_streamable(steps)
+    ctx = ctx or StepContext()
+    check_named_files(model_dir)
+    model = _meta_model(model_dir)
+    tensors = _plan(model, steps)
+    sources = _source_files(model_dir)
+    _check_coverage(tensors, sources)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    totals = _Totals({}, [_StepTotals() for _ in steps])
+    _stream_blocks(tensors, sources, steps, _ShardWriter(out_dir, max_shard_bytes), totals, ctx)
+    save_configs(model, out_dir)
+    write_manifest(out_dir, dict(manifest or {}), totals.records, _aliases(tensors), [])
+    copy_tokenizer_files(model_dir, out_dir)
+    return [_step_report(step, step_totals) for step, step_totals in zip(steps, totals.per_step, strict=True)]
+
+
+def check_streamable(steps: list[StepConfig]) -> None:
+    """InvalidSpec unless every step encodes each weight on its own (the `streams_per_tensor` trait)."""
+    refused = [f"step {index} ({step.tag()})" for index, step in enumerate(steps)
+               if not step.traits.streams_per_tensor]
+    if refused:
+        streamable = [config.tag() for family in FAMILIES for config in family if config.traits.streams_per_tensor]
+        raise InvalidSpec(f"the layer-by-layer engine cannot run {', '.join(refused)}: it needs the whole model or "
+                          f"data; steps it runs: {', '.join(streamable)}", details={"refused": refused})
+
+
+def _meta_model(model_dir: Path) -> PreTrainedModel:
+    """The model on the meta device, configured as `load_model` configures the in-memory one (float32, the
+    folder's generation config), so the configs written next to the weights are the same."""
+    config = read_model_config(model_dir)
+    model = meta_model(model_class_for(config), config)
+    model.config.dtype = torch.float32  # what the in-memory path loads and stores plain tensors in
+    generation_config = read_generation_config(model_dir)
+    if generation_config is not None and model.can_generate():
+        model.generation_config = generation_config
+    return model
+
+
+def _plan(model: PreTrainedModel, steps: list[StepConfig]) -> list[_Tensor]:
+    """Every tensor of the model's state_dict once, in state_dict order, with the steps that encode it; a tensor
+    several names share is stored under the first name a step selected it by, else its first name (as
+    `save_compressed` stores it)."""
+    groups: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+        tensors[id(tensor)] = tensor
+    encoders: dict[int, list[int]] = {}
+    encoded_as: dict[int, str] = {}
+    for index, step in enumerate(steps):
+        for shared in selected_weights(model, step):
+            encoders.setdefault(id(shared.weight), []).append(index)
+            encoded_as.setdefault(id(shared.weight), shared.name)
+    return [_Tensor(names, encoded_as.get(key, names[0]), encoders.get(key, []), tensors[key].shape,
+                    tensors[key].is_floating_point()) for key, names in groups.items()]
+
+
+def _source_files(model_dir: Path) -> dict[str, Path]:
+    """Each stored tensor name of the folder's safetensors files (checked as `load_model` checks them), mapped to
+    its file; only the headers are read."""
+    sources: dict[str, Path] = {}
+    for file in weight_files(model_dir):
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                if name in sources:
+                    raise UnsupportedModel(f"{file.name} stores {name!r}, which another shard stores too")
+                sources[name] = file
+    return sources
+
+
+def _check_coverage(tensors: list[_Tensor], sources: Mapping[str, Path]) -> None:
+    missing = [t.names[0] for t in tensors if not any(name in sources for name in t.names)]
+    if missing:
+        raise UnsupportedModel(f"the layer-by-layer engine needs every tensor stored under its state_dict name; "
+                               f"missing: {', '.join(missing[:5])}", {"missing": missing[:20]})
+
+
+def _stream_blocks(tensors: list[_Tensor], sources: Mapping[str, Path], steps: list[StepConfig],
+                   writer: _ShardWriter, totals: _Totals, ctx: StepContext) -> None:
+    """Read, encode and write the model one block at a time; the writer's shards are named at the end."""
+    blocks = [list(block) for _, block in groupby(tensors, key=lambda t: _block_of(t.names[0]))]
+    for index, block in enumerate(blocks):
+        if ctx.should_stop():
+            raise JobCancelled(f"cancelled while compressing, before {_block_of(block[0].names[0])}")
+        for tensor, weight in _read_block(block, sources):
+            writer.add(_output_tensors(tensor, weight, steps, totals))
+        ctx.report((index + 1) / len(blocks), f"compressed {_block_of(block[0].names[0])}")
+    writer.finish()
+
+
+def _block_of(name: str) -> str:
+    match = BLOCK_PREFIX.match(name)
+    return match.group(1) if match else name
+
+
+def _read_block(block: list[_Tensor], sources: Mapping[str, Path]) -> Iterator[tuple[_Tensor, torch.Tensor]]:
+    """Each tensor of the block in its stored dtype, as a view of its memory-mapped file: its pages are read as the
+    encoder reaches them and let go once the tensor is dropped, so pages of the input never pile up in memory."""
+    located = [(tensor, next(name for name in tensor.names if name in sources)) for tensor in block]
+    for file, entries in groupby(located, key=lambda entry: sources[entry[1]]):
+        with safe_open(file, framework="pt") as handle:
+            for tensor, name in entries:
+                yield tensor, _checked(tensor, name, handle.get_tensor(name))
+
+
+def _checked(tensor: _Tensor, name: str, value: torch.Tensor) -> torch.Tensor:
+    """`value`, once its shape and kind are those the model config needs."""
+    if value.shape != tensor.shape or value.is_floating_point() != tensor.is_float:
+        raise UnsupportedModel(f"{name} is stored as {value.dtype} {list(value.shape)}; the model config needs "
+                               f"{'a float' if tensor.is_float else 'an integer'} tensor {list(tensor.shape)}")
+    return value
+
+
+def _output_tensors(tensor: _Tensor, weight: torch.Tensor, steps: list[StepConfig],
+                    totals: _Totals) -> dict[str, torch.Tensor]:
+    """What the artifact stores for one tensor: its last encoding's tensors, or the plain tensor. Each step
+    encodes what the previous one decoded to, as the in-memory steps do on the decoded weights they leave."""
+    encoding: Encoding | None = None
+    for index in tensor.steps:
+        if encoding is not None:
+            weight = decode(encoding)
+        encoding = _encode(steps[index], weight)
+        _count(totals.per_step[index], weight, encoding)
+    if encoding is None:  # stored as the in-memory path, which loads every float tensor in float32, stores it
+        return {tensor.stored: weight.float().contiguous() if tensor.is_float else weight.contiguous()}
+    totals.records[tensor.stored] = encoding_record(encoding)
+    return encoded_tensors(tensor.stored, encoding)
+
+
+def _encode(config: StepConfig, weight: torch.Tensor) -> Encoding:
+    """`TENSOR_ENCODERS` on `weight` upcast to float32, by chunks of rows when rows are encoded independently
+    (per channel or per group): each row's codes and scales are then the same as from the whole tensor."""
+    encoder = TENSOR_ENCODERS[type(config)]
+    rows = _chunk_rows(weight, config)
+    if rows is None:
+        return encoder(config, weight.float())
+    return _concatenated([encoder(config, weight[start:start + rows].float())
+                          for start in range(0, weight.shape[0], rows)], weight.shape)
+
+
+def _chunk_rows(weight: torch.Tensor, config: Any) -> int | None:
+    if weight.ndim != 2 or config.granularity == "per_tensor" or weight.numel() <= CHUNK_ELEMENTS:
+        return None
+    # A multiple of 8 rows: at any code width 8 codes fill whole bytes, so each chunk's packed codes end on a byte
+    # boundary and the chunks' bytes laid end to end are the whole tensor's.
+    return max(8, CHUNK_ELEMENTS // weight.shape[1] // 8 * 8)
+
+
+def _concatenated(chunks: list[Encoding], shape: torch.Size) -> Encoding:
+    """One encoding from those of consecutive row chunks: codes (flat or by row) and scales follow the rows."""
+    first = chunks[0]
+    tensors = {key: torch.cat([chunk.tensors[key] for chunk in chunks]) for key in first.tensors}
+    # packed_int records the weight's shape in its meta; every other meta field is the same for each chunk.
+    meta = {**first.meta, "shape": list(shape)} if "shape" in first.meta else first.meta
+    return Encoding(first.format, tensors, meta)
+
+
+def _count(step_totals: _StepTotals, weight: torch.Tensor, encoding: Encoding) -> None:
+    step_totals.tensors += 1
+    step_totals.params += weight.numel()
+    step_totals.original_bytes += weight.numel() * weight.element_size()
+    step_totals.stored_bytes += encoding.nbytes()
+
+
+def _aliases(tensors: list[_Tensor]) -> dict[str, str]:
+    """{name: stored name} for every other name of a shared tensor (tied embeddings), as `save_compressed`."""
+    return {name: t.stored for t in tensors for name in t.names if name != t.stored}
+
+
+def _step_report(step: StepConfig, totals: _StepTotals) -> StepReport:
+    ratio = totals.stored_bytes / totals.original_bytes if totals.original_bytes else 1.0
+    metrics: dict[str, float | int | str] = {
+        "tensors_quantized": totals.tensors, "params_quantized": totals.params,
+        "original_bytes": totals.original_bytes, "stored_bytes": totals.stored_bytes, "stored_ratio": ratio}
+    return StepReport(metrics=metrics, notes=[f"{step.tag()}: {totals.tensors} weights encoded layer by layer"])
