@@ -85,6 +85,18 @@ class ArtifactOut(BaseModel):
     url: str = ""
 
 
+class EstimateOut(BaseModel):
+    """What submission expected of the job (`core.compression.estimate`) and the time limits it chose from that."""
+
+    peak_host_bytes: int = Field(description="peak host RAM of the job's process")
+    peak_gpu_bytes: int = Field(description="peak GPU memory; 0 on the cpu queue")
+    seconds: float = Field(description="expected run time (a guess on the safe side)")
+    engine: Literal["in_memory", "streaming"]
+    notes: list[str]
+    soft_time_limit_s: int
+    hard_time_limit_s: int
+
+
 class JobOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -99,6 +111,8 @@ class JobOut(BaseModel):
     metrics: dict[str, Any] | None
     error: ErrorDetail | None = Field(description="why the job did not succeed: `code` is one of "
                                       f"{', '.join(f'`{code}`' for code in JOB_FAILURE_CODES)}")
+    estimate: EstimateOut | None = Field(description="the pre-flight estimate; null for jobs submitted before it "
+                                                     "existed")
     attempts: int
     cancel_requested: bool = Field(description="a cancel was accepted: a running job then ends `cancelled`, never "
                                                "`succeeded`")

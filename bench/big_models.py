@@ -27,6 +27,7 @@ from bench.report import load_average, machine_description, markdown_table, upda
 NAME = "big_models"
 COMMAND = f".venv/bin/python -m bench.{NAME}"
 THREADS = 2
+JOB = "job (streaming)"
 TINYLLAMA = {"hidden_size": 2048, "num_hidden_layers": 22, "intermediate_size": 5632, "num_attention_heads": 32,
              "num_key_value_heads": 4, "vocab_size": 32000, "tie_word_embeddings": False}
 STEP = {"type": "quantize", "method": "rtn", "bits": 4, "granularity": "per_group", "group_size": 128}
@@ -105,10 +106,24 @@ def run_child(engine: str, source: Path, out: Path) -> None:
         from core.compression.sequential import compress_streaming
 
         compress_streaming(source, steps, out)
+    elif engine == JOB:
+        streamed_job(source, out)
     else:
         in_memory(source, steps, out)
+    artifact = out / "model" if engine == JOB else out
     print(json.dumps({"seconds": time.perf_counter() - start, "rss_after_imports": rss_after_imports,
-                      "output_bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}))
+                      "output_bytes": sum(p.stat().st_size for p in artifact.glob("*.safetensors"))}))
+
+
+def streamed_job(source: Path, work_dir: Path) -> None:
+    """What a worker runs for a model over MCS_STREAM_ABOVE_BYTES: compression, the block-by-block measurements
+    and the zip of the artifact."""
+    from core.compression.execute import execute_job
+    from core.compression.pipeline import StepHooks
+    from core.compression.spec import JobSpec
+    from core.compression.state import StepContext
+
+    execute_job(source, JobSpec(steps=[STEP]), work_dir, StepContext(), StepHooks(), {}, stream_above_bytes=0)
 
 
 def in_memory(source: Path, steps: list[Any], out: Path) -> None:
@@ -139,8 +154,8 @@ def run_model(tmp: Path, label: str, layers: int, in_memory_ratio: float) -> tup
     params = write_synthetic_llama(tmp / label, layers)
     estimate = params * 2 * in_memory_ratio * ESTIMATE_MARGIN
     rows = []
-    for engine in ["streaming", "in-memory"]:
-        fits = engine == "streaming" or estimate <= IN_MEMORY_LIMIT_BYTES
+    for engine in ["streaming", JOB, "in-memory"]:
+        fits = engine != "in-memory" or estimate <= IN_MEMORY_LIMIT_BYTES
         result = measure(engine, tmp / label, tmp / f"{label}-{engine}") if fits else None
         print(label, engine, result, flush=True)
         rows.append(row(label, engine, params, result, estimate))
@@ -167,9 +182,10 @@ work, so times are indicative only; the memory figures are what this measures).
 Step: `{STEP}` on synthetic Llamas of the TinyLlama-1.1B widths (hidden 2048, intermediate 5632, 32 heads, 4 KV
 heads, vocab 32000, untied head), random bf16 weights in {SHARD_BYTES / 2**30:.0f} GiB shards. Peak RSS is the child
 process's resident memory, sampled every {SAMPLE_S * 1000:.0f} ms; "RSS after imports" is its torch + transformers
-floor before any weight is read. The in-memory rows are load + pipeline + save only (a job also measures and reloads);
-that path runs on the big model only if its 6-layer peak / bf16 ratio x {ESTIMATE_MARGIN} predicts under
-{IN_MEMORY_LIMIT_BYTES / 1e9:.0f} GB.
+floor before any weight is read. The "{JOB}" rows are a whole job, `execute_job` with `stream_above_bytes=0`: the
+layer-by-layer compression, then its block-by-block measurements and the zip of the artifact. The in-memory rows are
+load + pipeline + save only (an in-memory job also measures, reloads and times both models); that path runs on the
+big model only if its 6-layer peak / bf16 ratio x {ESTIMATE_MARGIN} predicts under {IN_MEMORY_LIMIT_BYTES / 1e9:.0f} GB.
 
 {table}
 """

@@ -4,7 +4,7 @@
   or None for an infrastructure fault that the task retries (database, broker, transient storage errors).
 - `Heartbeat` renews the lease of the job being run, so a lease that expires means its worker is gone.
 - `Sweeper` runs in each worker's main process: it requeues (or ends `worker_lost`) running jobs whose lease
-  expired, and removes upload and job scratch left by a killed API or worker.
+  expired, removes upload and job scratch left by a killed API or worker, and reports the worker's capacity.
 """
 
 import errno
@@ -33,6 +33,7 @@ from core.service.db.repositories import JobRuns
 from core.service.db.session import session_scope
 from core.service.scratch import remove_stale_scratch
 from core.service.settings import Settings
+from worker.capacity import report_capacity
 
 log = logging.getLogger(__name__)
 INFRASTRUCTURE_FAULTS = (Unavailable, OperationalError, OSError)
@@ -121,7 +122,8 @@ class Heartbeat:
 
 
 class Sweeper:
-    """A daemon thread in the worker's main process calling `sweep` every MCS_SWEEP_INTERVAL_S."""
+    """A daemon thread in the worker's main process calling `sweep` every MCS_SWEEP_INTERVAL_S, and reporting the
+    worker's capacity as often (its heartbeat: a worker silent for 3 intervals no longer counts at submission)."""
 
     def __init__(self, celery: Celery, task_name: str, settings: Settings) -> None:
         self.celery, self.task_name, self.settings = celery, task_name, settings
@@ -137,6 +139,7 @@ class Sweeper:
 
     def _loop(self) -> None:
         while not self.stopped.wait(self.settings.sweep_interval_s):
+            report_capacity()
             try:
                 sweep(self.celery, self.task_name, self.settings)
             except Exception as exc:  # the database is down: try again next round

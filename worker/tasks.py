@@ -85,6 +85,7 @@ def _execute(job: Job, store: ArtifactStore, work_dir: Any) -> None:
     outcome = execute_job(
         store.local_tree(model.storage_key), spec, work_dir, _context(job), _hooks(job.id, job.attempts),
         {"job_id": job.id, "input_sha256": model.sha256, "service_version": __version__},
+        get_settings().stream_above_bytes,
     )
     # One key per attempt: a run that lost its lease deletes its own file without touching the winner's.
     key = f"artifacts/{job.id}/attempt-{job.attempts}/model.zip"

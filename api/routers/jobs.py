@@ -33,7 +33,7 @@ def create_job(
         queue=body.queue or settings.default_queue,
         body=body.model_dump(mode="json"),
     )
-    job = submit_job(session, jobs.tenant_id, job_request, idempotency_key, queue.enqueue)
+    job = submit_job(session, jobs.tenant_id, job_request, idempotency_key, queue.enqueue, settings)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_out(job, request)
 

@@ -25,13 +25,19 @@ from core.compression import metrics
 from core.compression.artifact import load_compressed, save_compressed
 from core.compression.export_rules import COMPRESSED_TENSORS, ONNX
 from core.compression.exports.onnx import export_onnx
-from core.compression.modelio import load_model, load_tokenizer, read_model_config
+from core.compression.modelio import load_model, load_tokenizer, meta_model, model_class_for, read_model_config
 from core.compression.pipeline import StepHooks, run_pipeline
+from core.compression.sequential import block_output_cosines, compress_streaming
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext, StepReport
 from core.errors import InputUnreadable, ServiceError, StepFailed, UnsupportedModel
 
 log = logging.getLogger(__name__)
+STREAMING_NOTE = ("layer-by-layer engine (the model's weight files are over the streaming threshold): "
+                  "block_output_cosine_min/mean = cosine of what each decoder block of the saved artifact adds to "
+                  "a seeded random hidden state vs the original block's, one block in memory at a time; the "
+                  "whole-model output_cosine and latency_ms are not measured (null): both need the whole model "
+                  "in memory")
 PIPELINE_SHARE = (0.1, 0.8)
 # OS errors that say the storage itself is failing (worth a retry), not that the stored input is broken.
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT, errno.ENETDOWN,
@@ -55,12 +61,20 @@ class _Probe:
 
 
 def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext, hooks: StepHooks,
-                provenance: dict[str, Any]) -> JobOutcome:
+                provenance: dict[str, Any], stream_above_bytes: int | None = None) -> JobOutcome:
     """Load, measure, compress, save, reload and measure again. A re-attempt of the same job reuses `work_dir`:
-    its `steps/` folder holds the training steps' checkpoints; the previous attempt's output is discarded."""
+    its `steps/` folder holds the training steps' checkpoints; the previous attempt's output is discarded.
+
+    A model whose weight files exceed `stream_above_bytes` (None: never) goes through the layer-by-layer engine
+    when every step streams and no export is asked for (`runs_layer_by_layer`), with measurements that never hold
+    the model.
+    Example: `execute_job(folder, spec, work, StepContext(), StepHooks(), {"job_id": "j1"}, 2 * 1024**3)`.
+    """
     shutil.rmtree(work_dir / "model", ignore_errors=True)
     (work_dir / "model.zip").unlink(missing_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
+    if runs_layer_by_layer(model_dir, spec, stream_above_bytes):
+        return _execute_streaming(model_dir, spec, work_dir, ctx, hooks, provenance)
     model = load_input(model_dir, ctx.device)
     tokenizer = _tokenizer(model_dir)
     probe = _probe(model, tokenizer)
@@ -86,7 +100,56 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
         ctx.report(0.96, "exporting to compressed-tensors")
         after.update(_export_compressed_tensors(folder, probe, ctx.device))
     archive = _zip_folder(folder, work_dir / "model.zip")
-    return JobOutcome(archive, _summary(before, after, archive, ctx))
+    return JobOutcome(archive, {**_summary(before, after, archive, ctx), "engine": "in_memory"})
+
+
+def runs_layer_by_layer(model_dir: Path, spec: JobSpec, stream_above_bytes: int | None) -> bool:
+    """Whether `execute_job` runs this job layer by layer (what a pre-flight estimate should assume too). The
+    exports need the whole model in memory, so they keep the in-memory path; the size is that of the weight files,
+    so nothing is loaded to decide."""
+    if stream_above_bytes is None or spec.export or not all(step.traits.streams_per_tensor for step in spec.steps):
+        return False
+    return metrics.weights_size_bytes(model_dir) > stream_above_bytes
+
+
+def _execute_streaming(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext, hooks: StepHooks,
+                       provenance: dict[str, Any]) -> JobOutcome:
+    """Compress with `compress_streaming` and measure from the files: parameters from the meta model, sizes from
+    the weight files, quality as each block's output cosine (`block_output_cosines`). No whole-model output cosine
+    and no latency: both need the whole model in memory, which is what this path avoids."""
+    folder = work_dir / "model"
+    with reading_input("the uploaded model"):
+        config = read_model_config(model_dir)
+        parameters = metrics.count_parameters(meta_model(model_class_for(config), config))
+    before = {"size_bytes": metrics.weights_size_bytes(model_dir), "parameters": parameters,
+              "output_cosine": None, "latency_ms": None}
+    ctx.report(PIPELINE_SHARE[0], "measured the original model's files")
+    for index, step in enumerate(spec.steps):  # the steps run together, block by block
+        hooks.started(index, step)
+    reports = compress_streaming(model_dir, list(spec.steps), folder, _scaled(ctx, *PIPELINE_SHARE, work_dir),
+                                 lambda step_reports: _manifest(spec, step_reports, before, provenance))
+    for index, report in enumerate(reports):
+        hooks.finished(index, report)
+    ctx.report(0.9, "measuring the saved artifact block by block")
+    after = _measure_streamed(model_dir, folder, before)
+    archive = _zip_folder(folder, work_dir / "model.zip")
+    return JobOutcome(archive, {**_summary(before, after, archive, ctx), "engine": "layer_by_layer",
+                                "note": STREAMING_NOTE})
+
+
+def _measure_streamed(model_dir: Path, folder: Path, before: dict[str, Any]) -> dict[str, Any]:
+    """The artifact's numbers from its files: its size, and the lowest and mean block output cosine. A block that
+    cannot run on a plain hidden state (a multimodal model's vision blocks, an unusual block signature) leaves the
+    cosines unmeasured (null, with the reason) rather than failing a job whose artifact is already written."""
+    after = {**before, "size_bytes": metrics.weights_size_bytes(folder)}
+    try:
+        cosines = block_output_cosines(model_dir, folder)
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        log.warning("block output cosines of %s not measured: %r", folder, exc)
+        return {**after, "block_output_cosine_min": None, "block_output_cosine_mean": None,
+                "block_output_cosine_error": f"{type(exc).__name__}: {exc}"}
+    return {**after, "block_output_cosine_min": min(cosines, default=None),
+            "block_output_cosine_mean": sum(cosines) / len(cosines) if cosines else None}
 
 
 @contextmanager
@@ -199,7 +262,7 @@ def _summary(before: dict, after: dict, archive: Path, ctx: StepContext) -> dict
         "before": before,
         "after": after,
         "size_ratio": round(after["size_bytes"] / before["size_bytes"], 4),
-        "speedup": round(before["latency_ms"] / after["latency_ms"], 3),
+        "speedup": _speedup(before["latency_ms"], after["latency_ms"]),
         "output_cosine": after["output_cosine"],
         "artifact_bytes": archive.stat().st_size,
         "device": str(ctx.device),
@@ -207,6 +270,13 @@ def _summary(before: dict, after: dict, archive: Path, ctx: StepContext) -> dict
                 "on fixed probe inputs; latency = median forward of the probe batch, original and artifact "
                 "timed in alternating rounds",
     }
+
+
+def _speedup(before_ms: float | None, after_ms: float | None) -> float | None:
+    """None when latency was not measured (layer-by-layer jobs)."""
+    if before_ms is None or after_ms is None:
+        return None
+    return round(before_ms / after_ms, 3)
 
 
 def _manifest(spec: JobSpec, reports: list[StepReport], before: dict, provenance: dict) -> dict[str, Any]:

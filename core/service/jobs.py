@@ -15,8 +15,10 @@ from sqlalchemy.orm import Session
 
 from core.compression.spec import config_class
 from core.errors import Conflict, InvalidSpec, NotFound, Unavailable
+from core.service.capacity import preflight
 from core.service.db.models import Dataset, Job
 from core.service.db.repositories import Datasets, Jobs, Models
+from core.service.settings import Settings
 
 MIN_TRAINING_SAMPLES = 2
 
@@ -37,17 +39,20 @@ class JobRequest:
 
 
 def submit_job(session: Session, tenant_id: str, request: JobRequest, idempotency_key: str | None,
-               enqueue: Callable[[Job], bool]) -> Job:
+               enqueue: Callable[[Job], bool], settings: Settings) -> Job:
     """Create the job and send it to its queue, or replay the job an earlier request with the same
-    Idempotency-Key created. If the broker refuses the message the job is withdrawn and `Unavailable` (503) raised:
+    Idempotency-Key created. A job no live worker of its queue can hold is refused (`InvalidSpec`, 422, see
+    `core.service.capacity`). If the broker refuses the message the job is withdrawn and `Unavailable` (503) raised:
     nothing is left queued that no worker will hear of."""
     jobs, models = Jobs(session, tenant_id), Models(session, tenant_id)
     if idempotency_key and (existing := jobs.by_idempotency_key(idempotency_key)):
         return _replay(existing, request.request_hash)
-    models.get_for_new_job(request.model_id)
+    model = models.get_for_new_job(request.model_id)
     check_references(request.spec, Datasets(session, tenant_id), models)
+    estimate = preflight(session, model, request.spec, request.queue, settings)
     try:
-        job = jobs.add_job(request.model_id, request.spec, request.queue, idempotency_key, request.request_hash)
+        job = jobs.add_job(request.model_id, request.spec, request.queue, idempotency_key, request.request_hash,
+                           estimate)
         session.commit()
     except IntegrityError as exc:
         session.rollback()

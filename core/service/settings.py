@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(10, gt=0, description="database connections each process keeps open")
     db_max_overflow: int = Field(10, ge=0, description="connections opened beyond the pool at busy times")
     default_queue: str = "cpu"
+    # TinyLlama-1.1B shape (2.2 GB of bf16): 7.0 GB peak compressed in memory, 1.4 GB for a whole layer-by-layer job
+    stream_above_bytes: int = Field(2 * GiB, ge=0, description="jobs on weight files over this run layer by layer "
+                                                               "when every step can; 0: whenever they can")
+    # a 7B gptq on a CPU worker runs for hours: set (e.g. 86400) to let a job's limits grow with its estimate up to
+    # this cap; unset, every job keeps the fixed limits above (Redis' visibility_timeout is sized from those)
+    job_max_hard_time_limit_s: int | None = Field(None, gt=0, description="the longest hard time limit a job's "
+                                                                            "estimate can raise it to; unset: off")
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> "Settings":

@@ -100,6 +100,7 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_hash: Mapped[str | None] = mapped_column(String(64))
+    estimate: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     lease_expires_at: Mapped[datetime | None]
@@ -158,3 +159,18 @@ class Upload(Base):
     status: Mapped[str] = mapped_column(String(16), default=UploadStatus.open)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class Worker(Base):
+    """A worker's capacity, upserted at its start and on every sweep (the heartbeat); `id` is its Celery hostname.
+    Submission refuses a job that no live worker of its queue can hold."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    queues: Mapped[list[str]] = mapped_column(JSON)
+    ram_total_bytes: Mapped[int] = mapped_column(BigInteger)
+    ram_available_bytes: Mapped[int] = mapped_column(BigInteger)
+    gpu_name: Mapped[str | None] = mapped_column(String(200))
+    gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    heartbeat_at: Mapped[datetime] = mapped_column(index=True)

@@ -24,6 +24,7 @@ from core.service.db.models import (
     Tenant,
     Upload,
     UploadStatus,
+    Worker,
     utcnow,
 )
 
@@ -165,9 +166,10 @@ class Jobs(_TenantScoped):
     noun = "job"
 
     def add_job(self, model_id: str, spec: dict[str, Any], queue: str, idempotency_key: str | None,
-                request_hash: str | None) -> Job:
+                request_hash: str | None, estimate: dict[str, Any] | None = None) -> Job:
         job = Job(tenant_id=self.tenant_id, model_id=model_id, spec=spec, queue=queue,
-                  idempotency_key=idempotency_key, request_hash=request_hash, status=JobStatus.queued)
+                  idempotency_key=idempotency_key, request_hash=request_hash, status=JobStatus.queued,
+                  estimate=estimate)
         job.steps = [
             JobStep(index=i, type=step["type"], config=step, status=JobStatus.queued)
             for i, step in enumerate(spec["steps"])
@@ -261,6 +263,30 @@ class Uploads:
         self.session.flush()
         self.session.refresh(row)
         return bool(changed)
+
+
+class Workers:
+    """Worker capacity rows (not tenant data): each worker reports its own, submission reads the live ones."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def report(self, worker_id: str, queues: list[str], ram_total_bytes: int, ram_available_bytes: int,
+               gpu_name: str | None, gpu_memory_bytes: int | None) -> Worker:
+        """Insert or refresh the worker's row, stamped now (its heartbeat)."""
+        row = self.session.get(Worker, worker_id) or Worker(id=worker_id)
+        row.queues, row.gpu_name, row.gpu_memory_bytes = queues, gpu_name, gpu_memory_bytes
+        row.ram_total_bytes, row.ram_available_bytes = ram_total_bytes, ram_available_bytes
+        row.heartbeat_at = utcnow()
+        self.session.add(row)
+        self.session.flush()
+        return row
+
+    def live(self, queue: str, since: datetime) -> list[Worker]:
+        """Workers of `queue` whose last heartbeat is after `since` (the queue is matched here: JSON is not indexed,
+        and a deployment has few workers)."""
+        rows = self.session.scalars(select(Worker).where(Worker.heartbeat_at >= since))
+        return [row for row in rows if queue in row.queues]
 
 
 def attempts_exhausted(attempts: int) -> dict[str, Any]:
