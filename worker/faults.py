@@ -7,7 +7,6 @@
   expired, removes upload and job scratch left by a killed API or worker, and reports the worker's capacity.
 """
 
-import errno
 import logging
 import threading
 from collections.abc import Iterator
@@ -33,11 +32,11 @@ from core.service.db.repositories import JobRuns
 from core.service.db.session import session_scope
 from core.service.scratch import remove_stale_scratch
 from core.service.settings import Settings
+from core.service.uploads import DISK_FULL
 from worker.capacity import report_capacity
 
 log = logging.getLogger(__name__)
 INFRASTRUCTURE_FAULTS = (Unavailable, OperationalError, OSError)
-DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 Failure = tuple[dict[str, Any], JobStatus]
 
 

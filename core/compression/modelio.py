@@ -314,7 +314,7 @@ def model_file(folder: Path, name: Any, source: str) -> Path:
     """`folder / name` when `name` (read from `source`) is a plain file name of a regular file in `folder`.
     Anything that could lead elsewhere (a folder, `..`, an absolute path, a link) is UnsafeInput; an absent file
     is UnsupportedModel."""
-    if not _plain_name(name):
+    if not plain_file_name(name):
         raise UnsafeInput(f"{source}: {str(name)[:200]!r} is not a plain file name inside the model folder "
                           "(no folders, '..' or absolute paths)")
     path = folder / name
@@ -325,7 +325,9 @@ def model_file(folder: Path, name: Any, source: str) -> Path:
     return path
 
 
-def _plain_name(name: Any) -> bool:
+def plain_file_name(name: Any) -> bool:
+    """The one rule for a file a model folder names (index, configs, chunked uploads): one printable name, no
+    folders, `..`, drive or control characters."""
     # isprintable() also rules out NUL and lone surrogates, which the filesystem calls would raise on.
     return (isinstance(name, str) and name.isprintable() and 0 < len(name.encode()) <= 255
             and name not in (".", "..") and not any(c in name for c in "/\\:"))

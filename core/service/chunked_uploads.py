@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 
 import anyio
 
+from core.compression.modelio import plain_file_name
 from core.errors import (
     ChecksumMismatch,
     Conflict,
@@ -78,17 +79,11 @@ def staging_dir(settings: Settings, upload_id: str) -> Path:
     return settings.work_dir / f"{CHUNKED_PREFIX}{upload_id}"
 
 
-def plain_name(name: str) -> bool:
-    """The rule model folders follow (modelio's `model_file`): one printable name, no folders, `..` or drive."""
-    return (name.isprintable() and 0 < len(name.encode()) <= 255 and name not in (".", "..")
-            and not any(c in name for c in "/\\:"))
-
-
 def check_manifest(files: list[dict[str, Any]], settings: Settings) -> None:
     """Refuse a manifest the service would not store: unsafe or repeated names, too many or too large files, no
     config.json or no safetensors weights."""
     names = [entry["path"] for entry in files]
-    unsafe = [name for name in names if not plain_name(name)]
+    unsafe = [name for name in names if not plain_file_name(name)]
     if unsafe:
         raise UnsafeInput(f"{unsafe[0][:200]!r} is not a plain file name (no folders, '..', or control characters)",
                           {"files": unsafe[:10]})
