@@ -91,7 +91,7 @@ def save_compressed(
         raise TypeError(f"save_compressed needs a transformers PreTrainedModel, got {type(model).__name__}")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_configs(model, out_dir)
-    tensors, aliases = _packed_tensors(model.state_dict(), state.encodings)
+    tensors, aliases = packed_tensors(model.state_dict(), state.encodings)
     save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
     records = {name: encoding_record(encoding) for name, encoding in state.encodings.items()}
     write_manifest(out_dir, manifest, records, aliases, state.rewrites)
@@ -148,7 +148,7 @@ def save_configs(model: PreTrainedModel, out_dir: Path) -> None:
         generation_config.save_pretrained(out_dir)
 
 
-def _packed_tensors(
+def packed_tensors(
     state_dict: dict[str, torch.Tensor], encodings: Mapping[str, Encoding]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors to write (packed where encoded) and the aliases {name: stored name} of shared tensors."""

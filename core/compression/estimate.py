@@ -14,7 +14,7 @@ from typing import Literal
 
 from core.compression.configs.base import StepConfig
 
-Engine = Literal["in_memory", "streaming"]
+Engine = Literal["in_memory", "streaming", "offloaded"]
 
 GB = 1_000_000_000
 IMPORTS_BYTES = int(0.4 * GB)  # torch + transformers imported in the job process (measured)
@@ -57,9 +57,10 @@ class Estimate:
 
 
 def estimate_job(model: ModelFacts, steps: Sequence[type[StepConfig]], device: Literal["cpu", "cuda"],
-                 streaming_threshold: int) -> Estimate:
-    """Peak host RAM, peak GPU memory and run time of a job running `steps` (their config classes) on `model`."""
-    engine = choose_engine(model, steps, streaming_threshold)
+                 streaming_threshold: int, exports: bool = False) -> Estimate:
+    """Peak host RAM, peak GPU memory and run time of a job running `steps` (their config classes) on `model`;
+    `exports`: the job asks for an export (which needs the whole model in memory)."""
+    engine = choose_engine(model, steps, streaming_threshold, exports)
     seconds = _seconds(model, steps, device)
     if engine == "streaming":
         return Estimate(_streaming_peak(model), 0, seconds, engine,
@@ -69,10 +70,16 @@ def estimate_job(model: ModelFacts, steps: Sequence[type[StepConfig]], device: L
     return Estimate(host, gpu, seconds, engine, _in_memory_notes(steps))
 
 
-def choose_engine(model: ModelFacts, steps: Sequence[type[StepConfig]], streaming_threshold: int) -> Engine:
-    """Streaming when every step encodes tensor by tensor and the weights exceed the threshold (as the worker does)."""
-    streams = bool(steps) and all(step.traits.streams_per_tensor for step in steps)
-    return "streaming" if streams and model.weight_bytes > streaming_threshold else "in_memory"
+def choose_engine(model: ModelFacts, steps: Sequence[type[StepConfig]], streaming_threshold: int | None,
+                  exports: bool = False) -> Engine:
+    """The engine `execute_job` runs a job on: for weights over `streaming_threshold` (None: never) and no export,
+    "streaming" when every step encodes tensor by tensor, "offloaded" when every step runs block by block;
+    otherwise "in_memory"."""
+    if streaming_threshold is None or exports or not steps or model.weight_bytes <= streaming_threshold:
+        return "in_memory"
+    if all(step.traits.streams_per_tensor for step in steps):
+        return "streaming"
+    return "offloaded" if all(step.traits.runs_by_block for step in steps) else "in_memory"
 
 
 def _streaming_peak(model: ModelFacts) -> int:

@@ -23,9 +23,11 @@ from transformers import PreTrainedTokenizerBase
 
 from core.compression import metrics
 from core.compression.artifact import load_compressed, save_compressed
+from core.compression.estimate import Engine, ModelFacts, choose_engine
 from core.compression.export_rules import COMPRESSED_TENSORS, ONNX
 from core.compression.exports.onnx import export_onnx
 from core.compression.modelio import load_model, load_tokenizer, meta_model, model_class_for, read_model_config
+from core.compression.offload import offloaded_state, save_offloaded
 from core.compression.pipeline import StepHooks, run_pipeline
 from core.compression.sequential import block_output_cosines, compress_streaming
 from core.compression.spec import JobSpec
@@ -38,6 +40,8 @@ STREAMING_NOTE = ("layer-by-layer engine (the model's weight files are over the 
                   "a seeded random hidden state vs the original block's, one block in memory at a time; the "
                   "whole-model output_cosine and latency_ms are not measured (null): both need the whole model "
                   "in memory")
+OFFLOADED_NOTE = ("block-offloading engine (the model's weight files are over the streaming threshold): the "
+                  "calibrated steps ran one decoder block in memory at a time; " + STREAMING_NOTE.split("): ", 1)[1])
 PIPELINE_SHARE = (0.1, 0.8)
 # OS errors that say the storage itself is failing (worth a retry), not that the stored input is broken.
 TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.EAGAIN, errno.ETIMEDOUT, errno.ENETDOWN,
@@ -65,16 +69,19 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     """Load, measure, compress, save, reload and measure again. A re-attempt of the same job reuses `work_dir`:
     its `steps/` folder holds the training steps' checkpoints; the previous attempt's output is discarded.
 
-    A model whose weight files exceed `stream_above_bytes` (None: never) goes through the layer-by-layer engine
-    when every step streams and no export is asked for (`runs_layer_by_layer`), with measurements that never hold
+    A model whose weight files exceed `stream_above_bytes` (None: never) runs on the engine `engine_for` chooses
+    (tensor by tensor for rtn/fp8, blocks offloaded for the calibrated steps), with measurements that never hold
     the model.
     Example: `execute_job(folder, spec, work, StepContext(), StepHooks(), {"job_id": "j1"}, 2 * 1024**3)`.
     """
     shutil.rmtree(work_dir / "model", ignore_errors=True)
     (work_dir / "model.zip").unlink(missing_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    if runs_layer_by_layer(model_dir, spec, stream_above_bytes):
+    engine = engine_for(model_dir, spec, stream_above_bytes)
+    if engine == "streaming":
         return _execute_streaming(model_dir, spec, work_dir, ctx, hooks, provenance)
+    if engine == "offloaded":
+        return _execute_offloaded(model_dir, spec, work_dir, ctx, hooks, provenance)
     model = load_input(model_dir, ctx.device)
     tokenizer = _tokenizer(model_dir)
     probe = _probe(model, tokenizer)
@@ -103,13 +110,11 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     return JobOutcome(archive, {**_summary(before, after, archive, ctx), "engine": "in_memory"})
 
 
-def runs_layer_by_layer(model_dir: Path, spec: JobSpec, stream_above_bytes: int | None) -> bool:
-    """Whether `execute_job` runs this job layer by layer (what a pre-flight estimate should assume too). The
-    exports need the whole model in memory, so they keep the in-memory path; the size is that of the weight files,
-    so nothing is loaded to decide."""
-    if stream_above_bytes is None or spec.export or not all(step.traits.streams_per_tensor for step in spec.steps):
-        return False
-    return metrics.weights_size_bytes(model_dir) > stream_above_bytes
+def engine_for(model_dir: Path, spec: JobSpec, stream_above_bytes: int | None) -> Engine:
+    """The engine `execute_job` runs this job on, chosen as the pre-flight estimate chooses it (`choose_engine`):
+    the size is that of the weight files, so nothing is loaded to decide."""
+    facts = ModelFacts(num_parameters=0, weight_bytes=metrics.weights_size_bytes(model_dir))
+    return choose_engine(facts, [type(step) for step in spec.steps], stream_above_bytes, bool(spec.export))
 
 
 def _execute_streaming(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext, hooks: StepHooks,
@@ -135,6 +140,30 @@ def _execute_streaming(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: Step
     archive = _zip_folder(folder, work_dir / "model.zip")
     return JobOutcome(archive, {**_summary(before, after, archive, ctx), "engine": "layer_by_layer",
                                 "note": STREAMING_NOTE})
+
+
+def _execute_offloaded(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext, hooks: StepHooks,
+                       provenance: dict[str, Any]) -> JobOutcome:
+    """Run the recipe's block-by-block steps with one block in memory at a time (`offloaded_state`), write the
+    artifact block by block, and measure it from the files as `_execute_streaming` does."""
+    folder, scratch = work_dir / "model", work_dir / "blocks"
+    shutil.rmtree(scratch, ignore_errors=True)
+    tokenizer = _tokenizer(model_dir)
+    with reading_input("the uploaded model"):
+        state = offloaded_state(model_dir, scratch, ctx.device, tokenizer)
+    before = {"size_bytes": metrics.weights_size_bytes(model_dir), "parameters": metrics.count_parameters(state.model),
+              "output_cosine": None, "latency_ms": None}
+    ctx.report(PIPELINE_SHARE[0], "read the model's embeddings and head; blocks are read one at a time")
+    reports = run_pipeline(state, spec.steps, _scaled(ctx, *PIPELINE_SHARE, work_dir), hooks)
+    ctx.report(PIPELINE_SHARE[1], "saving the artifact block by block")
+    save_offloaded(state, folder, _manifest(spec, reports, before, provenance), source_dir=model_dir)
+    del state
+    shutil.rmtree(scratch, ignore_errors=True)
+    ctx.report(0.9, "measuring the saved artifact block by block")
+    after = _measure_streamed(model_dir, folder, before)
+    archive = _zip_folder(folder, work_dir / "model.zip")
+    return JobOutcome(archive, {**_summary(before, after, archive, ctx), "engine": "offloaded",
+                                "note": OFFLOADED_NOTE})
 
 
 def _measure_streamed(model_dir: Path, folder: Path, before: dict[str, Any]) -> dict[str, Any]:

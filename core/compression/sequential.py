@@ -48,8 +48,9 @@ from core.compression.modelio import (
 )
 from core.compression.quant.fp8 import quantize_fp8
 from core.compression.quant.weights import selected_weights
+from core.compression.rewrites import replay
 from core.compression.spec import FAMILIES
-from core.compression.state import Encoding, StepContext, StepReport
+from core.compression.state import Encoding, Rewrite, StepContext, StepReport
 from core.errors import InvalidSpec, JobCancelled, UnsupportedModel
 
 # An output shard is held in memory until it is written, so its size adds to the peak; 256 MiB of int4 output is
@@ -73,7 +74,7 @@ TENSOR_ENCODERS: dict[type[StepConfig], TensorEncoder] = {
 
 
 @dataclass
-class _Tensor:
+class PlannedTensor:
     """One tensor of the model: every state_dict name that views it, the name it is stored (and encoded) under, the
     steps that encode it in recipe order, and its meta-device shape and dtype."""
 
@@ -101,7 +102,7 @@ class _Totals:
 
 
 @dataclass
-class _ShardWriter:
+class ShardWriter:
     """Collects output tensors and writes them as a safetensors shard each time `max_bytes` would be exceeded."""
 
     out_dir: Path
@@ -159,12 +160,12 @@ def compress_streaming(model_dir: Path, steps: list[StepConfig], out_dir: Path, 
     ctx = ctx or StepContext()
     check_named_files(model_dir)
     model = _meta_model(model_dir)
-    tensors = _plan(model, steps)
-    sources = _source_files(model_dir)
-    _check_coverage(tensors, sources)
+    tensors = plan_tensors(model, steps)
+    sources = source_files(model_dir)
+    check_coverage(tensors, sources)
     out_dir.mkdir(parents=True, exist_ok=True)
     totals = _Totals({}, [_StepTotals() for _ in steps])
-    _stream_blocks(tensors, sources, steps, _ShardWriter(out_dir, max_shard_bytes), totals, ctx)
+    _stream_blocks(tensors, sources, steps, ShardWriter(out_dir, max_shard_bytes), totals, ctx)
     save_configs(model, out_dir)
     reports = [_step_report(step, step_totals) for step, step_totals in zip(steps, totals.per_step, strict=True)]
     fields = manifest(reports) if callable(manifest) else manifest
@@ -195,7 +196,7 @@ def _meta_model(model_dir: Path) -> PreTrainedModel:
     return model
 
 
-def _plan(model: PreTrainedModel, steps: list[StepConfig]) -> list[_Tensor]:
+def plan_tensors(model: PreTrainedModel, steps: list[StepConfig]) -> list[PlannedTensor]:
     """Every tensor of the model's state_dict once, in state_dict order, with the steps that encode it; a tensor
     several names share is stored under the first name a step selected it by, else its first name (as
     `save_compressed` stores it)."""
@@ -210,11 +211,11 @@ def _plan(model: PreTrainedModel, steps: list[StepConfig]) -> list[_Tensor]:
         for shared in selected_weights(model, step):
             encoders.setdefault(id(shared.weight), []).append(index)
             encoded_as.setdefault(id(shared.weight), shared.name)
-    return [_Tensor(names, encoded_as.get(key, names[0]), encoders.get(key, []), tensors[key].shape,
+    return [PlannedTensor(names, encoded_as.get(key, names[0]), encoders.get(key, []), tensors[key].shape,
                     tensors[key].is_floating_point()) for key, names in groups.items()]
 
 
-def _source_files(model_dir: Path) -> dict[str, Path]:
+def source_files(model_dir: Path) -> dict[str, Path]:
     """Each stored tensor name of the folder's safetensors files (checked as `load_model` checks them), mapped to
     its file; only the headers are read."""
     sources: dict[str, Path] = {}
@@ -227,15 +228,15 @@ def _source_files(model_dir: Path) -> dict[str, Path]:
     return sources
 
 
-def _check_coverage(tensors: list[_Tensor], sources: Mapping[str, Path]) -> None:
+def check_coverage(tensors: list[PlannedTensor], sources: Mapping[str, Path]) -> None:
     missing = [t.names[0] for t in tensors if not any(name in sources for name in t.names)]
     if missing:
         raise UnsupportedModel(f"the layer-by-layer engine needs every tensor stored under its state_dict name; "
                                f"missing: {', '.join(missing[:5])}", {"missing": missing[:20]})
 
 
-def _stream_blocks(tensors: list[_Tensor], sources: Mapping[str, Path], steps: list[StepConfig],
-                   writer: _ShardWriter, totals: _Totals, ctx: StepContext) -> None:
+def _stream_blocks(tensors: list[PlannedTensor], sources: Mapping[str, Path], steps: list[StepConfig],
+                   writer: ShardWriter, totals: _Totals, ctx: StepContext) -> None:
     """Read, encode and write the model one block at a time; the writer's shards are named at the end."""
     blocks = [list(block) for _, block in groupby(tensors, key=lambda t: _block_of(t.names[0]))]
     for index, block in enumerate(blocks):
@@ -252,17 +253,18 @@ def _block_of(name: str) -> str:
     return match.group(1) if match else name
 
 
-def _read_block(block: list[_Tensor], sources: Mapping[str, Path]) -> Iterator[tuple[_Tensor, torch.Tensor]]:
+def _read_block(block: list[PlannedTensor],
+                sources: Mapping[str, Path]) -> Iterator[tuple[PlannedTensor, torch.Tensor]]:
     """Each tensor of the block in its stored dtype, as a view of its memory-mapped file: its pages are read as the
     encoder reaches them and let go once the tensor is dropped, so pages of the input never pile up in memory."""
     located = [(tensor, next(name for name in tensor.names if name in sources)) for tensor in block]
     for file, entries in groupby(located, key=lambda entry: sources[entry[1]]):
         with safe_open(file, framework="pt") as handle:
             for tensor, name in entries:
-                yield tensor, _checked(tensor, name, handle.get_tensor(name))
+                yield tensor, checked_tensor(tensor, name, handle.get_tensor(name))
 
 
-def _checked(tensor: _Tensor, name: str, value: torch.Tensor) -> torch.Tensor:
+def checked_tensor(tensor: PlannedTensor, name: str, value: torch.Tensor) -> torch.Tensor:
     """`value`, once its shape and kind are those the model config needs."""
     if value.shape != tensor.shape or value.is_floating_point() != tensor.is_float:
         raise UnsupportedModel(f"{name} is stored as {value.dtype} {list(value.shape)}; the model config needs "
@@ -270,7 +272,7 @@ def _checked(tensor: _Tensor, name: str, value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _output_tensors(tensor: _Tensor, weight: torch.Tensor, steps: list[StepConfig],
+def _output_tensors(tensor: PlannedTensor, weight: torch.Tensor, steps: list[StepConfig],
                     totals: _Totals) -> dict[str, torch.Tensor]:
     """What the artifact stores for one tensor: its last encoding's tensors, or the plain tensor. Each step
     encodes what the previous one decoded to, as the in-memory steps do on the decoded weights they leave."""
@@ -321,7 +323,7 @@ def _count(step_totals: _StepTotals, weight: torch.Tensor, encoding: Encoding) -
     step_totals.stored_bytes += encoding.nbytes()
 
 
-def _aliases(tensors: list[_Tensor]) -> dict[str, str]:
+def _aliases(tensors: list[PlannedTensor]) -> dict[str, str]:
     """{name: stored name} for every other name of a shared tensor (tied embeddings), as `save_compressed`."""
     return {name: t.stored for t in tensors for name in t.names if name != t.stored}
 
@@ -344,19 +346,26 @@ def block_output_cosines(model_dir: Path, artifact_dir: Path, tokens: int = 64, 
 
     Example: `min(block_output_cosines(Path("llama-7b"), Path("job/model")))`.
     """
-    model = _meta_model(model_dir)
-    original, compressed = _source_files(model_dir), _source_files(artifact_dir)
-    encodings = read_manifest(artifact_dir).encodings
+    model, rebuilt = _meta_model(model_dir), _meta_model(model_dir)
+    original, compressed = source_files(model_dir), source_files(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    with torch.device("meta"):  # the artifact's structure (factored layers, ...), still without memory
+        for record in manifest.rewrites:
+            replay(rebuilt, Rewrite(record.kind, record.module, record.meta))
     hidden = torch.randn(2, tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
     extra = _block_arguments(model, hidden)
     cosines = []
     for prefix in _numbered_blocks(model):
-        block = model.get_submodule(prefix)
-        names = [f"{prefix}.{name}" for name in block.state_dict()]
-        reference = _run_block(block, prefix, _stored_tensors(names, original), hidden, extra)
-        candidate = _run_block(block, prefix, _artifact_tensors(names, compressed, encodings), hidden, extra)
+        block, artifact_block = model.get_submodule(prefix), rebuilt.get_submodule(prefix)
+        reference = _run_block(block, prefix, _stored_tensors(_names(block, prefix), original), hidden, extra)
+        candidate = _run_block(artifact_block, prefix, _artifact_tensors(_names(artifact_block, prefix), compressed,
+                                                                         manifest.encodings), hidden, extra)
         cosines.append(metrics.output_cosine(reference - hidden, candidate - hidden))
     return cosines
+
+
+def _names(block: torch.nn.Module, prefix: str) -> list[str]:
+    return [f"{prefix}.{name}" for name in block.state_dict()]
 
 
 def _numbered_blocks(model: PreTrainedModel) -> list[str]:

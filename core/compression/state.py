@@ -3,7 +3,7 @@
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -36,15 +36,39 @@ class Rewrite:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+class BlockResidency(Protocol):
+    """Where a model's transformer blocks live when they are not all in memory (`core.compression.offload`): the
+    block runners call `load` before a block runs and `release` once the next block's inputs are computed."""
+
+    def load(self, name: str, block: nn.Module, state: "ModelState") -> None: ...
+
+    def release(self, name: str, block: nn.Module, state: "ModelState") -> None: ...
+
+
 @dataclass
 class ModelState:
     """The model being compressed, the packed encodings of its parameters (keyed by parameter name), the
-    structural rewrites applied so far (in order), and the tokenizer of the original folder when it has one."""
+    structural rewrites applied so far (in order), and the tokenizer of the original folder when it has one.
+    `blocks`: None when the whole model is in memory; else where its blocks' weights are between visits (only steps
+    whose traits say `runs_by_block` can run then)."""
 
     model: nn.Module
     encodings: dict[str, Encoding] = field(default_factory=dict)
     rewrites: list[Rewrite] = field(default_factory=list)
     tokenizer: Any = None
+    blocks: BlockResidency | None = None
+
+
+def load_block(state: ModelState, name: str, block: nn.Module) -> None:
+    """Bring block `name` into memory before it runs (a no-op when the whole model is in memory)."""
+    if state.blocks is not None:
+        state.blocks.load(name, block, state)
+
+
+def release_block(state: ModelState, name: str, block: nn.Module) -> None:
+    """Let block `name` go once the runner is done with it (a no-op when the whole model is in memory)."""
+    if state.blocks is not None:
+        state.blocks.release(name, block, state)
 
 
 @dataclass

@@ -28,7 +28,7 @@ def preflight(session: Session, model: Model, spec: dict[str, Any], queue: str, 
     """The job's estimate as stored in its row (time limits and the capacity check included); `InvalidSpec` (422)
     when live workers of `queue` exist and none can hold the job."""
     estimate = estimate_job(ModelFacts(model.num_parameters, model.size_bytes), _step_classes(spec),
-                            _device(queue), settings.stream_above_bytes)
+                            _device(queue), settings.stream_above_bytes, bool(spec.get("export")))
     workers = Workers(session).live(queue, utcnow() - timedelta(seconds=LIVE_SWEEPS * settings.sweep_interval_s))
     notes = list(estimate.notes)
     if not workers:

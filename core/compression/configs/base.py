@@ -32,10 +32,12 @@ class Traits:
     exports: each export format mapped to None (it can hold what the step produces) or to why it cannot.
     streams_per_tensor: the step encodes each weight from that weight alone, without data or the rest of the model
         (rtn, fp8), so `core.compression.sequential` can run it block by block on a model larger than memory.
+    runs_by_block: the step's handler visits the transformer blocks one at a time (calibrated gptq, wanda, sparsegpt,
+        asvd, svd_llm), so `core.compression.offload` can hold one block in memory while it runs.
 
     Example: `Traits(changes_weights=True, trains=False, packs_weights=True, quantizes_activations=False,
     before_packing=None, after_weight_changes=None, exports={"onnx": None, "compressed-tensors": None},
-    streams_per_tensor=False)`
+    streams_per_tensor=False, runs_by_block=False)`
     """
 
     changes_weights: bool
@@ -46,6 +48,7 @@ class Traits:
     after_weight_changes: str | None
     exports: Mapping[ExportFormat, str | None]
     streams_per_tensor: bool
+    runs_by_block: bool
 
     def __post_init__(self) -> None:
         if set(self.exports) != set(EXPORT_FORMATS):
@@ -58,6 +61,11 @@ class Traits:
     def streaming(self) -> "Traits":
         """These traits, for a config whose weights are encoded one tensor at a time with no data."""
         return dataclasses.replace(self, streams_per_tensor=True)
+
+    def by_block(self) -> "Traits":
+        """These traits, for a config whose handler visits the transformer blocks one at a time through the block
+        runners (`sparsity.blockwise.sequential_blocks`), touching only the weights of the block it is in."""
+        return dataclasses.replace(self, runs_by_block=True)
 
 
 class StepConfig(BaseModel):

@@ -15,7 +15,7 @@ DECOMPOSITION = Traits(
     after_weight_changes=None,
     exports={ONNX: None, COMPRESSED_TENSORS: "low-rank factored layers (two Linears per weight) are not modules of a "
              "transformers architecture"},
-    streams_per_tensor=False,
+    streams_per_tensor=False, runs_by_block=False,
 )
 
 
@@ -56,6 +56,8 @@ class DecomposeASVD(_Decompose, Reconstructing):
     Example: `{"type": "decompose", "method": "asvd", "params_kept": 0.8, "alpha": 0.5}`
     """
 
+    traits = DECOMPOSITION.by_block()
+
     method: Literal["asvd"] = "asvd"
     alpha: float = Field(default=0.5, gt=0, le=1)
 
@@ -67,6 +69,8 @@ class DecomposeSVDLLM(_Decompose, Reconstructing):
 
     Example: `{"type": "decompose", "method": "svd_llm", "params_kept": 0.8, "samples": 32, "tokens": 512}`
     """
+
+    traits = DECOMPOSITION.by_block()
 
     method: Literal["svd_llm"] = "svd_llm"
     dampening: float = Field(default=0.01, gt=0, lt=1, description="fraction of the mean diagonal added to X^T X")

@@ -19,7 +19,7 @@ class EncodeHuffman(StepConfig):
         "the end",
         exports={ONNX: None, COMPRESSED_TENSORS: "entropy-coded weights have no compressed-tensors format; drop the "
                  "encode step (the quantized codes are exported as they are)"},
-        streams_per_tensor=False,
+        streams_per_tensor=False, runs_by_block=False,
     )
 
     type: Literal["encode"] = "encode"

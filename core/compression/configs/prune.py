@@ -14,6 +14,7 @@ PRUNING = Traits(
     before_packing="pruning must run before weight quantization (a packed weight cannot be pruned without losing its "
     "encoding); prune first, then quantize (Deep Compression's order)",
     after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None}, streams_per_tensor=False,
+    runs_by_block=False,
 )
 
 
@@ -74,6 +75,8 @@ class PruneWanda(_Unstructured, Reconstructing):
     Example: `{"type": "prune", "method": "wanda", "sparsity": 0.5, "pattern": "2:4", "samples": 32}`
     """
 
+    traits = PRUNING.by_block()
+
     method: Literal["wanda"] = "wanda"
 
 
@@ -84,6 +87,8 @@ class PruneSparseGPT(_Unstructured, Reconstructing):
     Args: `block_size` columns solved together; `dampening` fraction of the mean Hessian diagonal added to it.
     Example: `{"type": "prune", "method": "sparsegpt", "sparsity": 0.5, "samples": 32, "tokens": 512}`
     """
+
+    traits = PRUNING.by_block()
 
     method: Literal["sparsegpt"] = "sparsegpt"
     block_size: int = Field(default=128, ge=1, le=4096)

@@ -10,14 +10,14 @@ from core.compression.configs.calibration import CalibrationData
 # Weight-only methods: weights become integer codes, a k-means codebook or fp8; activations stay float.
 WEIGHT_ONLY = Traits(changes_weights=True, trains=False, packs_weights=True, quantizes_activations=False,
                      before_packing=None, after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None},
-                     streams_per_tensor=False)
+                     streams_per_tensor=False, runs_by_block=False)
 # W8A8 methods: Linears become int8 inference modules (int8 x int8 GEMMs, which cannot train).
 INT8_ACTIVATIONS = Traits(
     changes_weights=True, trains=False, packs_weights=False, quantizes_activations=True, before_packing=None,
     after_weight_changes=None,
     exports={ONNX: None, COMPRESSED_TENSORS: "int8-activation (W8A8) modules are not exported to compressed-tensors; "
              'use a weight-only method (rtn, gptq, mixed, fp8) or export "onnx"'},
-    streams_per_tensor=False,
+    streams_per_tensor=False, runs_by_block=False,
 )
 
 GroupSize = Field(default=None, ge=8, le=8192, description="columns sharing one scale when per_group")
@@ -94,6 +94,8 @@ class QuantizeGPTQ(_IntGridFields):
     Example: `{"type": "quantize", "method": "gptq", "bits": 4, "granularity": "per_group", "group_size": 128,
     "calibration": {"num_samples": 32, "seq_len": 512}}`
     """
+
+    traits = WEIGHT_ONLY.by_block()
 
     type: Literal["quantize"] = "quantize"
     method: Literal["gptq"] = "gptq"

@@ -44,7 +44,7 @@ class TrainingStep(StepConfig):
 
     traits = Traits(changes_weights=True, trains=True, packs_weights=False, quantizes_activations=False,
                     before_packing=None, after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None},
-                    streams_per_tensor=False)
+                    streams_per_tensor=False, runs_by_block=False)
 
     dataset_id: ResourceId | None = None
     teacher: ResourceId = Field("original", description='"original" (the uploaded model) or a model id of yours')

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from core.compression.configs.calibration import Calibrated
-from core.compression.state import ModelState, StepContext
+from core.compression.state import ModelState, StepContext, load_block, release_block
 from core.errors import JobCancelled
 
 Batch = dict[str, torch.Tensor]
@@ -181,9 +181,11 @@ class BlockRun:
     targets: list[torch.Tensor] | None = None
 
 
-def sequential_blocks(model: nn.Module, batches: list[Batch], with_targets: bool = False) -> Iterator[BlockRun]:
-    """Yield each block with its calibration inputs; the inputs of block i+1 are computed after the caller has
-    compressed block i. Without repeated blocks the whole model is one block named "" (and has no targets)."""
+def sequential_blocks(state: ModelState, batches: list[Batch], with_targets: bool = False) -> Iterator[BlockRun]:
+    """Yield each block of `state.model` with its calibration inputs; the inputs of block i+1 are computed after the
+    caller has compressed block i, and only then is block i released (`release_block`: a no-op in memory). Without
+    repeated blocks the whole model is one block named "" (and has no targets)."""
+    model = state.model
     found = transformer_blocks(model)
     if found is None:
         yield BlockRun("", model, [BlockInput((), dict(batch)) for batch in batches])
@@ -192,11 +194,14 @@ def sequential_blocks(model: nn.Module, batches: list[Batch], with_targets: bool
     inputs = first_block_inputs(model, blocks[0], batches)
     dense = inputs
     for index, block in enumerate(blocks):
+        name = f"{prefix}.{index}"
+        load_block(state, name, block)
         targets = _outputs(block, dense) if with_targets else None
-        yield BlockRun(f"{prefix}.{index}", block, inputs, targets)
+        yield BlockRun(name, block, inputs, targets)
         inputs = propagate(block, inputs)
         if targets is not None:
             dense = [with_hidden(item, target) for item, target in zip(dense, targets, strict=True)]
+        release_block(state, name, block)
 
 
 @torch.no_grad()
@@ -209,12 +214,12 @@ def inside(name: str, block_name: str) -> bool:
 
 
 def block_statistics(
-    model: nn.Module, layers: dict[str, nn.Module], batches: list[Batch], want: set[str], ctx: StepContext, verb: str,
+    state: ModelState, layers: dict[str, nn.Module], batches: list[Batch], want: set[str], ctx: StepContext, verb: str,
     with_targets: bool = False,
 ) -> Iterator[tuple[BlockRun, dict[str, nn.Module], dict[str, InputStats]]]:
     """Block by block: the block, the `layers` inside it and their input statistics while it ran on its calibration
     inputs. The caller compresses those layers before the next block's inputs are computed from this block."""
-    for run in sequential_blocks(model, batches, with_targets):
+    for run in sequential_blocks(state, batches, with_targets):
         if ctx.should_stop():
             raise JobCancelled(f"cancelled while {verb}, before {run.name or 'the model'}")
         mine = {name: layer for name, layer in layers.items() if inside(name, run.name)}

@@ -88,7 +88,7 @@ def _calibrated(state: ModelState, config: DecomposeASVD | DecomposeSVDLLM, ctx:
     before, tally = _parameter_count(state), _Tally()
     data = calibration_batches(state, config, ctx)
     rebuilt: list[ReconstructionResult] = []
-    blocks = block_statistics(state.model, layers, data.batches, want, ctx, "decomposing",
+    blocks = block_statistics(state, layers, data.batches, want, ctx, "decomposing",
                               with_targets=config.reconstruct is not None)
     for run, mine, stats in blocks:
         for name, layer in mine.items():

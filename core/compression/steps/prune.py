@@ -38,6 +38,7 @@ def prune_magnitude_step(state: ModelState, config: PruneMagnitude, ctx: StepCon
     nm, threshold = config.nm(), None
     if nm is None and config.scope == "global":
         threshold = unstructured.global_threshold(list(magnitudes.values()), config.sparsity)
+    zeros: dict[str, int] = {}
     for index, (name, weight) in enumerate(weights.items()):
         if nm is not None:
             mask = unstructured.nm_mask(magnitudes[name], nm)
@@ -45,9 +46,9 @@ def prune_magnitude_step(state: ModelState, config: PruneMagnitude, ctx: StepCon
             mask = magnitudes[name] > threshold
         else:
             mask = unstructured.smallest_mask(magnitudes[name], config.sparsity)
-        _store_pruned(state, name, weight, mask)
+        zeros[name] = _store_pruned(state, name, weight, mask)
         ctx.report((index + 1) / len(weights), f"pruned {name}")
-    return sparsity_report(state, weights, config.pattern, [])
+    return sparsity_report(state, weights, zeros, config.pattern, [])
 
 
 @register_step(PruneWanda)
@@ -105,9 +106,12 @@ def _weights(state: ModelState, config: PruneMagnitude | PruneWanda | PruneSpars
 
 
 @torch.no_grad()
-def _store_pruned(state: ModelState, name: str, weight: nn.Parameter, mask: torch.Tensor) -> None:
+def _store_pruned(state: ModelState, name: str, weight: nn.Parameter, mask: torch.Tensor) -> int:
+    """Prune `weight` in place, record its encoding, and return its zeros (counted now: with the blocks offloaded
+    the weight is no longer in memory when the report is made)."""
     weight.mul_(mask)
     state.encodings[name] = sparse_encoding(mask, dense_float(weight))
+    return int((weight == 0).sum())
 
 
 def _calibrated(state: ModelState, config: PruneWanda | PruneSparseGPT, ctx: StepContext, prune: LayerPruner,
@@ -116,8 +120,9 @@ def _calibrated(state: ModelState, config: PruneWanda | PruneSparseGPT, ctx: Ste
     layers = {name.removesuffix(".weight"): state.model.get_submodule(name.removesuffix(".weight")) for name in weights}
     data = calibration_batches(state, config, ctx)
     done: set[str] = set()
+    zeros: dict[str, int] = {}
     rebuilt: list[ReconstructionResult] = []
-    blocks = block_statistics(state.model, layers, data.batches, want, ctx, "pruning",
+    blocks = block_statistics(state, layers, data.batches, want, ctx, "pruning",
                               with_targets=config.reconstruct is not None)
     for run, mine, stats in blocks:
         masks = {name: prune(layer, stats[name]) for name, layer in mine.items()}
@@ -126,13 +131,13 @@ def _calibrated(state: ModelState, config: PruneWanda | PruneSparseGPT, ctx: Ste
             rebuilt.append(reconstruct_block(run, {mine[name].weight: mask for name, mask in masks.items()},
                                              config.reconstruct, config.calibration.seed))
         for name, layer in mine.items():
-            _store_pruned(state, f"{name}.weight", layer.weight, masks[name])
+            zeros[f"{name}.weight"] = _store_pruned(state, f"{name}.weight", layer.weight, masks[name])
         done |= set(mine)
         ctx.report(len(done) / len(layers), f"pruned {run.name or 'the model'}")
     skipped = sorted(set(layers) - done)
     notes = data.notes + ([f"left dense (outside the repeated blocks): {', '.join(skipped)}"] if skipped else [])
     pruned = {name: weight for name, weight in weights.items() if name.removesuffix(".weight") in done}
-    report = sparsity_report(state, pruned, config.pattern, notes)
+    report = sparsity_report(state, pruned, zeros, config.pattern, notes)
     if rebuilt:
         report.metrics.update(reconstruction_metrics(rebuilt))
     return report
@@ -144,18 +149,22 @@ def _apply_masks(layers: dict[str, nn.Linear], masks: dict[str, torch.Tensor]) -
         layer.weight.mul_(masks[name])
 
 
-def sparsity_report(state: ModelState, weights: dict[str, nn.Parameter], pattern: str, notes: list[str]) -> StepReport:
-    """Measured sparsity and storage of the pruned weights, and what the sparsity does not buy."""
+def sparsity_report(state: ModelState, weights: dict[str, nn.Parameter], zeros: dict[str, int], pattern: str,
+                    notes: list[str]) -> StepReport:
+    """Measured sparsity and storage of the pruned weights (`zeros`: each one's zero count after pruning), and what
+    the sparsity does not buy. Parameters of offloaded blocks that were not pruned count as dense."""
     total = sum(weight.numel() for weight in weights.values())
-    zeros = sum(int((weight == 0).sum()) for weight in weights.values())
+    pruned_zeros = sum(zeros[name] for name in weights)
     stored = sum(state.encodings[name].nbytes() for name in weights)
     dense = sum(weight.numel() * weight.element_size() for weight in weights.values())
     all_params = sum(p.numel() for p in state.model.parameters())
+    pruned = {id(weight) for weight in weights.values()}
+    other_zeros = sum(int((p == 0).sum()) for p in state.model.parameters() if id(p) not in pruned and not p.is_meta)
     metrics: dict[str, float | int | str] = {
         "tensors_pruned": len(weights),
         "params_in_pruned_tensors": total,
-        "sparsity": zeros / total,
-        "model_sparsity": sum(int((p == 0).sum()) for p in state.model.parameters()) / all_params,
+        "sparsity": pruned_zeros / total,
+        "model_sparsity": (pruned_zeros + other_zeros) / all_params,
         **size_metrics(dense, stored),
         "pattern": pattern,
     }

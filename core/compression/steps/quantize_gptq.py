@@ -16,7 +16,7 @@ from core.compression.quant.weights import quantize_metrics, selected_weights, s
 from core.compression.registry import register_step
 from core.compression.select import SharedWeight
 from core.compression.sparsity.masks import keep_sparse
-from core.compression.state import ModelState, StepContext, StepReport
+from core.compression.state import ModelState, StepContext, StepReport, load_block, release_block
 from core.errors import JobCancelled
 
 BATCH_SIZE = 8  # calibration rows per forward: bounds activation memory, not the result
@@ -73,9 +73,11 @@ def _gptq_blocks(
     for index, block in enumerate(blocks):
         if ctx.should_stop():
             raise JobCancelled(f"cancelled while quantizing, before block {index}")
+        load_block(state, f"{prefix}.{index}", block)
         linears = _block_linears(block, f"{prefix}.{index}", by_weight)
         done |= _quantize_block(state, config, grid, linears, block, calls, stats)
         calls = _next_calls(block, calls)
+        release_block(state, f"{prefix}.{index}", block)
         ctx.report((index + 1) / len(blocks), f"quantized block {index + 1} of {len(blocks)}")
     return done
 

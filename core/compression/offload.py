@@ -1,0 +1,262 @@
+"""Blocks offloaded to disk: the calibrated steps (gptq, wanda, sparsegpt, asvd, svd_llm) on a model larger than
+memory, run by the same handlers as in memory.
+
+The model is built with its parameters on the meta device and its buffers real (rotary tables are computed, not
+stored). Everything outside the repeated blocks (embeddings, final norm, lm_head) is read from the shards in
+float32, as `load_model` would. A block's weights are read only when a block runner reaches it (`load`), in the
+stored dtype, upcast to float32 for the block's compute, and let go once the runner has computed the next block's
+inputs (`release`): the block's current weights go to a scratch folder (encoded ones as their packed tensors), its
+parameters back to the meta device. Parameter objects are swapped in place (`torch.utils.swap_tensors`), never
+replaced, so selections made on the meta model stay valid. A later step (or the final write) reads a released block
+back from the scratch folder, so recipes of several block-by-block steps work too.
+
+Peak memory is the part outside the blocks, one block in float32, the calibration activations and the step's own
+statistics (GPTQ's Hessians), not the model.
+"""
+
+import json
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils import swap_tensors
+from transformers import PreTrainedModel
+
+from core.compression.artifact import (
+    copy_tokenizer_files,
+    encoded_tensors,
+    encoding_record,
+    packed_tensors,
+    save_configs,
+    write_manifest,
+)
+from core.compression.encoding import decode
+from core.compression.modelio import (
+    check_named_files,
+    model_class_for,
+    read_generation_config,
+    read_model_config,
+)
+from core.compression.sequential import (
+    DEFAULT_SHARD_BYTES,
+    PlannedTensor,
+    ShardWriter,
+    check_coverage,
+    checked_tensor,
+    plan_tensors,
+    source_files,
+)
+from core.compression.sparsity.blockwise import transformer_blocks
+from core.compression.state import Encoding, ModelState
+from core.errors import UnsupportedModel
+
+
+@dataclass
+class DiskBlocks:
+    """The `BlockResidency` of a model whose blocks are read from the input shards, or from `scratch` once a step
+    has released them; only blocks under `prefix` (`model.layers`) move."""
+
+    prefix: str
+    sources: Mapping[str, Path]
+    stored_as: Mapping[str, str]  # each state_dict name -> the name its tensor is stored under in `sources`
+    scratch: Path
+    device: torch.device
+    released: set[str] = field(default_factory=set)
+
+    def load(self, name: str, block: nn.Module, state: ModelState) -> None:
+        """Put block `name`'s current weights (and, after a step, its encodings) on the device."""
+        values = self._released(name, state) if name in self.released else self._original(name, block)
+        for key, value in values.items():
+            _assign(block, key.removeprefix(name + "."), value.to(self.device))
+
+    def release(self, name: str, block: nn.Module, state: ModelState) -> None:
+        """Write block `name`'s weights and encodings to the scratch folder and return its parameters to meta."""
+        encodings = {key: state.encodings.pop(key) for key in list(state.encodings) if key.startswith(name + ".")}
+        tensors: dict[str, torch.Tensor] = {}
+        for key, param in block.named_parameters(prefix=name):
+            if key in encodings:
+                tensors.update(encoded_tensors(key, encodings[key]))
+            else:
+                tensors[key] = param.detach().cpu().contiguous()
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, self.scratch / f"{name}.safetensors")
+        records = {key: encoding_record(encoding) for key, encoding in encodings.items()}
+        (self.scratch / f"{name}.json").write_text(json.dumps(records), encoding="utf-8")
+        # What stays behind is each encoding's shape on the meta device: the steps' reports count its bytes, and
+        # later steps see that the weight is encoded, without holding its tensors.
+        state.encodings.update({key: _on_meta(encoding) for key, encoding in encodings.items()})
+        self.released.add(name)
+        self.unload(block)
+
+    def unload(self, block: nn.Module) -> None:
+        """Return the block's parameters to the meta device, keeping the Parameter objects."""
+        for param in block.parameters():
+            swap_tensors(param, nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad))
+
+    def blocks(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        blocks = model.get_submodule(self.prefix)
+        assert isinstance(blocks, nn.ModuleList)
+        for index, block in enumerate(blocks):
+            yield f"{self.prefix}.{index}", block
+
+    def in_blocks(self, name: str) -> bool:
+        return name.startswith(self.prefix + ".")
+
+    def _original(self, name: str, block: nn.Module) -> dict[str, torch.Tensor]:
+        """The block's parameters and stored buffers as the input shards hold them, upcast to float32."""
+        wanted = [f"{name}.{key}" for key in block.state_dict(keep_vars=True)]
+        return {key: value.float() if value.is_floating_point() else value
+                for key, value in self._stored(wanted, block, name).items()}
+
+    def _stored(self, names: list[str], block: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+        shapes = block.state_dict(keep_vars=True)
+        values = {}
+        for key in names:
+            stored = self.stored_as[key]
+            expected = shapes[key.removeprefix(prefix + ".")]
+            planned = PlannedTensor([key], stored, [], expected.shape, expected.is_floating_point())
+            with safe_open(self.sources[stored], framework="pt") as handle:
+                values[key] = checked_tensor(planned, stored, handle.get_tensor(stored))
+        return values
+
+    def _released(self, name: str, state: ModelState) -> dict[str, torch.Tensor]:
+        """The block as a step released it: plain tensors, and encoded ones decoded (their encodings restored)."""
+        records = json.loads((self.scratch / f"{name}.json").read_text(encoding="utf-8"))
+        with safe_open(self.scratch / f"{name}.safetensors", framework="pt") as handle:
+            stored = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        values = {}
+        for key, record in records.items():
+            tensors = {part: stored.pop(f"{key}.{part}") for part in record["tensors"]}
+            state.encodings[key] = Encoding(record["format"], {part: t.to(self.device) for part, t in tensors.items()},
+                                            record["meta"])
+            values[key] = decode(state.encodings[key])
+        return {**stored, **values}
+
+
+def _on_meta(encoding: Encoding) -> Encoding:
+    return Encoding(encoding.format, {key: t.to("meta") for key, t in encoding.tensors.items()}, encoding.meta)
+
+
+def offloaded_state(model_dir: Path, scratch: Path, device: torch.device | str = "cpu",
+                    tokenizer: Any = None) -> ModelState:
+    """The model of folder `model_dir` with everything outside its repeated blocks in memory (float32, on
+    `device`) and its blocks on the meta device, to be loaded one at a time by the block runners; released blocks
+    go to `scratch`. UnsupportedModel when the model has no repeated blocks or its files do not cover it.
+
+    Example: `state = offloaded_state(Path("llama-7b"), Path("work/blocks"), "cuda")`, then `run_pipeline(state,
+    [QuantizeGPTQ()], ctx)` and `save_offloaded(state, Path("out"), {})`.
+    """
+    check_named_files(model_dir)
+    model = _skeleton(model_dir)
+    found = transformer_blocks(model)
+    if found is None:
+        raise UnsupportedModel("the layer-by-layer engine needs a model made of repeated blocks (decoder layers)")
+    tensors = plan_tensors(model, [])
+    sources = source_files(model_dir)
+    check_coverage(tensors, sources)
+    stored_as = {name: next(alias for alias in t.names if alias in sources) for t in tensors for name in t.names}
+    blocks = DiskBlocks(found[0], sources, stored_as, scratch, torch.device(device))
+    _load_outside_blocks(model, tensors, blocks)
+    return ModelState(model.eval(), tokenizer=tokenizer, blocks=blocks)
+
+
+def save_offloaded(state: ModelState, out_dir: Path, manifest: Mapping[str, Any], source_dir: Path | None = None,
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write an offloaded `state` as the artifact `save_compressed` would write for it (sharded when over
+    `max_shard_bytes`), one block in memory at a time."""
+    blocks = state.blocks
+    if not isinstance(blocks, DiskBlocks) or not isinstance(state.model, PreTrainedModel):
+        raise TypeError("save_offloaded needs the state offloaded_state made")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_configs(state.model, out_dir)
+    writer = ShardWriter(out_dir, max_shard_bytes)
+    records: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    outside = {name: t for name, t in state.model.state_dict().items() if not blocks.in_blocks(name)}
+    _write_part(writer, outside, state.encodings, records, aliases)
+    for name, block in blocks.blocks(state.model):
+        blocks.load(name, block, state)
+        part = {f"{name}.{key}": value for key, value in block.state_dict().items()}
+        encodings = {key: state.encodings.pop(key) for key in part if key in state.encodings}
+        _write_part(writer, part, encodings, records, aliases)
+        blocks.unload(block)
+    writer.finish()
+    write_manifest(out_dir, manifest, records, aliases, state.rewrites)
+    if source_dir is not None:
+        copy_tokenizer_files(source_dir, out_dir)
+    return out_dir
+
+
+def _write_part(writer: ShardWriter, part: dict[str, torch.Tensor], encodings: Mapping[str, Encoding],
+                records: dict[str, Any], aliases: dict[str, str]) -> None:
+    tensors, part_aliases = packed_tensors(part, {k: e for k, e in encodings.items() if k in part})
+    writer.add({name: tensor.cpu() for name, tensor in tensors.items()})
+    records.update({name: encoding_record(encoding) for name, encoding in encodings.items() if name in part})
+    aliases.update(part_aliases)
+
+
+def _skeleton(model_dir: Path) -> PreTrainedModel:
+    """The folder's model with parameters on the meta device and real buffers, configured as `load_model`
+    configures the in-memory one (float32, the folder's generation config)."""
+    config = read_model_config(model_dir)
+    cls = model_class_for(config)
+    try:
+        with _parameters_on_meta():
+            model = cls(config)
+    except Exception as exc:  # a config transformers accepts can still describe an impossible model
+        raise UnsupportedModel(f"config.json: cannot build {cls.__name__} from it: {exc}") from exc
+    model.config.dtype = torch.float32
+    generation_config = read_generation_config(model_dir)
+    if generation_config is not None and model.can_generate():
+        model.generation_config = generation_config
+    return model
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device as they are registered (before any
+    initialisation touches them), while buffers stay real: the meta device for everything (`torch.device("meta")`)
+    would leave the rotary tables, which are computed in __init__ and never stored, without values.
+    accelerate's `init_empty_weights(include_buffers=False)` does the same; it is not a dependency of ours."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:  # a meta one is kept as it is: tying shares it by identity
+            module._parameters[name] = nn.Parameter(param.to("meta"), param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _load_outside_blocks(model: PreTrainedModel, tensors: list[PlannedTensor], blocks: DiskBlocks) -> None:
+    """Read every tensor outside the blocks into the model, float ones in float32 (a tied one once)."""
+    for tensor in tensors:
+        if blocks.in_blocks(tensor.names[0]):
+            continue
+        stored = blocks.stored_as[tensor.names[0]]
+        with safe_open(blocks.sources[stored], framework="pt") as handle:
+            value = checked_tensor(tensor, stored, handle.get_tensor(stored))
+        _assign(model, tensor.names[0], (value.float() if tensor.is_float else value).to(blocks.device))
+
+
+@torch.no_grad()
+def _assign(root: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Give parameter (or buffer) `name` of `root` the value `value`, keeping the Parameter object."""
+    owner, _, attr = name.rpartition(".")
+    module = root.get_submodule(owner)
+    if attr in module._parameters:
+        param = module._parameters[attr]
+        assert param is not None
+        swap_tensors(param, nn.Parameter(value, param.requires_grad))
+    else:
+        module._buffers[attr] = value
