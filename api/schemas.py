@@ -91,7 +91,7 @@ class EstimateOut(BaseModel):
     peak_host_bytes: int = Field(description="peak host RAM of the job's process")
     peak_gpu_bytes: int = Field(description="peak GPU memory; 0 on the cpu queue")
     seconds: float = Field(description="expected run time (a guess on the safe side)")
-    engine: Literal["in_memory", "streaming"]
+    engine: Literal["in_memory", "streaming", "offloaded"]
     notes: list[str]
     soft_time_limit_s: int
     hard_time_limit_s: int

@@ -2,13 +2,19 @@
 
 Reliability settings follow the job model: a message is acknowledged only after the job ended (acks_late), a
 worker killed mid-job gives the message back (reject_on_worker_lost; the database caps re-runs), one job at a time
-per process (prefetch 1), JSON only (never pickle), and the broker's visibility timeout sits above the hard time
-limit so a long job is not redelivered while it is still running.
+per process (prefetch 1), JSON only (never pickle), and the broker's visibility timeout sits above the longest hard
+time limit a job can get so a long job is not redelivered while it is still running.
+
+Every send of a job (submission, the reconciler, the sweeper's requeue) takes its options from `send_options`, so a
+job whose estimate raised its time limits keeps them when it is sent again.
 """
+
+from typing import Any
 
 from celery import Celery
 from kombu import Queue
 
+from core.service.db.models import Job
 from core.service.settings import Settings, get_settings
 
 RUN_JOB_TASK = "worker.tasks.run_job"
@@ -44,9 +50,38 @@ PUBLISH_FAILOVER = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
 
 def _transport_options(settings: Settings) -> dict[str, float]:
     if settings.broker_url.startswith(("redis://", "rediss://")):
-        return {"visibility_timeout": int(settings.job_hard_time_limit_s * 1.1), **PUBLISH_FAILOVER}
+        return {"visibility_timeout": visibility_timeout(settings), **PUBLISH_FAILOVER}
     # kombu's SQLAlchemy transport hands its options to create_engine, which rejects queue options.
     return {}
+
+
+def visibility_timeout(settings: Settings) -> int:
+    """1.1 x the longest hard limit a job can get, so Redis never hands a running job's message to another worker.
+
+    Long is safe: a worker that dies mid-job does not leave its job waiting for Redis. Its heartbeat stops renewing
+    the job's lease (MCS_JOB_LEASE_S), and the sweeper of any live worker requeues the job once the lease has expired
+    (`worker.faults.sweep`, `JobRuns.sweep_expired`); the reconciler re-sends jobs still queued when a worker starts.
+    The message Redis gives back much later finds the job taken or ended and does nothing (`JobRuns.claim`)."""
+    return int(1.1 * max(settings.job_hard_time_limit_s, settings.job_max_hard_time_limit_s))
+
+
+def job_time_limits(estimate: dict[str, Any] | None, settings: Settings) -> tuple[int, int]:
+    """(soft, hard) limits of the job with this estimate: those its estimate raised (`core.service.capacity`), else
+    the operator's MCS_JOB_SOFT_TIME_LIMIT_S and MCS_JOB_HARD_TIME_LIMIT_S."""
+    estimate = estimate or {}
+    if estimate.get("hard_time_limit_s", 0) <= settings.job_hard_time_limit_s:
+        return settings.job_soft_time_limit_s, settings.job_hard_time_limit_s
+    return estimate["soft_time_limit_s"], estimate["hard_time_limit_s"]
+
+
+def send_options(job: Job, settings: Settings) -> dict[str, Any]:
+    """`send_task`'s keyword arguments for `job`: its queue and, only when its estimate raised them, its own time
+    limits; the other jobs keep the worker's settings. (Celery's retry re-sends the limits of the message it
+    retries.)"""
+    soft, hard = job_time_limits(job.estimate, settings)
+    if hard == settings.job_hard_time_limit_s:
+        return {"queue": job.queue}
+    return {"queue": job.queue, "soft_time_limit": soft, "time_limit": hard}
 
 
 app = create_celery()

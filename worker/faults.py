@@ -11,7 +11,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from celery import Celery
@@ -34,6 +34,7 @@ from core.service.scratch import remove_stale_scratch
 from core.service.settings import Settings
 from core.service.uploads import DISK_FULL
 from worker.capacity import report_capacity
+from worker.celery_app import job_time_limits, send_options
 
 log = logging.getLogger(__name__)
 INFRASTRUCTURE_FAULTS = (Unavailable, OperationalError, OSError)
@@ -50,11 +51,12 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
-def failure_for(exc: BaseException, settings: Settings) -> Failure | None:
-    """The job's terminal error for `exc`, or None when it is an infrastructure fault worth retrying."""
+def failure_for(exc: BaseException, settings: Settings, estimate: dict[str, Any] | None) -> Failure | None:
+    """The job's terminal error for `exc`, or None when it is an infrastructure fault worth retrying; the job's
+    `estimate` names the time limit it ran past."""
     chain = list(causes(exc))
     if any(isinstance(e, SoftTimeLimitExceeded) for e in chain):
-        return timeout_error(settings.job_soft_time_limit_s, "soft"), JobStatus.failed
+        return timeout_error("soft", estimate, settings), JobStatus.failed
     if disk := next((e for e in chain if _disk_full(e)), None):
         return StorageFailed(f"storage is full or over quota: {disk}").as_dict(), JobStatus.failed
     if any(_out_of_memory(e) for e in chain):
@@ -76,9 +78,17 @@ def retries_exhausted(exc: BaseException) -> dict[str, Any]:
     return Unavailable(f"the database or broker stayed unreachable: {exc}").as_dict()
 
 
-def timeout_error(limit_s: int, kind: str) -> dict[str, Any]:
-    return JobTimeout(f"the job ran past its {kind} time limit of {limit_s} s "
-                      "(MCS_JOB_SOFT_TIME_LIMIT_S / MCS_JOB_HARD_TIME_LIMIT_S)").as_dict()
+def timeout_error(kind: Literal["soft", "hard"], estimate: dict[str, Any] | None,
+                  settings: Settings) -> dict[str, Any]:
+    """The error naming the limit the job ran under (its own when its estimate raised it) and where it came from."""
+    soft, hard = job_time_limits(estimate, settings)
+    source = "MCS_JOB_SOFT_TIME_LIMIT_S / MCS_JOB_HARD_TIME_LIMIT_S"
+    if hard > settings.job_hard_time_limit_s:
+        source = "raised by the estimate, up to MCS_JOB_MAX_HARD_TIME_LIMIT_S"
+    if estimate and "seconds" in estimate:
+        source = f"estimated {estimate['seconds']:.0f} s; {source}"
+    limit = soft if kind == "soft" else hard
+    return JobTimeout(f"the job ran past its {kind} time limit of {limit} s ({source})").as_dict()
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -150,10 +160,10 @@ def sweep(celery: Celery, task_name: str, settings: Settings) -> tuple[int, int]
     scratch. Returns (requeued, removed)."""
     with session_scope() as session:
         runs = JobRuns(session)
-        requeued = [(job.id, job.queue) for job in runs.sweep_expired(settings.job_max_attempts)]
+        requeued = [(job.id, send_options(job, settings)) for job in runs.sweep_expired(settings.job_max_attempts)]
         runs.end_exhausted_queued(settings.job_max_attempts)
         running = runs.running_ids()
-    for job_id, queue in requeued:  # after the commit, like the API: the delivery must find the row queued
-        celery.send_task(task_name, args=[job_id], queue=queue)
+    for job_id, options in requeued:  # after the commit, like the API: the delivery must find the row queued
+        celery.send_task(task_name, args=[job_id], **options)
         log.warning("job %s lost its worker; requeued", job_id)
     return len(requeued), remove_stale_scratch(settings, running)

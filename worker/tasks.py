@@ -28,7 +28,7 @@ from core.service.db.repositories import Datasets, JobRuns, Models
 from core.service.db.session import engine, session_scope
 from core.service.settings import Settings, get_settings
 from core.service.storage import ArtifactStore, get_store
-from worker.celery_app import RUN_JOB_TASK, app
+from worker.celery_app import RUN_JOB_TASK, app, send_options
 from worker.faults import INFRASTRUCTURE_FAULTS, Heartbeat, Sweeper, failure_for, retries_exhausted, timeout_error
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def _run_claimed(job: Job, settings: Settings) -> None:
         with Heartbeat(job.id, settings.job_lease_s):
             _execute(job, get_store(), work_dir)
     except Exception as exc:  # every failure is named; only infrastructure faults are retried
-        failure = failure_for(exc, settings)
+        failure = failure_for(exc, settings, job.estimate)
         if failure is None:
             raise  # retried: work_dir keeps the steps' checkpoints for the next attempt
         if failure[0]["code"] == "internal_error":
@@ -224,13 +224,17 @@ def end_on_hard_time_limit(sender: Any = None, exception: BaseException | None =
         return
     settings = get_settings()
     shutil.rmtree(settings.work_dir / f"job-{args[0]}", ignore_errors=True)
-    _end(args[0], timeout_error(settings.job_hard_time_limit_s, "hard"))
+    with session_scope() as session:
+        runs = JobRuns(session)
+        job = runs.get(args[0])
+        runs.fail(args[0], timeout_error("hard", job.estimate if job else None, settings))
 
 
 def reconcile_queued(older_than_s: int) -> int:
+    settings = get_settings()
     with session_scope() as session:
         stale = JobRuns(session).stale_queued(utcnow() - timedelta(seconds=older_than_s))
-        targets = [(job.id, job.queue) for job in stale if not job.cancel_requested]
-    for job_id, queue in targets:
-        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+        targets = [(job.id, send_options(job, settings)) for job in stale if not job.cancel_requested]
+    for job_id, options in targets:
+        app.send_task(RUN_JOB_TASK, args=[job_id], **options)
     return len(targets)

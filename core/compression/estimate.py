@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from torch import nn
+
 from core.compression.configs.base import StepConfig
 
 Engine = Literal["in_memory", "streaming", "offloaded"]
@@ -29,6 +31,18 @@ TRAINING_EXTRA_BYTES_PER_PARAM = 3 * FP32_BYTES
 CALIBRATION_EXTRA_BYTES_PER_PARAM = 1.0
 # The streaming engine holds one tensor, one output shard and the imports whatever the model's size (1.0-1.2 GB).
 STREAM_SHARD_BYTES = 256 * 1024**2
+# The block-offloading engine (measured on the TinyLlama-1.1B shape, gptq and sparsegpt, CPU): the steps' statistics
+# per element of the block's Hessians (sum of in_features² over its Linears): gptq keeps float32 ones, sparsegpt and
+# svd_llm float64 Gram matrices; the solver's float64 work on the largest of them (~0.6 of the sum for a Llama
+# block: down_proj's) is the other transient.
+STATISTICS_BYTES_PER_HESSIAN_ELEMENT = {"quantize:gptq": 4, "prune:sparsegpt": 8, "decompose:svd_llm": 8}
+SOLVER_BYTES_PER_HESSIAN_ELEMENT = {"quantize:gptq": 10, "prune:sparsegpt": 10, "decompose:svd_llm": 10,
+                                    "decompose:asvd": 4}
+DEFAULT_CALIBRATION_TOKENS = 32 * 512  # the calibration block's defaults; the estimate does not see the recipe's
+ACTIVATION_COPIES = 2  # a block's inputs and its outputs, carried to the next block
+BLOCK_COPIES = 1.3  # the float32 block plus the stored tensor being upcast
+FORWARD_TOKENS = 8 * 512  # gptq's mini-batch of 8 windows
+FORWARD_BYTES_PER_TOKEN_FEATURE = 72  # attention and MLP intermediates of one forward (measured 0.6 GB at 4096 x 2048)
 CUDA_CONTEXT_BYTES = int(0.5 * GB)
 # Seconds per parameter and step, on a CPU worker; a GPU runs the same step about 10x faster (guesses on the safe side).
 # The pool process has torch imported already; loading and saving the weights are in the per-parameter cost.
@@ -38,13 +52,43 @@ GPU_SPEEDUP = 10.0
 
 
 @dataclass(frozen=True)
+class BlockShape:
+    """What the block-offloading engine's memory follows, read from the meta model at upload (`block_shape`)."""
+
+    count: int  # repeated blocks (decoder layers)
+    params: int  # parameters of the largest block
+    outside_params: int  # parameters outside the blocks (embeddings, head, final norm), a tied one once
+    hessian_elements: int  # sum of in_features² over that block's Linear layers (one Hessian each)
+    hidden_size: int  # features of the hidden state the blocks pass on
+
+
+def block_shape(model: nn.Module) -> BlockShape | None:
+    """The BlockShape of a model (on the meta device is enough): its blocks are the nn.ModuleList of more than one
+    module holding the most parameters; None without one."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if not lists:
+        return None
+    blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+    largest = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
+    linears = [m for m in largest.modules() if isinstance(m, nn.Linear)]
+    params = sum(p.numel() for p in largest.parameters())
+    inside = sum(p.numel() for p in blocks.parameters())
+    return BlockShape(count=len(blocks), params=params,
+                      outside_params=sum(p.numel() for p in model.parameters()) - inside,
+                      hessian_elements=sum(m.in_features**2 for m in linears),
+                      hidden_size=linears[0].in_features if linears else 0)  # a block's first Linear reads it
+
+
+@dataclass(frozen=True)
 class ModelFacts:
-    """What is known of a model without loading it: stored at upload (`num_parameters`, `weight_bytes`), and the
-    largest single tensor when the config was read (else assumed a fifth of the weights, e.g. an embedding)."""
+    """What is known of a model without loading it: stored at upload (`num_parameters`, `weight_bytes`, and the
+    `blocks` shape when it has repeated blocks), and the largest single tensor when the config was read (else
+    assumed a fortieth of the weights, e.g. an embedding)."""
 
     num_parameters: int
     weight_bytes: int
     largest_tensor_bytes: int | None = None
+    blocks: BlockShape | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +109,11 @@ def estimate_job(model: ModelFacts, steps: Sequence[type[StepConfig]], device: L
     if engine == "streaming":
         return Estimate(_streaming_peak(model), 0, seconds, engine,
                         ["streaming engine: one tensor and one output shard in memory at a time"])
+    if engine == "offloaded" and model.blocks is not None:
+        host, gpu = _offloaded_peak(model.blocks, steps, device)
+        return Estimate(host, gpu, seconds, engine, [
+            "block-offloading engine: embeddings and head in float32, one decoder block, its calibration "
+            f"activations ({DEFAULT_CALIBRATION_TOKENS:,} tokens assumed) and its per-layer statistics at a time"])
     host = _in_memory_peak(model, steps)
     gpu = host - IMPORTS_BYTES + CUDA_CONTEXT_BYTES if device == "cuda" else 0
     return Estimate(host, gpu, seconds, engine, _in_memory_notes(steps))
@@ -86,6 +135,21 @@ def _streaming_peak(model: ModelFacts) -> int:
     largest = model.largest_tensor_bytes or model.weight_bytes // 40
     # the tensor being encoded is held as read and as its encoding (measured 1.0-1.2 GB for Llama-7B shapes)
     return IMPORTS_BYTES + STREAM_SHARD_BYTES + 2 * largest
+
+
+def _offloaded_peak(blocks: BlockShape, steps: Sequence[type[StepConfig]], device: str) -> tuple[int, int]:
+    """(host, GPU) peak of the block-offloading engine: what stays (imports, the float32 part outside the blocks,
+    one float32 block, the carried activations, the steps' statistics) plus the larger of the two transients (a
+    block's forward on a mini-batch, a solver's float64 work on the largest Hessian)."""
+    carried = ACTIVATION_COPIES * DEFAULT_CALIBRATION_TOKENS * blocks.hidden_size * FP32_BYTES
+    stats = max(STATISTICS_BYTES_PER_HESSIAN_ELEMENT.get(step.tag(), 0) for step in steps) * blocks.hessian_elements
+    solver = max(SOLVER_BYTES_PER_HESSIAN_ELEMENT.get(step.tag(), 0) for step in steps) * blocks.hessian_elements
+    forward = FORWARD_BYTES_PER_TOKEN_FEATURE * FORWARD_TOKENS * blocks.hidden_size
+    on_device = int(FP32_BYTES * (blocks.outside_params + BLOCK_COPIES * blocks.params) + carried + stats
+                 + max(forward, solver))
+    if device == "cuda":
+        return IMPORTS_BYTES + STREAM_SHARD_BYTES + 2 * blocks.params * FP32_BYTES, CUDA_CONTEXT_BYTES + on_device
+    return IMPORTS_BYTES + on_device, 0
 
 
 def _in_memory_peak(model: ModelFacts, steps: Sequence[type[StepConfig]]) -> int:

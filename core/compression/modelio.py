@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from core.compression.estimate import BlockShape, ModelFacts, block_shape
 from core.compression.safetensors_check import FLOAT_DTYPES, check_safetensors
 from core.errors import ServiceError, UnsafeInput, UnsupportedModel
 
@@ -59,6 +60,11 @@ class ModelInfo:
     model_type: str
     num_parameters: int
     weight_bytes: int
+    block_shape: BlockShape | None = None
+
+    def facts(self) -> ModelFacts:
+        """What the pre-flight estimate reads of this model."""
+        return ModelFacts(self.num_parameters, self.weight_bytes, blocks=self.block_shape)
 
 
 def inspect_model_folder(folder: Path, max_parameters: int) -> ModelInfo:
@@ -84,6 +90,7 @@ def inspect_model_folder(folder: Path, max_parameters: int) -> ModelInfo:
         model_type=config.model_type,
         num_parameters=num_parameters,
         weight_bytes=sum(f.stat().st_size for f in weights),
+        block_shape=block_shape(model),
     )
 
 

@@ -14,6 +14,7 @@ Peak memory is the part outside the blocks, one block in float32, the calibratio
 statistics (GPTQ's Hessians), not the model.
 """
 
+import ctypes
 import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -93,6 +94,7 @@ class DiskBlocks:
         state.encodings.update({key: _on_meta(encoding) for key, encoding in encodings.items()})
         self.released.add(name)
         self.unload(block)
+        _return_freed_memory()
 
     def unload(self, block: nn.Module) -> None:
         """Return the block's parameters to the meta device, keeping the Parameter objects."""
@@ -137,6 +139,16 @@ class DiskBlocks:
                                             record["meta"])
             values[key] = decode(state.encodings[key])
         return {**stored, **values}
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps freed heap memory for reuse, so without this the worker's RSS (what the pre-flight estimate and
+    an operator's memory limit see) would climb to the high-water mark of every block before it; after a block is
+    released, what it freed goes back to the system. A no-op where the C library has no malloc_trim (musl, macOS)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        return
 
 
 def _on_meta(encoding: Encoding) -> Encoding:

@@ -406,12 +406,17 @@ def _artifact_tensors(names: list[str], sources: Mapping[str, Path],
 
 
 @torch.no_grad()
-def _run_block(block: torch.nn.Module, prefix: str, tensors: Mapping[str, torch.Tensor], hidden: torch.Tensor,
+def _run_block(block: torch.nn.Module, prefix: str, tensors: dict[str, torch.Tensor], hidden: torch.Tensor,
                extra: Mapping[str, Any]) -> torch.Tensor:
-    """The meta block `prefix` materialised on the CPU in float32 with `tensors` (full names) and run on `hidden`."""
-    real = copy.deepcopy(block).to_empty(device="cpu")
-    local = {name[len(prefix) + 1:]: tensor.float() if tensor.is_floating_point() else tensor
-             for name, tensor in tensors.items()}
-    real.load_state_dict(local, strict=True)
+    """The meta block `prefix` materialised on the CPU in float32 with `tensors` (full names, consumed: each stored
+    tensor is dropped once upcast) and run on `hidden`. The upcast tensors become the block's own (`assign`), so a
+    7B block costs its float32 size once, not twice."""
+    local = {}
+    for name in list(tensors):
+        tensor = tensors.pop(name)
+        local[name[len(prefix) + 1:]] = tensor.float() if tensor.is_floating_point() else tensor
+    real = copy.deepcopy(block)
+    real.load_state_dict(local, strict=True, assign=True)
+    del local
     output = real(hidden, **extra)
     return output[0] if isinstance(output, tuple) else output

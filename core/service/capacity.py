@@ -13,7 +13,7 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 
 from core.compression.configs.base import StepConfig
-from core.compression.estimate import GB, Estimate, ModelFacts, estimate_job
+from core.compression.estimate import GB, BlockShape, Estimate, ModelFacts, estimate_job
 from core.compression.spec import config_class
 from core.errors import InvalidSpec
 from core.service.db.models import Model, Worker, utcnow
@@ -27,7 +27,8 @@ HARD_LIMIT_PER_ESTIMATE = 2.0  # the estimate is a guess: a job may take twice a
 def preflight(session: Session, model: Model, spec: dict[str, Any], queue: str, settings: Settings) -> dict[str, Any]:
     """The job's estimate as stored in its row (time limits and the capacity check included); `InvalidSpec` (422)
     when live workers of `queue` exist and none can hold the job."""
-    estimate = estimate_job(ModelFacts(model.num_parameters, model.size_bytes), _step_classes(spec),
+    blocks = BlockShape(**model.block_shape) if model.block_shape else None
+    estimate = estimate_job(ModelFacts(model.num_parameters, model.size_bytes, blocks=blocks), _step_classes(spec),
                             _device(queue), settings.stream_above_bytes, bool(spec.get("export")))
     workers = Workers(session).live(queue, utcnow() - timedelta(seconds=LIVE_SWEEPS * settings.sweep_interval_s))
     notes = list(estimate.notes)
@@ -40,11 +41,12 @@ def preflight(session: Session, model: Model, spec: dict[str, Any], queue: str, 
 
 
 def time_limits(seconds: float, settings: Settings) -> tuple[int, int]:
-    """(soft, hard) limits: the operator's MCS_JOB_*_TIME_LIMIT_S, unless MCS_JOB_MAX_HARD_TIME_LIMIT_S is set and
-    the estimate reaches the soft limit; then twice the estimate, capped there, with soft = 0.9 x hard."""
+    """(soft, hard) limits: the operator's MCS_JOB_*_TIME_LIMIT_S, unless MCS_JOB_MAX_HARD_TIME_LIMIT_S is above the
+    hard limit and the estimate reaches the soft limit; then twice the estimate, capped there, with soft = 0.9 x
+    hard."""
     floor = settings.job_soft_time_limit_s, settings.job_hard_time_limit_s
     cap = settings.job_max_hard_time_limit_s
-    if cap is None or seconds < settings.job_soft_time_limit_s:
+    if cap <= floor[1] or seconds < settings.job_soft_time_limit_s:
         return floor
     hard = min(max(cap, floor[1]), math.ceil(HARD_LIMIT_PER_ESTIMATE * seconds))
     return max(floor[0], int(0.9 * hard)), max(floor[1], hard)

@@ -17,6 +17,8 @@ import json
 import os
 import re
 import shutil
+import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +48,12 @@ from core.service.storage import ArtifactStore
 from core.service.uploads import CHUNK, DISK_FULL, StoredUpload, store_model_folder
 
 CONTENT_RANGE = re.compile(r"^bytes (\d{1,20})-(\d{1,20})/(\d{1,20})$")
+# The sha256 of each part file as far as this process wrote it, so the next PUT of the same file continues the hash
+# instead of re-reading the file (a 10 GB shard sent in 256 MiB PUTs would be read ~40 times over); a PUT that finds
+# no entry at its offset (another API process wrote before, or the entry was evicted) re-reads the prefix once.
+_DIGESTS: "OrderedDict[str, tuple[int, Any]]" = OrderedDict()
+_DIGESTS_KEPT = 256
+_DIGESTS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -220,7 +228,10 @@ class _Writer:
     def __init__(self, target: FileTarget, handle: BinaryIO) -> None:
         self.target, self.handle = target, handle
         self.received = self.start = handle.seek(0, 2)
-        self.digest = hashlib.sha256()
+        with _DIGESTS_LOCK:
+            offset, digest = _DIGESTS.pop(str(target.part), (-1, None))
+        self.hashed = offset == self.received
+        self.digest = digest if self.hashed else hashlib.sha256()
         self.discarded = False
 
     def expect_offset(self, start: int) -> None:
@@ -230,6 +241,8 @@ class _Writer:
                            {"path": self.target.path, "received": self.received, "size": self.target.size})
 
     def hash_prefix(self) -> None:
+        if self.hashed:
+            return
         with self.target.part.open("rb") as prefix:
             for _ in range(0, self.received, CHUNK):
                 self.digest.update(prefix.read(CHUNK))
@@ -245,6 +258,16 @@ class _Writer:
         """Drop what this request wrote: a body longer than announced is refused as a whole."""
         self.handle.truncate(self.start)
         self.discarded = True
+
+    def keep_digest(self) -> None:
+        """Leave the hash of what the file now holds for the next PUT of it (not after a discarded request, whose
+        bytes were truncated, nor once the file is complete)."""
+        if self.discarded or self.received in (0, self.target.size):
+            return
+        with _DIGESTS_LOCK:
+            _DIGESTS[str(self.target.part)] = (self.received, self.digest)
+            while len(_DIGESTS) > _DIGESTS_KEPT:
+                _DIGESTS.popitem(last=False)
 
     def finish(self) -> None:
         if self.digest.hexdigest() != self.target.sha256:
@@ -271,7 +294,11 @@ def _writer(target: FileTarget) -> Iterator[_Writer]:
             raise Conflict(f"another request is uploading {target.path!r} right now", {"path": target.path}) from exc
         if target.done.exists():
             raise Conflict(f"{target.path!r} is already complete", {"path": target.path, "received": target.size})
-        yield _Writer(target, handle)
+        writer = _Writer(target, handle)
+        try:
+            yield writer
+        finally:  # also after a dropped connection: what arrived was written and hashed
+            writer.keep_digest()
 
 
 @contextmanager

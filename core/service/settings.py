@@ -57,10 +57,11 @@ class Settings(BaseSettings):
     # TinyLlama-1.1B shape (2.2 GB of bf16): 7.0 GB peak compressed in memory, 1.4 GB for a whole layer-by-layer job
     stream_above_bytes: int = Field(2 * GiB, ge=0, description="jobs on weight files over this run layer by layer "
                                                                "when every step can; 0: whenever they can")
-    # a 7B gptq on a CPU worker runs for hours: set (e.g. 86400) to let a job's limits grow with its estimate up to
-    # this cap; unset, every job keeps the fixed limits above (Redis' visibility_timeout is sized from those)
-    job_max_hard_time_limit_s: int | None = Field(None, gt=0, description="the longest hard time limit a job's "
-                                                                            "estimate can raise it to; unset: off")
+    # A job whose estimate reaches the soft limit gets twice its estimate as hard limit, up to this cap: 48 h holds
+    # twice the estimate of a 70B gptq even on a CPU worker (19.4 h; a 7B one: 1.9 h). 0, or any value up to
+    # MCS_JOB_HARD_TIME_LIMIT_S: every job keeps the fixed limits. Redis' visibility_timeout is sized from this.
+    job_max_hard_time_limit_s: int = Field(48 * 3600, ge=0, description="the longest hard time limit a job's "
+                                                                         "estimate can raise it to; 0: off")
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> "Settings":

@@ -7,7 +7,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -102,6 +102,7 @@ def add_model_row(models: Models, model_id: str, name: str, stored: StoredUpload
         model_type=stored.info.model_type,
         num_parameters=stored.info.num_parameters,
         size_bytes=stored.info.weight_bytes,
+        block_shape=asdict(stored.info.block_shape) if stored.info.block_shape else None,
         sha256=stored.sha256,
         storage_key=stored.storage_key,
     )

@@ -1,20 +1,24 @@
 """Pre-flight at submission: a job that no live worker of its queue can hold is refused (422) before it exists."""
 
+import json
+import math
+import os
 import time
 from datetime import timedelta
 
+import redis
 from sqlalchemy import update
 
-from api import queue
 from core.compression.configs.quantize import QuantizeGPTQ
 from core.compression.estimate import ModelFacts, estimate_job
 from core.service.capacity import time_limits
-from core.service.db.models import Job, Worker, utcnow
+from core.service.db.models import Job, Model, Worker, utcnow
 from core.service.db.repositories import Workers
 from core.service.db.session import session_scope
 from core.service.settings import Settings
 from tests.api.test_jobs import INT8, queued_job_ids
-from worker.celery_app import app
+from tests.fixtures.environment import REDIS_URL
+from worker.celery_app import app, send_options, visibility_timeout
 
 GB = 1_000_000_000
 DISTILL = {"type": "distill", "teacher": "original", "max_steps": 1}
@@ -88,12 +92,64 @@ def test_time_limits_follow_a_long_estimate_within_the_cap() -> None:
     soft, hard = time_limits(gptq_7b_on_cpu.seconds, settings)
     assert hard >= 2 * gptq_7b_on_cpu.seconds > 3600 and soft == int(0.9 * hard)
     assert time_limits(10**6, settings) == (int(0.9 * 86400), 86400)
-    assert time_limits(10**6, Settings()) == (Settings().job_soft_time_limit_s, Settings().job_hard_time_limit_s)
+    fixed = Settings(job_max_hard_time_limit_s=0)  # the operator's way back to fixed limits
+    assert time_limits(10**6, fixed) == (fixed.job_soft_time_limit_s, fixed.job_hard_time_limit_s)
+
+
+def test_limits_follow_the_estimate_by_default() -> None:
+    assert "MCS_JOB_MAX_HARD_TIME_LIMIT_S" not in os.environ
+    settings = Settings()
+    assert settings.job_max_hard_time_limit_s == 48 * 3600
+    gptq_70b_on_cpu = estimate_job(ModelFacts(70 * GB, 140 * GB), [QuantizeGPTQ], "cpu", 2 * 1024**3)
+    assert time_limits(gptq_70b_on_cpu.seconds, settings)[1] == math.ceil(2 * gptq_70b_on_cpu.seconds)
+
+
+def test_a_long_job_is_sent_with_its_raised_limits_by_default(client, auth, upload):
+    model = upload()
+    with session_scope() as session:  # the row of a 7B model: a gptq on it is estimated at about 2 hours on a CPU
+        session.execute(update(Model).where(Model.id == model["id"]).values(num_parameters=7 * GB))
+    status, job = submit(client, auth, model["id"], {"type": "quantize", "method": "gptq"})
+    assert status == 202, job
+    estimate = job["estimate"]
+    assert estimate["seconds"] > Settings().job_soft_time_limit_s
+    assert estimate["hard_time_limit_s"] == math.ceil(2 * estimate["seconds"]) > Settings().job_hard_time_limit_s
+    assert queued_time_limits() == [[estimate["hard_time_limit_s"], estimate["soft_time_limit_s"]]]
+
+
+def queued_time_limits(queue_name: str = "cpu") -> list[list[int | None]]:
+    """The (hard, soft) limits each message on the queue carries (Celery's `timelimit` header)."""
+    return [json.loads(m)["headers"]["timelimit"] for m in redis.Redis.from_url(REDIS_URL).lrange(queue_name, 0, -1)]
 
 
 def test_only_a_raised_limit_travels_with_the_message() -> None:
-    default = app.conf.task_time_limit
-    assert queue.time_limits(Job(estimate=None)) == {}
-    assert queue.time_limits(Job(estimate={"soft_time_limit_s": 1, "hard_time_limit_s": default})) == {}
-    raised = Job(estimate={"soft_time_limit_s": 9 * default, "hard_time_limit_s": 10 * default})
-    assert queue.time_limits(raised) == {"soft_time_limit": 9 * default, "time_limit": 10 * default}
+    settings = Settings()
+    default = settings.job_hard_time_limit_s
+    assert send_options(Job(queue="cpu", estimate=None), settings) == {"queue": "cpu"}
+    short = Job(queue="cpu", estimate={"soft_time_limit_s": 1, "hard_time_limit_s": default})
+    assert send_options(short, settings) == {"queue": "cpu"}
+    raised = Job(queue="gpu", estimate={"soft_time_limit_s": 9 * default, "hard_time_limit_s": 10 * default})
+    assert send_options(raised, settings) == {"queue": "gpu", "soft_time_limit": 9 * default,
+                                              "time_limit": 10 * default}
+
+
+def test_the_visibility_timeout_follows_the_cap() -> None:
+    assert app.conf.broker_transport_options["visibility_timeout"] == int(1.1 * 48 * 3600)
+    assert visibility_timeout(Settings(job_max_hard_time_limit_s=7 * 86400)) == int(1.1 * 7 * 86400)
+    assert visibility_timeout(Settings(job_max_hard_time_limit_s=0)) == int(1.1 * 3600)  # off: the fixed limit
+
+
+def test_a_calibrated_job_on_a_big_model_is_estimated_one_block_at_a_time(client, auth, upload):
+    """The upload stores the model's block shape; a gptq job on weights over MCS_STREAM_ABOVE_BYTES is estimated on
+    the block-offloading engine, far below what the in-memory engine would need for the same model."""
+    model = upload()
+    with session_scope() as session:
+        stored = session.get(Model, model["id"])
+        assert stored.block_shape is not None and stored.block_shape["count"] == 2  # tiny_bert's two layers
+        # as if it were a 7B model: the in-memory engine would need ~50 GB
+        stored.num_parameters, stored.size_bytes = 7 * GB, 14 * GB
+    add_worker("celery@16gb", 16 * GB)
+    gptq = {"type": "quantize", "method": "gptq", "bits": 4, "granularity": "per_group", "group_size": 32}
+    status, job = submit(client, auth, model["id"], gptq)
+    assert status == 202, job
+    assert job["estimate"]["engine"] == "offloaded" and job["estimate"]["peak_host_bytes"] < 2 * GB
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["estimate"]["engine"] == "offloaded"

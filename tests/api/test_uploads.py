@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from core.service import chunked_uploads
 from core.service.chunked_uploads import manifest_sha256
 from tests.fixtures.api import leftovers
 from tests.models import tiny_bert
@@ -93,3 +94,41 @@ def test_delete_aborts_and_removes_the_staging(client, auth, bert_folder):
     assert client.delete(f"/v1/uploads/{upload['id']}", headers=auth).status_code == 204
     assert client.get(f"/v1/uploads/{upload['id']}", headers=auth).status_code == 404
     assert leftovers() == []
+
+
+@pytest.mark.parametrize("same_process", [True, False], ids=["hash continued", "hash rebuilt from the file"])
+def test_a_file_sent_in_several_puts_is_hashed_once_or_rebuilt(client, auth, bert_folder, monkeypatch, same_process):
+    """The next PUT of a file continues the hash this process kept; one served elsewhere (no kept hash) re-reads
+    the prefix once. Both end with the file checked against the manifest."""
+    upload = start(client, auth, bert_folder)
+    weights = (bert_folder / "model.safetensors").read_bytes()
+    cuts = [0, len(weights) // 3, 2 * len(weights) // 3, len(weights)]
+    prefix_reads: list[int] = []
+    hash_prefix = chunked_uploads._Writer.hash_prefix
+
+    def counting(writer) -> None:
+        if not writer.hashed:
+            prefix_reads.append(writer.received)
+        hash_prefix(writer)
+
+    monkeypatch.setattr(chunked_uploads._Writer, "hash_prefix", counting)
+    for start_at, end in zip(cuts, cuts[1:], strict=False):
+        if not same_process:
+            chunked_uploads._DIGESTS.clear()
+        response = put(client, auth, upload["id"], "model.safetensors", weights[start_at:end],
+                       f"bytes {start_at}-{end - 1}/{len(weights)}")
+        assert response.status_code == 200, response.text
+    assert response.json()["complete"]
+    assert prefix_reads == ([0] if same_process else cuts[:3])
+
+
+def test_a_kept_hash_never_outlives_a_refused_body(client, auth, bert_folder):
+    upload = start(client, auth, bert_folder)
+    weights = (bert_folder / "model.safetensors").read_bytes()
+    half, size = len(weights) // 2, len(weights)
+    put(client, auth, upload["id"], "model.safetensors", weights[:half], f"bytes 0-{half - 1}/{size}")
+    too_long = put(client, auth, upload["id"], "model.safetensors", weights[half:] + b"x" * 10,
+                   f"bytes {half}-{size - 1}/{size}")
+    assert too_long.status_code == 413
+    response = put(client, auth, upload["id"], "model.safetensors", weights[half:], f"bytes {half}-{size - 1}/{size}")
+    assert response.status_code == 200 and response.json()["complete"], response.text

@@ -1,10 +1,14 @@
 """The pre-flight estimate: a pure function of the model's size and the recipe's step configs."""
 
 import pytest
+import torch
+from transformers import LlamaForCausalLM
 
 from core.compression.configs.distill import Distill
 from core.compression.configs.quantize import QuantizeGPTQ, QuantizeRTN
-from core.compression.estimate import GB, ModelFacts, estimate_job
+from core.compression.estimate import GB, BlockShape, ModelFacts, block_shape, estimate_job
+from core.compression.modelio import meta_model
+from tests.models import tiny_llama
 
 GIB = 1024**3
 
@@ -52,3 +56,25 @@ def test_gpu_memory_only_for_a_cuda_job() -> None:
 
 def test_a_7b_gptq_on_a_cpu_is_estimated_past_the_one_hour_default_limit() -> None:
     assert estimate_job(llama(7e9), [QuantizeGPTQ], "cpu", 2 * GIB).seconds > 3600
+
+
+def test_the_block_shape_is_read_from_the_meta_model() -> None:
+    shape = block_shape(meta_model(LlamaForCausalLM, tiny_llama().config))
+    hidden, intermediate, kv = 64, 128, 32  # tiny_llama: 4 heads of 16, 2 KV heads
+    per_block = hidden * (2 * hidden + 2 * kv) + 3 * hidden * intermediate + 2 * hidden
+    assert shape == BlockShape(count=2, params=per_block, outside_params=512 * hidden + hidden,
+                               hessian_elements=6 * hidden**2 + intermediate**2, hidden_size=hidden)
+    assert block_shape(torch.nn.Linear(4, 4)) is None
+
+
+def test_calibrated_steps_on_big_models_are_estimated_one_block_at_a_time() -> None:
+    # the TinyLlama-1.1B shape (bench/big_calibrated.py measures it: gptq and sparsegpt peak near 2.4 GB)
+    blocks = BlockShape(count=22, params=44_044_288, outside_params=131_074_048, hessian_elements=56_885_248,
+                        hidden_size=2048)
+    facts = ModelFacts(num_parameters=1_100_048_384, weight_bytes=2_200_096_768, blocks=blocks)
+    offloaded = estimate_job(facts, [QuantizeGPTQ], "cpu", streaming_threshold=2 * 10**9)
+    in_memory = estimate_job(facts, [QuantizeGPTQ], "cpu", streaming_threshold=100 * GIB)
+    assert (offloaded.engine, in_memory.engine) == ("offloaded", "in_memory")
+    assert 1.8 * GB < offloaded.peak_host_bytes < 3 * GB < in_memory.peak_host_bytes
+    on_gpu = estimate_job(facts, [QuantizeGPTQ], "cuda", streaming_threshold=2 * 10**9)
+    assert on_gpu.peak_gpu_bytes > 1 * GB and on_gpu.peak_host_bytes < offloaded.peak_host_bytes

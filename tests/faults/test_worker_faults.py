@@ -5,6 +5,7 @@ import resource
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -59,13 +60,28 @@ def test_worker_host_lost_before_ack_redelivers_and_completes_once(stack, slow_m
 
 
 def test_soft_time_limit_ends_the_job_timeout_after_cleanup(stack, slow_model):
-    services = stack(job_soft_time_limit_s="2", job_hard_time_limit_s="60")
+    services = stack(job_soft_time_limit_s="2", job_hard_time_limit_s="60", job_max_hard_time_limit_s="0")
     client = services.start_api()
     services.start_worker()
     job = wait_for(client, submit(client, slow_model, LONG_JOB), ended)
     assert (job["status"], job["error"]["code"]) == ("failed", "timeout"), job["error"]
-    assert "soft time limit of 2 s" in job["error"]["message"] and job["attempts"] == 1
+    assert "soft time limit of 2 s (estimated" in job["error"]["message"] and job["attempts"] == 1
     assert scratch(services) == []
+
+
+def test_limits_raised_by_the_estimate_reach_the_worker(stack, slow_model):
+    # The job is estimated at about 41 s, past the soft limit: its hard limit is twice that, capped at 6 s, and its
+    # soft limit 0.9 x 6 = 5 s. Under the worker's own limits it would have stopped after 2 s.
+    services = stack(job_soft_time_limit_s="2", job_hard_time_limit_s="3", job_max_hard_time_limit_s="6")
+    client = services.start_api()
+    services.start_worker()
+    job = wait_for(client, submit(client, slow_model, LONG_JOB), ended)
+    assert (job["error"]["code"], job["estimate"]["soft_time_limit_s"], job["estimate"]["hard_time_limit_s"]) == (
+        "timeout", 5, 6), job
+    expected = f"soft time limit of 5 s (estimated {job['estimate']['seconds']:.0f} s; raised by the estimate"
+    assert expected in job["error"]["message"]
+    ran = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
+    assert ran.total_seconds() >= 5 and job["attempts"] == 1 and scratch(services) == []
 
 
 # A worker whose steps never see the soft limit, like a step stuck in native code that never returns to Python:
@@ -75,7 +91,8 @@ WORKER_WITHOUT_SOFT_LIMIT = ("from worker.celery_app import app; app.conf.task_s
 
 
 def test_hard_time_limit_kills_the_pool_process_and_the_main_process_cleans_up(stack, slow_model):
-    services = stack(job_soft_time_limit_s="3", job_hard_time_limit_s="4", job_max_attempts="3")
+    services = stack(job_soft_time_limit_s="3", job_hard_time_limit_s="4", job_max_attempts="3",
+                     job_max_hard_time_limit_s="0")
     client = services.start_api()
     services.processes["worker"] = spawn([sys.executable, "-c", WORKER_WITHOUT_SOFT_LIMIT], services.env,
                                          services.root / "worker.log")
@@ -85,7 +102,7 @@ def test_hard_time_limit_kills_the_pool_process_and_the_main_process_cleans_up(s
     assert scratch(services) == [f"job-{job_id}"]  # mid-step: the run's scratch folder exists
     job = wait_for(client, job_id, ended, 60)
     assert (job["status"], job["error"]["code"], job["attempts"]) == ("failed", "timeout", 1), job
-    assert "hard time limit of 4 s" in job["error"]["message"]
+    assert "hard time limit of 4 s (estimated" in job["error"]["message"]
     assert psutil.wait_procs(children, timeout=15)[1] == []  # the pool process that ran the job was killed
     assert scratch(services) == [] and job["artifacts"] == []
     time.sleep(2)  # the message was acknowledged: nothing runs the job again

@@ -47,18 +47,18 @@ def _gptq(
     weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, dampening: float, block_columns: int, act_order: bool,
     clip_search: bool,
 ) -> tuple[torch.Tensor, GridParams]:
-    w, h = weight.detach().float().clone(), hessian.detach().double().clone()
-    dead = torch.diag(h) == 0  # inputs that were always zero: their weights cannot matter, so they go to 0
-    h[dead, dead] = 1
+    w, diag = weight.detach().float().clone(), torch.diag(hessian.detach()).double()
+    dead = diag == 0  # inputs that were always zero: their weights cannot matter, so they go to 0
+    diag[dead] = 1
     w[:, dead] = 0
     # Static scales; without act_order each group's are replaced when reached.
-    params = searched_grid_params(w, grid, torch.diag(h)) if clip_search else grid_params(w, grid)
-    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(w.shape[1], device=w.device)
-    w, hinv = w[:, order], _inverse_cholesky(h[order][:, order], dampening)
+    params = searched_grid_params(w, grid, diag) if clip_search else grid_params(w, grid)
+    order = torch.argsort(diag, descending=True) if act_order else torch.arange(w.shape[1], device=w.device)
+    w, hinv = w[:, order], _inverse_cholesky(_float64_hessian(hessian, dead, order if act_order else None), dampening)
     dynamic = grid.granularity == "per_group" and not act_order
     codes = torch.zeros(w.shape[1], w.shape[0], dtype=torch.uint8, device=w.device)
     step = _block_width(grid, block_columns) if dynamic else block_columns
-    importance = torch.diag(h)[order].float() if clip_search and dynamic else None
+    importance = diag[order].float() if clip_search and dynamic else None
     for start in range(0, w.shape[1], step):
         end = min(start + step, w.shape[1])
         block = _Columns(w[:, start:end].T.contiguous(), *_block_params(params, grid, order[start:end]),
@@ -116,13 +116,26 @@ def _block_width(grid: IntGrid, block_columns: int) -> int:
     return max(block_columns // group, 1) * group
 
 
+def _float64_hessian(hessian: torch.Tensor, dead: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """The Hessian in float64 (one copy), dead inputs' diagonal set to 1, rows and columns in `order` if given."""
+    h = hessian.detach().to(torch.float64, copy=True)
+    h[dead, dead] = 1
+    return h if order is None else h[order[:, None], order]
+
+
 def _inverse_cholesky(h: torch.Tensor, dampening: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, in float64 for stability; λ grows until H is definite."""
-    mean_diag = torch.diag(h).mean()
+    """Upper Cholesky factor of (H + λ·mean(diag H)·I)⁻¹, in float64 for stability; λ grows until H is definite.
+
+    `h` is consumed (damped in place, and let go as soon as it is factored): at float64, the 11008-wide Hessian of a
+    7B model's down_proj is 1 GB, so each copy not made here is a GB of peak memory."""
+    undamped = torch.diag(h)
+    mean_diag = undamped.mean()
     for attempt in range(CHOLESKY_RETRIES):
-        damped = h + torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * dampening * 10**attempt * mean_diag
-        factor, info = torch.linalg.cholesky_ex(damped)
+        h.diagonal().copy_(undamped + dampening * 10**attempt * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
+            del h
             inverse = torch.cholesky_inverse(factor)
+            del factor
             return torch.linalg.cholesky(inverse, upper=True).float()
     raise ValueError("the calibration Hessian is not positive definite even with heavy dampening")

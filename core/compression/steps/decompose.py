@@ -92,7 +92,7 @@ def _calibrated(state: ModelState, config: DecomposeASVD | DecomposeSVDLLM, ctx:
                               with_targets=config.reconstruct is not None)
     for run, mine, stats in blocks:
         for name, layer in mine.items():
-            _factor_linear(state, name, layer, config, tally, analyse(layer.weight.detach(), stats[name]))
+            _factor_linear(state, name, layer, config, tally, analyse(layer.weight.detach(), stats.pop(name)))
         factored = [state.model.get_submodule(name) for name in mine if name in tally.factored]
         if config.reconstruct is not None and run.targets is not None and factored:
             trainable = {param: None for pair in factored for param in pair.parameters()}

@@ -125,7 +125,8 @@ def _calibrated(state: ModelState, config: PruneWanda | PruneSparseGPT, ctx: Ste
     blocks = block_statistics(state, layers, data.batches, want, ctx, "pruning",
                               with_targets=config.reconstruct is not None)
     for run, mine, stats in blocks:
-        masks = {name: prune(layer, stats[name]) for name, layer in mine.items()}
+        # popped: each layer's statistics are freed once used, before the next (larger) layer is solved
+        masks = {name: prune(layer, stats.pop(name)) for name, layer in mine.items()}
         if config.reconstruct is not None and run.targets is not None and mine:
             _apply_masks(mine, masks)
             rebuilt.append(reconstruct_block(run, {mine[name].weight: mask for name, mask in masks.items()},

@@ -62,6 +62,9 @@ class Model(Base):
     model_type: Mapped[str] = mapped_column(String(100))
     num_parameters: Mapped[int] = mapped_column(BigInteger)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    # The repeated blocks' shape (core.compression.estimate.BlockShape) for the pre-flight estimate; null for a
+    # model without repeated blocks and for models uploaded before it was recorded.
+    block_shape: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
