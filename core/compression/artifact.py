@@ -32,7 +32,7 @@ from transformers.initialization import no_init_weights
 
 from core.compression.archive import ARTIFACT_LIMITS, ExtractionLimits, extract_archive
 from core.compression.encoding import decode
-from core.compression.modelio import model_class_for, model_file, read_config, weight_files
+from core.compression.modelio import model_class_for, model_file, parameters_on_meta, read_config, weight_files
 from core.compression.rewrites import replay
 from core.compression.state import Encoding, ModelState, Rewrite
 from core.errors import UnsupportedModel
@@ -122,19 +122,22 @@ def write_manifest(out_dir: Path, manifest: Mapping[str, Any], encodings: Mappin
     (out_dir / MANIFEST_FILE).write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def load_compressed(path: Path | str, limits: ExtractionLimits = ARTIFACT_LIMITS) -> PreTrainedModel:
+def load_compressed(path: Path | str, limits: ExtractionLimits = ARTIFACT_LIMITS,
+                    dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Rebuild the model saved by `save_compressed`, in eval mode, from its folder or a .zip of that folder (a zip
-    is extracted under `limits`).
+    is extracted under `limits`), its float weights in `dtype`.
 
-    Example: `model = load_compressed("job-42.zip")`, then use it like the original transformers model.
+    Each weight is decoded and cast one at a time into the model's own memory, so a big artifact needs its packed
+    files plus the model in `dtype`, never a second float32 copy: a 7B artifact loads in bfloat16 in ~14 GB.
+    Example: `model = load_compressed("job-42.zip")`, or `load_compressed("llama-7b-int4.zip", dtype=torch.bfloat16)`.
     """
     path = Path(path)
     if path.is_dir():
-        return _load_folder(path)
+        return _load_folder(path, dtype)
     if not zipfile.is_zipfile(path):
         raise UnsupportedModel(f"{path.name}: expected a compressed model folder or a .zip of one")
     with tempfile.TemporaryDirectory(prefix="mcs-artifact-") as tmp:
-        return _load_folder(extract_archive(path, Path(tmp) / "artifact", limits))
+        return _load_folder(extract_archive(path, Path(tmp) / "artifact", limits), dtype)
 
 
 def save_configs(model: PreTrainedModel, out_dir: Path) -> None:
@@ -202,11 +205,27 @@ def copy_tokenizer_files(source_dir: Path, out_dir: Path) -> None:
                 shutil.copyfile(path, out_dir / path.name)
 
 
-def _load_folder(folder: Path) -> PreTrainedModel:
+def _load_folder(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
     manifest = read_manifest(folder)
     config = read_config(folder)
-    state_dict = _read_state_dict(_artifact_weights(folder), manifest)
+    state_dict = _read_state_dict(_artifact_weights(folder), manifest, dtype)
     cls = model_class_for(config)
+    if manifest.rewrites:  # replaced modules (int8 kernels, factored layers) load through their own hooks
+        return _load_rebuilt(cls, config, manifest, state_dict).to(dtype)
+    # Parameters on the meta device take the decoded tensors themselves (assign): no second copy of the weights.
+    with parameters_on_meta():
+        model = cls(config)
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise UnsupportedModel(f"{WEIGHTS_FILE} does not match {cls.__name__}: {exc}") from exc
+    model.tie_weights()  # assign gave tied names separate Parameters over one memory: make them one again
+    model.config.dtype = dtype
+    return model.eval()
+
+
+def _load_rebuilt(cls: type[PreTrainedModel], config: Any, manifest: "_Manifest",
+                  state_dict: dict[str, torch.Tensor]) -> PreTrainedModel:
     # Every parameter is overwritten from the file, so random initialisation would only cost time.
     with no_init_weights():
         model = cls(config)
@@ -263,12 +282,15 @@ def _load_stored(files: list[Path]) -> dict[str, torch.Tensor]:
     return stored
 
 
-def _read_state_dict(files: list[Path], manifest: _Manifest) -> dict[str, torch.Tensor]:
-    """Decode the packed tensors back into a plain state_dict, shared tensors under each of their names."""
+def _read_state_dict(files: list[Path], manifest: _Manifest, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Decode the packed tensors back into a plain state_dict, float tensors in `dtype`, shared tensors under each
+    of their names."""
     try:
         stored = _load_stored(files)
-        state_dict = {name: _decode_record(name, record, stored) for name, record in manifest.encodings.items()}
-        state_dict.update(stored)
+        state_dict = {name: _decode_record(name, record, stored).to(dtype)
+                      for name, record in manifest.encodings.items()}
+        state_dict.update({name: tensor.to(dtype) if tensor.is_floating_point() else tensor
+                           for name, tensor in stored.items()})
         state_dict.update({alias: state_dict[target] for alias, target in manifest.aliases.items()})
     except (OSError, KeyError, RuntimeError, safetensors.SafetensorError) as exc:
         raise UnsupportedModel(f"{WEIGHTS_FILE} does not match {MANIFEST_FILE}: {exc!r}") from exc

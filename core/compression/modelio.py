@@ -12,6 +12,7 @@ import json
 import math
 import re
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -20,6 +21,7 @@ import torch
 import transformers
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 from transformers import (
     CONFIG_MAPPING,
     AutoTokenizer,
@@ -50,7 +52,9 @@ NAMING_FILES = {"config.json": MAX_CONFIG_BYTES, GENERATION_CONFIG: MAX_CONFIG_B
                 "tokenizer_config.json": MAX_LISTING_BYTES, "special_tokens_map.json": MAX_CONFIG_BYTES}
 PATH_KEY = re.compile(r"(^|_)(file|files|filename|path|paths|dir|directory|folder)$")
 WEIGHT_KEYS = frozenset({"transformers_weights", "gguf_file"})
-LABEL_KEYS = frozenset({"_name_or_path", "name_or_path"})  # labels transformers overwrites with the folder path
+# Labels, never opened: transformers overwrites `_name_or_path` with the folder it loads from, and a model converted
+# from GGUF keeps the GGUF's own name under `_model_name_or_path` (SmolLM2: "Smollm2 135M 8k Lc100K Mix1 Ep2").
+LABEL_KEYS = frozenset({"_name_or_path", "name_or_path", "_model_name_or_path"})
 TOKENIZER_FILES = ("tokenizer*.json", "vocab*", "merges.txt", "*.model", "special_tokens_map.json", "added_tokens.json")
 
 
@@ -206,6 +210,26 @@ def model_class_for(config: PretrainedConfig) -> type[PreTrainedModel]:
     if cls.from_pretrained.__func__ is not PreTrainedModel.from_pretrained.__func__:  # type: ignore[attr-defined]
         raise UnsupportedModel(f"config.json: {names[0]} loads extra files of its own; it is not supported")
     return cls
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device as they are registered (before any
+    initialisation touches them), while buffers stay real: the meta device for everything (`torch.device("meta")`)
+    would leave the rotary tables, which are computed in __init__ and never stored, without values.
+    accelerate's `init_empty_weights(include_buffers=False)` does the same; it is not a dependency of ours."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:  # a meta one is kept as it is: tying shares it by identity
+            module._parameters[name] = nn.Parameter(param.to("meta"), param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def meta_model(cls: type[PreTrainedModel], config: PretrainedConfig) -> PreTrainedModel:

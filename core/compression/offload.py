@@ -17,7 +17,6 @@ statistics (GPTQ's Hessians), not the model.
 import ctypes
 import json
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from core.compression.encoding import decode
 from core.compression.modelio import (
     check_named_files,
     model_class_for,
+    parameters_on_meta,
     read_generation_config,
     read_model_config,
 )
@@ -219,7 +219,7 @@ def _skeleton(model_dir: Path) -> PreTrainedModel:
     config = read_model_config(model_dir)
     cls = model_class_for(config)
     try:
-        with _parameters_on_meta():
+        with parameters_on_meta():
             model = cls(config)
     except Exception as exc:  # a config transformers accepts can still describe an impossible model
         raise UnsupportedModel(f"config.json: cannot build {cls.__name__} from it: {exc}") from exc
@@ -228,26 +228,6 @@ def _skeleton(model_dir: Path) -> PreTrainedModel:
     if generation_config is not None and model.can_generate():
         model.generation_config = generation_config
     return model
-
-
-@contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device as they are registered (before any
-    initialisation touches them), while buffers stay real: the meta device for everything (`torch.device("meta")`)
-    would leave the rotary tables, which are computed in __init__ and never stored, without values.
-    accelerate's `init_empty_weights(include_buffers=False)` does the same; it is not a dependency of ours."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and not param.is_meta:  # a meta one is kept as it is: tying shares it by identity
-            module._parameters[name] = nn.Parameter(param.to("meta"), param.requires_grad)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def _load_outside_blocks(model: PreTrainedModel, tensors: list[PlannedTensor], blocks: DiskBlocks) -> None:

@@ -176,3 +176,22 @@ def test_packed_tensors_missing_from_the_file_are_reported(tmp_path: Path) -> No
 def test_import_core_does_not_import_torch() -> None:
     code = "import sys, core; assert callable(core.load_compressed); assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_llama])
+def test_an_artifact_loads_in_bfloat16_from_its_decoded_weights(tmp_path: Path,
+                                                                  build: Callable[[], PreTrainedModel]) -> None:
+    """A big artifact loads in half precision without a float32 copy: each weight is decoded, cast and handed to
+    the model as its own memory (the loaded float32 model's weights, cast, bit for bit)."""
+    quantized, folder = saved_artifact(build, tmp_path)
+    full, half = core.load_compressed(folder), core.load_compressed(folder, dtype=torch.bfloat16)
+    for (name, expected), (_, actual) in zip(full.state_dict().items(), half.state_dict().items(), strict=True):
+        assert actual.dtype == (torch.bfloat16 if expected.is_floating_point() else expected.dtype), name
+        assert torch.equal(actual, expected.to(actual.dtype)), name
+    assert half.config.dtype == torch.bfloat16 and not half.training
+    if build is tiny_llama:
+        assert half.lm_head.weight is half.model.embed_tokens.weight  # still tied
+    inputs = probe_inputs(quantized)
+    cosine = torch.nn.functional.cosine_similarity(model_outputs(full, inputs).flatten().float(),
+                                                   model_outputs(half, inputs).flatten().float(), dim=0)
+    assert cosine > 0.999

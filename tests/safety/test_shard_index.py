@@ -210,6 +210,7 @@ def test_config_fields_naming_files_stay_inside_the_folder(client, auth, with_to
 @pytest.mark.parametrize(("field", "value"), [
     ("vocab_file", "vocab.txt"), ("tokenizer_file", "tokenizer.json"), ("vocab_file", None), ("x_path", 3),
     ("name_or_path", "sentence-transformers/all-MiniLM-L6-v2"),
+    ("_model_name_or_path", "Smollm2 135M 8k Lc100K Mix1 Ep2"),  # a label models converted from GGUF carry
 ])
 def test_config_fields_naming_files_of_the_folder_are_accepted(client, auth, with_tokenizer, field, value):
     path = with_tokenizer / "tokenizer_config.json"
