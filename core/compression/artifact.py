@@ -211,7 +211,10 @@ def _load_folder(folder: Path, dtype: torch.dtype) -> PreTrainedModel:
     state_dict = _read_state_dict(_artifact_weights(folder), manifest, dtype)
     cls = model_class_for(config)
     if manifest.rewrites:  # replaced modules (int8 kernels, factored layers) load through their own hooks
-        return _load_rebuilt(cls, config, manifest, state_dict).to(dtype)
+        model = _load_rebuilt(cls, config, manifest, state_dict)
+        if dtype != torch.float32:
+            model.to(dtype)  # type: ignore[arg-type]  # (transformers' wrapper of .to types its first argument)
+        return model
     # Parameters on the meta device take the decoded tensors themselves (assign): no second copy of the weights.
     with parameters_on_meta():
         model = cls(config)
