@@ -31,6 +31,7 @@ TRAINING_EXTRA_BYTES_PER_PARAM = 3 * FP32_BYTES
 CALIBRATION_EXTRA_BYTES_PER_PARAM = 1.0
 # The streaming engine holds one tensor, one output shard and the imports whatever the model's size (1.0-1.2 GB).
 STREAM_SHARD_BYTES = 256 * 1024**2
+MEASURED_BLOCK_COPIES = 1.5
 # The block-offloading engine (measured on the TinyLlama-1.1B shape, gptq and sparsegpt, CPU): the steps' statistics
 # per element of the block's Hessians (sum of in_features² over its Linears): gptq keeps float32 ones, sparsegpt and
 # svd_llm float64 Gram matrices; the solver's float64 work on the largest of them (~0.6 of the sum for a Llama
@@ -133,8 +134,11 @@ def choose_engine(model: ModelFacts, steps: Sequence[type[StepConfig]], streamin
 
 def _streaming_peak(model: ModelFacts) -> int:
     largest = model.largest_tensor_bytes or model.weight_bytes // 40
-    # the tensor being encoded is held as read and as its encoding (measured 1.0-1.2 GB for Llama-7B shapes)
-    return IMPORTS_BYTES + STREAM_SHARD_BYTES + 2 * largest
+    # the tensor being encoded is held as read and as its encoding (measured 1.0-1.2 GB for Llama-7B shapes); the
+    # job's block output cosines then hold one block in float32 and its stored tensors as they are upcast (the 7B
+    # shape's whole job through the API peaked at 2.51 GB)
+    measuring = int(MEASURED_BLOCK_COPIES * FP32_BYTES * model.blocks.params) if model.blocks else 0
+    return IMPORTS_BYTES + STREAM_SHARD_BYTES + 2 * largest + measuring
 
 
 def _offloaded_peak(blocks: BlockShape, steps: Sequence[type[StepConfig]], device: str) -> tuple[int, int]:

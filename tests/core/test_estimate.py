@@ -78,3 +78,13 @@ def test_calibrated_steps_on_big_models_are_estimated_one_block_at_a_time() -> N
     assert 1.8 * GB < offloaded.peak_host_bytes < 3 * GB < in_memory.peak_host_bytes
     on_gpu = estimate_job(facts, [QuantizeGPTQ], "cuda", streaming_threshold=2 * 10**9)
     assert on_gpu.peak_gpu_bytes > 1 * GB and on_gpu.peak_host_bytes < offloaded.peak_host_bytes
+
+
+def test_a_7b_rtn_job_streams_within_25_percent_of_its_measured_peak() -> None:
+    # bench/big_models.py --api-7b: the whole job through the API peaked at 2.51 GB (worker process tree)
+    blocks = BlockShape(count=32, params=202_383_360, outside_params=262_148_096, hessian_elements=0,
+                        hidden_size=4096)
+    facts = ModelFacts(num_parameters=6_738_415_616, weight_bytes=13_476_831_232, blocks=blocks)
+    estimate = estimate_job(facts, [QuantizeRTN], "cpu", streaming_threshold=2 * GIB)
+    assert estimate.engine == "streaming"
+    assert abs(estimate.peak_host_bytes - 2.51 * GB) / (2.51 * GB) < 0.25
