@@ -15,7 +15,6 @@ Reproduce: `.venv/bin/python -m bench.big_calibrated` (both parts; `--tinyllama`
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from typing import Any
 
 import torch
 
-from bench.big_models import SAMPLE_S, THREADS, TINYLLAMA, tree_rss, write_synthetic_llama
+from bench.big_models import THREADS, TINYLLAMA, measured_child, write_synthetic_llama
 from bench.report import load_average, machine_description, markdown_table, update_section
 
 NAME = "big_calibrated"
@@ -63,16 +62,8 @@ def run_child(step: dict[str, Any], source: Path, work: Path) -> None:
 
 
 def measured_job(step: dict[str, Any], source: Path, work: Path) -> dict[str, Any]:
-    child = subprocess.Popen([sys.executable, "-m", f"bench.{NAME}", "--child", json.dumps(step), str(source),
-                              str(work)], stdout=subprocess.PIPE, text=True)
-    peak = 0
-    while child.poll() is None:
-        peak = max(peak, tree_rss(child.pid))
-        time.sleep(SAMPLE_S)
-    stdout = child.stdout.read() if child.stdout else ""
-    if child.returncode != 0:
-        raise RuntimeError(f"the {step['method']} job failed with {child.returncode}")
-    return {**json.loads(stdout.strip().splitlines()[-1]), "peak_rss": peak}
+    command = [sys.executable, "-m", f"bench.{NAME}", "--child", json.dumps(step), str(source), str(work)]
+    return measured_child(command, f"the {step['method']} job")
 
 
 def estimated_peak(source: Path, step: dict[str, Any]) -> int:

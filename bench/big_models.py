@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from bench.report import load_average, machine_description, markdown_table, update_section
+from cli.stack import stop_processes
 
 NAME = "big_models"
 COMMAND = f".venv/bin/python -m bench.{NAME}"
@@ -89,15 +90,19 @@ def flush_shard(folder: Path, shard: dict[str, torch.Tensor], weight_map: dict[s
 
 def measure(engine: str, source: Path, out: Path) -> dict[str, Any]:
     """Run one engine in a child process; its result line plus the peak RSS of its process tree."""
-    child = subprocess.Popen([sys.executable, "-m", f"bench.{NAME}", "--child", engine, str(source), str(out)],
-                             stdout=subprocess.PIPE, text=True)
+    return measured_child([sys.executable, "-m", f"bench.{NAME}", "--child", engine, str(source), str(out)], engine)
+
+
+def measured_child(command: list[str], label: str) -> dict[str, Any]:
+    """Run `command`; the JSON object of its last output line plus the peak RSS of its process tree."""
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     peak = 0
     while child.poll() is None:
         peak = max(peak, tree_rss(child.pid))
         time.sleep(SAMPLE_S)
     stdout = child.stdout.read() if child.stdout else ""
     if child.returncode != 0:
-        raise RuntimeError(f"{engine} child failed with {child.returncode}")
+        raise RuntimeError(f"{label} child failed with {child.returncode}")
     return {**json.loads(stdout.strip().splitlines()[-1]), "peak_rss": peak}
 
 
@@ -322,17 +327,6 @@ def print_log_tails(logs: Path, lines: int = 40) -> None:
     for log in sorted(logs.glob("*.log")):
         tail = log.read_text(errors="replace").splitlines()[-lines:]
         print(f"--- last {len(tail)} lines of {log.name} ---", *tail, sep="\n", file=sys.stderr)
-
-
-def stop_processes(processes: list[subprocess.Popen]) -> None:
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def folder_manifest(folder: Path) -> list[dict[str, Any]]:

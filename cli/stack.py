@@ -28,13 +28,19 @@ def local_stack(env: dict[str, str], log_dir: Path, queues: str = "cpu") -> Iter
         wait_ready(url, processes)
         yield url
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)
+
+
+def stop_processes(processes: list[subprocess.Popen]) -> None:
+    """Terminate, wait up to 30 s each, kill what is left."""
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def spawn(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

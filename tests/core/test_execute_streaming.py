@@ -88,14 +88,20 @@ def test_other_jobs_stay_in_memory(sharded_llama: Path, tmp_path: Path, steps: l
     assert metrics["engine"] == "in_memory" and metrics["speedup"] > 0
 
 
-def test_the_worker_passes_the_stream_setting(client: TestClient, auth: dict[str, str], upload: Callable[..., dict],
-                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = upload()
-    job_id = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [INT4]}, headers=auth).json()["id"]
+def run_over_threshold(client: TestClient, auth: dict[str, str], model_id: str, step: dict[str, Any], work: Path,
+                       monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Submit a one-step job and run it in this process as the worker does, with MCS_STREAM_ABOVE_BYTES=0; the
+    job's JSON once it ended."""
+    job_id = client.post("/v1/jobs", json={"model_id": model_id, "steps": [step]}, headers=auth).json()["id"]
     with session_scope() as session:
         job = JobRuns(session).claim(job_id, timedelta(seconds=60), max_attempts=3)
         session.expunge(job)
     monkeypatch.setattr(tasks, "get_settings", lambda: get_settings().model_copy(update={"stream_above_bytes": 0}))
-    tasks._execute(job, get_store(), tmp_path / "work")
-    result = client.get(f"/v1/jobs/{job_id}", headers=auth).json()
+    tasks._execute(job, get_store(), work)
+    return client.get(f"/v1/jobs/{job_id}", headers=auth).json()
+
+
+def test_the_worker_passes_the_stream_setting(client: TestClient, auth: dict[str, str], upload: Callable[..., dict],
+                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    result = run_over_threshold(client, auth, upload()["id"], INT4, tmp_path / "work", monkeypatch)
     assert result["status"] == "succeeded" and result["metrics"]["engine"] == "layer_by_layer"

@@ -3,7 +3,6 @@ the artifact the in-memory path writes, bit for bit."""
 
 import json
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,9 @@ from core.compression.offload import DiskBlocks, offloaded_state, save_offloaded
 from core.compression.pipeline import run_pipeline
 from core.compression.state import ModelState, StepContext
 from core.errors import JobCancelled, UnsupportedModel
-from core.service.db.repositories import JobRuns
-from core.service.db.session import session_scope
-from core.service.settings import get_settings
-from core.service.storage import get_store
-from tests.core.test_execute_streaming import run_job
+from tests.core.test_execute_streaming import run_job, run_over_threshold
 from tests.core.test_sequential import stored, untied_bf16_llama
 from tests.models import save_sharded_folder, tiny_bert, tiny_llama
-from worker import tasks
 
 CALIBRATION = {"num_samples": 4, "seq_len": 32}
 GPTQ = {"type": "quantize", "method": "gptq", "bits": 4, "granularity": "per_group", "group_size": 32,
@@ -173,13 +167,6 @@ def test_offload_keeps_its_scratch_inside_the_job(tied_llama: Path, tmp_path: Pa
 def test_the_worker_offloads_a_calibrated_job_over_the_threshold(
         client: TestClient, auth: dict[str, str], upload: Callable[..., dict], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    model = upload()
-    job_id = client.post("/v1/jobs", json={"model_id": model["id"], "steps": [GPTQ]}, headers=auth).json()["id"]
-    with session_scope() as session:
-        job = JobRuns(session).claim(job_id, timedelta(seconds=60), max_attempts=3)
-        session.expunge(job)
-    monkeypatch.setattr(tasks, "get_settings", lambda: get_settings().model_copy(update={"stream_above_bytes": 0}))
-    tasks._execute(job, get_store(), tmp_path / "work")
-    result = client.get(f"/v1/jobs/{job_id}", headers=auth).json()
+    result = run_over_threshold(client, auth, upload()["id"], GPTQ, tmp_path / "work", monkeypatch)
     assert result["status"] == "succeeded" and result["metrics"]["engine"] == "offloaded"
     assert result["metrics"]["after"]["block_output_cosine_min"] > 0.9
