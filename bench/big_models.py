@@ -448,11 +448,11 @@ def verify_blocks(source: Path, artifact: Path) -> dict[str, Any]:
     from core.compression.artifact import read_manifest
     from core.compression.modelio import meta_model, model_class_for, read_model_config
     from core.compression.sequential import (
-        _artifact_tensors,
         _block_arguments,
         _numbered_blocks,
         _run_block,
         _stored_tensors,
+        artifact_tensors,
     )
     from core.compression.spec import JobSpec
 
@@ -470,7 +470,7 @@ def verify_blocks(source: Path, artifact: Path) -> dict[str, Any]:
         block = model.get_submodule(prefix)
         names = [f"{prefix}.{name}" for name in block.state_dict()]
         reference = simulated(_stored_tensors(names, original), selected, step)
-        candidate = _artifact_tensors(names, compressed, encodings)
+        candidate = artifact_tensors(names, compressed, encodings)
         identical += sum(torch.equal(reference[name], candidate[name]) for name in names if name in selected)
         compared += sum(name in selected for name in names)
         outputs = [_run_block(block, prefix, tensors, hidden, extra) for tensors in (reference, candidate)]

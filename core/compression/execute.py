@@ -32,14 +32,16 @@ from core.compression.pipeline import StepHooks, run_pipeline
 from core.compression.sequential import block_output_cosines, compress_streaming
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext, StepReport
+from core.compression.streamed import streamed_model
 from core.errors import InputUnreadable, ServiceError, StepFailed, UnsupportedModel
 
 log = logging.getLogger(__name__)
 STREAMING_NOTE = ("layer-by-layer engine (the model's weight files are over the streaming threshold): "
-                  "block_output_cosine_min/mean = cosine of what each decoder block of the saved artifact adds to "
-                  "a seeded random hidden state vs the original block's, one block in memory at a time; the "
-                  "whole-model output_cosine and latency_ms are not measured (null): both need the whole model "
-                  "in memory")
+                  "output_cosine = the saved artifact vs the original on the fixed probe inputs, each run forward "
+                  "with one decoder block read from its files at a time (the same float32 arithmetic as a loaded "
+                  "model); block_output_cosine_min/mean = cosine of what each decoder block of the artifact adds "
+                  "to a seeded random hidden state vs the original block's; latency_ms is not measured (null): a "
+                  "forward pass that reads its blocks from disk would time the disk, not the model")
 OFFLOADED_NOTE = ("block-offloading engine (the model's weight files are over the streaming threshold): the "
                   "calibrated steps ran one decoder block in memory at a time; " + STREAMING_NOTE.split("): ", 1)[1])
 PIPELINE_SHARE = (0.1, 0.8)
@@ -136,7 +138,7 @@ def _execute_streaming(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: Step
     for index, report in enumerate(reports):
         hooks.finished(index, report)
     ctx.report(0.9, "measuring the saved artifact block by block")
-    after = _measure_streamed(model_dir, folder, before)
+    after = _measure_streamed(model_dir, folder, before, ctx.device)
     archive = _zip_folder(folder, work_dir / "model.zip")
     return JobOutcome(archive, {**_summary(before, after, archive, ctx), "engine": "layer_by_layer",
                                 "note": STREAMING_NOTE})
@@ -160,25 +162,38 @@ def _execute_offloaded(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: Step
     del state
     shutil.rmtree(scratch, ignore_errors=True)
     ctx.report(0.9, "measuring the saved artifact block by block")
-    after = _measure_streamed(model_dir, folder, before)
+    after = _measure_streamed(model_dir, folder, before, ctx.device)
     archive = _zip_folder(folder, work_dir / "model.zip")
     return JobOutcome(archive, {**_summary(before, after, archive, ctx), "engine": "offloaded",
                                 "note": OFFLOADED_NOTE})
 
 
-def _measure_streamed(model_dir: Path, folder: Path, before: dict[str, Any]) -> dict[str, Any]:
-    """The artifact's numbers from its files: its size, and the lowest and mean block output cosine. A block that
-    cannot run on a plain hidden state (a multimodal model's vision blocks, an unusual block signature) leaves the
-    cosines unmeasured (null, with the reason) rather than failing a job whose artifact is already written."""
+def _measure_streamed(model_dir: Path, folder: Path, before: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The artifact's numbers from its files: its size, its output cosine on the probe (`_streamed_cosine`), and the
+    lowest and mean block output cosine. A model whose blocks cannot run this way (a multimodal model's vision
+    blocks, an unusual block signature) leaves them unmeasured (null, with the reason) rather than failing a job
+    whose artifact is already written."""
     after = {**before, "size_bytes": metrics.weights_size_bytes(folder)}
     try:
+        before["output_cosine"], after["output_cosine"] = _streamed_cosine(model_dir, folder, device)
         cosines = block_output_cosines(model_dir, folder)
-    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
-        log.warning("block output cosines of %s not measured: %r", folder, exc)
+    except (TypeError, ValueError, RuntimeError, AttributeError, UnsupportedModel) as exc:
+        log.warning("streamed measurements of %s not taken: %r", folder, exc)
         return {**after, "block_output_cosine_min": None, "block_output_cosine_mean": None,
                 "block_output_cosine_error": f"{type(exc).__name__}: {exc}"}
     return {**after, "block_output_cosine_min": min(cosines, default=None),
             "block_output_cosine_mean": sum(cosines) / len(cosines) if cosines else None}
+
+
+def _streamed_cosine(model_dir: Path, folder: Path, device: torch.device) -> tuple[float, float]:
+    """(original, artifact) output cosine on the probe, as `execute_job` measures a loaded model, with each model
+    run forward one block in memory at a time (`streamed_model`)."""
+    with streamed_model(model_dir, device) as original:
+        probe = _probe(original, _tokenizer(model_dir))
+    with streamed_model(folder, device) as artifact:
+        after = probe.cosine(artifact)
+    mask = probe.inputs.get("attention_mask")
+    return metrics.output_cosine(probe.reference, probe.reference, mask), after
 
 
 @contextmanager

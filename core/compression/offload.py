@@ -74,7 +74,7 @@ class DiskBlocks:
         """Put block `name`'s current weights (and, after a step, its encodings) on the device."""
         values = self._released(name, state) if name in self.released else self._original(name, block)
         for key, value in values.items():
-            _assign(block, key.removeprefix(name + "."), value.to(self.device))
+            assign_tensor(block, key.removeprefix(name + "."), value.to(self.device))
 
     def release(self, name: str, block: nn.Module, state: ModelState) -> None:
         """Write block `name`'s weights and encodings to the scratch folder and return its parameters to meta."""
@@ -97,9 +97,7 @@ class DiskBlocks:
         _return_freed_memory()
 
     def unload(self, block: nn.Module) -> None:
-        """Return the block's parameters to the meta device, keeping the Parameter objects."""
-        for param in block.parameters():
-            swap_tensors(param, nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad))
+        unload_block(block)
 
     def blocks(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         blocks = model.get_submodule(self.prefix)
@@ -141,6 +139,12 @@ class DiskBlocks:
         return {**stored, **values}
 
 
+def unload_block(block: nn.Module) -> None:
+    """Return the block's parameters to the meta device, keeping the Parameter objects."""
+    for param in block.parameters():
+        swap_tensors(param, nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad))
+
+
 def _return_freed_memory() -> None:
     """glibc keeps freed heap memory for reuse, so without this the worker's RSS (what the pre-flight estimate and
     an operator's memory limit see) would climb to the high-water mark of every block before it; after a block is
@@ -165,7 +169,7 @@ def offloaded_state(model_dir: Path, scratch: Path, device: torch.device | str =
     [QuantizeGPTQ()], ctx)` and `save_offloaded(state, Path("out"), {})`.
     """
     check_named_files(model_dir)
-    model = _skeleton(model_dir)
+    model = skeleton_model(model_dir)
     found = transformer_blocks(model)
     if found is None:
         raise UnsupportedModel("the layer-by-layer engine needs a model made of repeated blocks (decoder layers)")
@@ -213,7 +217,7 @@ def _write_part(writer: ShardWriter, part: dict[str, torch.Tensor], encodings: M
     aliases.update(part_aliases)
 
 
-def _skeleton(model_dir: Path) -> PreTrainedModel:
+def skeleton_model(model_dir: Path) -> PreTrainedModel:
     """The folder's model with parameters on the meta device and real buffers, configured as `load_model`
     configures the in-memory one (float32, the folder's generation config)."""
     config = read_model_config(model_dir)
@@ -238,11 +242,11 @@ def _load_outside_blocks(model: PreTrainedModel, tensors: list[PlannedTensor], b
         stored = blocks.stored_as[tensor.names[0]]
         with safe_open(blocks.sources[stored], framework="pt") as handle:
             value = checked_tensor(tensor, stored, handle.get_tensor(stored))
-        _assign(model, tensor.names[0], (value.float() if tensor.is_float else value).to(blocks.device))
+        assign_tensor(model, tensor.names[0], (value.float() if tensor.is_float else value).to(blocks.device))
 
 
 @torch.no_grad()
-def _assign(root: nn.Module, name: str, value: torch.Tensor) -> None:
+def assign_tensor(root: nn.Module, name: str, value: torch.Tensor) -> None:
     """Give parameter (or buffer) `name` of `root` the value `value`, keeping the Parameter object."""
     owner, _, attr = name.rpartition(".")
     module = root.get_submodule(owner)

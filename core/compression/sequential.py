@@ -358,7 +358,7 @@ def block_output_cosines(model_dir: Path, artifact_dir: Path, tokens: int = 64, 
     for prefix in _numbered_blocks(model):
         block, artifact_block = model.get_submodule(prefix), rebuilt.get_submodule(prefix)
         reference = _run_block(block, prefix, _stored_tensors(_names(block, prefix), original), hidden, extra)
-        candidate = _run_block(artifact_block, prefix, _artifact_tensors(_names(artifact_block, prefix), compressed,
+        candidate = _run_block(artifact_block, prefix, artifact_tensors(_names(artifact_block, prefix), compressed,
                                                                          manifest.encodings), hidden, extra)
         cosines.append(metrics.output_cosine(reference - hidden, candidate - hidden))
     return cosines
@@ -392,7 +392,7 @@ def _stored_tensors(names: list[str], sources: Mapping[str, Path]) -> dict[str, 
     return tensors
 
 
-def _artifact_tensors(names: list[str], sources: Mapping[str, Path],
+def artifact_tensors(names: list[str], sources: Mapping[str, Path],
                       encodings: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The block's weights as `load_compressed` rebuilds them: encoded ones decoded from their packed tensors."""
     tensors = _stored_tensors([name for name in names if name not in encodings], sources)

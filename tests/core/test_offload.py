@@ -61,6 +61,7 @@ def test_offloaded_jobs_write_the_in_memory_artifact(tied_llama: Path, tmp_path:
     assert offloaded["after"]["size_bytes"] == in_memory["after"]["size_bytes"]
     assert offloaded["before"]["parameters"] == in_memory["before"]["parameters"]
     assert _step_metrics(tmp_path / "offloaded") == _step_metrics(tmp_path / "in-memory")
+    assert offloaded["output_cosine"] == pytest.approx(in_memory["output_cosine"], abs=1e-6)
     assert not (tmp_path / "offloaded" / "blocks").exists()
 
 
@@ -89,13 +90,14 @@ def test_blocks_stored_in_bf16_are_compressed_as_the_in_memory_path_upcasts_them
     assert_same_weights(tmp_path / "offloaded" / "model", tmp_path / "in-memory" / "model")
 
 
-def test_an_offloaded_job_measures_each_block_and_nothing_that_needs_the_whole_model(tied_llama: Path,
-                                                                                    tmp_path: Path) -> None:
+def test_an_offloaded_job_measures_the_whole_model_and_each_block_but_not_latency(tied_llama: Path,
+                                                                                  tmp_path: Path) -> None:
     metrics, _ = run_job(tied_llama, tmp_path / "work", [GPTQ], stream_above_bytes=0)
     after = metrics["after"]
     # Measured: gptq int4 g32 on tiny_llama's two blocks gives 0.984 and 0.99.
     assert 0.95 < after["block_output_cosine_min"] <= after["block_output_cosine_mean"] < 0.9999
-    assert (metrics["output_cosine"], metrics["speedup"], after["latency_ms"]) == (None, None, None)
+    assert 0.9 < metrics["output_cosine"] < 0.9999
+    assert (metrics["speedup"], after["latency_ms"]) == (None, None)
     assert "block-offloading engine" in metrics["note"]
 
 

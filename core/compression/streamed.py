@@ -1,0 +1,94 @@
+"""Whole-model forward passes of a model too big to hold: a model folder (or an artifact) runs as the in-memory model
+would, with its repeated blocks read from the shards only while the forward pass is inside them.
+
+The model is built with its parameters on the meta device (an artifact's structure replayed from its manifest), the
+part outside the blocks (embeddings, final norm, lm_head) is read once in float32, and a hook around each block
+reads its weights (an artifact's decoded, as `load_compressed` decodes them) just before the block runs and returns
+them to the meta device just after. Every number is computed by the same float32 arithmetic as on the loaded model,
+so the before/after numbers of a layer-by-layer job are those the in-memory path would report, while memory holds
+the part outside the blocks, one block and the activations.
+"""
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from core.compression.artifact import MANIFEST_FILE, read_manifest
+from core.compression.offload import assign_tensor, skeleton_model, unload_block
+from core.compression.rewrites import replay
+from core.compression.sequential import artifact_tensors, plan_tensors, source_files
+from core.compression.sparsity.blockwise import transformer_blocks
+from core.compression.state import Rewrite
+from core.errors import UnsupportedModel
+
+
+class _FolderReader:
+    """Reads a model folder's tensors by state_dict name as the loaders give them: float ones in float32, an
+    artifact's encoded ones decoded, a tied one from wherever it is stored."""
+
+    def __init__(self, folder: Path, model: PreTrainedModel, encodings: Mapping[str, object],
+                 aliases: Mapping[str, str]) -> None:
+        self.sources = source_files(folder)
+        self.encodings = encodings
+        stored = set(self.sources) | set(encodings)
+        tied = {name: next((alias for alias in t.names if alias in stored), name)
+                for t in plan_tensors(model, []) for name in t.names}
+        self.stored_as = {name: aliases.get(name, tied[name]) for name in tied}
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        wanted = {name: self.stored_as.get(name, name) for name in names}
+        values = artifact_tensors(sorted(set(wanted.values())), self.sources, self.encodings)
+        return {name: _float32(values[stored]) for name, stored in wanted.items()}
+
+
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+@contextmanager
+def streamed_model(folder: Path, device: torch.device | str = "cpu") -> Iterator[PreTrainedModel]:
+    """The model of `folder` (an uploaded model or a `save_compressed` artifact) ready to run forward with one
+    block in memory at a time. UnsupportedModel when it has no repeated blocks.
+
+    Run it under `torch.no_grad()`: autograd would keep references to the weights a block lets go of.
+    Example: `with streamed_model(Path("llama-7b")) as model, torch.no_grad(): logits = model(**inputs).logits`.
+    """
+    device = torch.device(device)
+    model = skeleton_model(folder)
+    encodings: Mapping[str, object] = {}
+    aliases: Mapping[str, str] = {}
+    if (folder / MANIFEST_FILE).is_file():
+        manifest = read_manifest(folder)
+        encodings, aliases = manifest.encodings, manifest.aliases
+        with torch.device("meta"):  # factored layers and other rewrites, still without memory
+            for record in manifest.rewrites:
+                replay(model, Rewrite(record.kind, record.module, record.meta))
+    found = transformer_blocks(model)
+    if found is None:
+        raise UnsupportedModel("a streamed forward pass needs a model made of repeated blocks (decoder layers)")
+    prefix, blocks = found
+    reader = _FolderReader(folder, model, encodings, aliases)
+    outside = [name for name in model.state_dict() if not name.startswith(prefix + ".")]
+    for name, value in reader.read(outside).items():
+        assign_tensor(model, name, value.to(device))
+    hooks = []
+    for index, block in enumerate(blocks):
+        hooks.append(block.register_forward_pre_hook(_loader(reader, f"{prefix}.{index}", device)))
+        hooks.append(block.register_forward_hook(lambda block, args, output: unload_block(block)))
+    try:
+        yield model.eval()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _loader(reader: _FolderReader, name: str, device: torch.device):  # noqa: ANN202 (a forward pre-hook)
+    def load(block: nn.Module, args: object) -> None:
+        names = [f"{name}.{key}" for key in block.state_dict(keep_vars=True)]
+        for key, value in reader.read(names).items():
+            assign_tensor(block, key.removeprefix(name + "."), value.to(device))
+    return load
