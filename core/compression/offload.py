@@ -93,10 +93,13 @@ class DiskBlocks:
         # later steps see that the weight is encoded, without holding its tensors.
         state.encodings.update({key: _on_meta(encoding) for key, encoding in encodings.items()})
         self.released.add(name)
-        self.unload(block)
+        unload_block(block)
         _return_freed_memory()
 
-    def unload(self, block: nn.Module) -> None:
+    def discard(self, name: str, block: nn.Module, state: ModelState) -> None:
+        """Let block `name` go without writing it: what a read-only pass looked at stays as it was stored."""
+        for key in [key for key in state.encodings if key.startswith(name + ".")]:
+            state.encodings[key] = _on_meta(state.encodings[key])
         unload_block(block)
 
     def blocks(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -107,6 +110,13 @@ class DiskBlocks:
 
     def in_blocks(self, name: str) -> bool:
         return name.startswith(self.prefix + ".")
+
+    def block_of(self, model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
+        """(`model.layers.3`, that block) for a module or parameter name inside it; None outside the blocks."""
+        if not self.in_blocks(name):
+            return None
+        block = f"{self.prefix}.{name[len(self.prefix) + 1:].split('.')[0]}"
+        return block, model.get_submodule(block)
 
     def _original(self, name: str, block: nn.Module) -> dict[str, torch.Tensor]:
         """The block's parameters and stored buffers as the input shards hold them, upcast to float32."""
@@ -201,7 +211,7 @@ def save_offloaded(state: ModelState, out_dir: Path, manifest: Mapping[str, Any]
         part = {f"{name}.{key}": value for key, value in block.state_dict().items()}
         encodings = {key: state.encodings.pop(key) for key in part if key in state.encodings}
         _write_part(writer, part, encodings, records, aliases)
-        blocks.unload(block)
+        unload_block(block)
     writer.finish()
     write_manifest(out_dir, manifest, records, aliases, state.rewrites)
     if source_dir is not None:

@@ -1,9 +1,9 @@
 """What flows through a pipeline: the model, how its weights are packed, the context a step runs in."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -38,11 +38,17 @@ class Rewrite:
 
 class BlockResidency(Protocol):
     """Where a model's transformer blocks live when they are not all in memory (`core.compression.offload`): the
-    block runners call `load` before a block runs and `release` once the next block's inputs are computed."""
+    block runners call `load` before a block runs and `release` once the next block's inputs are computed;
+    `discard` lets a block go without keeping what changed (after a read-only pass); `block_of` names the block
+    holding a module or parameter (None outside the blocks)."""
 
     def load(self, name: str, block: nn.Module, state: "ModelState") -> None: ...
 
     def release(self, name: str, block: nn.Module, state: "ModelState") -> None: ...
+
+    def discard(self, name: str, block: nn.Module, state: "ModelState") -> None: ...
+
+    def block_of(self, model: nn.Module, name: str) -> tuple[str, nn.Module] | None: ...
 
 
 @dataclass
@@ -69,6 +75,38 @@ def release_block(state: ModelState, name: str, block: nn.Module) -> None:
     """Let block `name` go once the runner is done with it (a no-op when the whole model is in memory)."""
     if state.blocks is not None:
         state.blocks.release(name, block, state)
+
+
+Item = TypeVar("Item")
+
+
+def each_in_memory(state: ModelState, items: Iterable[Item], name_of: Callable[[Item], str] = str,
+                   keep: bool = True) -> Iterator[Item]:
+    """Each item (a weight or module, named by `name_of`, in model order) with the block holding it in memory
+    while it is yielded: a block is loaded when the first of its items comes and let go when an item of another
+    block comes, or at the end; `keep=False` drops what the pass changed (a read-only pass, such as a global
+    threshold's). In memory, the items as they are. Steps whose handlers visit their weights through this (or the
+    block runners) can run with the blocks offloaded (`runs_by_block`)."""
+    current: tuple[str, nn.Module] | None = None
+    for item in items:
+        found = state.blocks.block_of(state.model, name_of(item)) if state.blocks is not None else None
+        if current is not None and (found is None or found[0] != current[0]):
+            _let_go(state, current, keep)
+            current = None
+        if found is not None and current is None:
+            load_block(state, *found)
+            current = found
+        yield item
+    if current is not None:
+        _let_go(state, current, keep)
+
+
+def _let_go(state: ModelState, block: tuple[str, nn.Module], keep: bool) -> None:
+    assert state.blocks is not None
+    if keep:
+        state.blocks.release(*block, state)
+    else:
+        state.blocks.discard(*block, state)
 
 
 @dataclass

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from core.compression.configs.distill import Distill
-from core.compression.configs.quantize import QuantizeGPTQ, QuantizeRTN
+from core.compression.configs.quantize import QuantizeGPTQ, QuantizeMixed, QuantizeRTN
 from core.compression.estimate import GB, BlockShape, ModelFacts, block_shape, estimate_job
 from core.compression.modelio import meta_model
 from tests.models import tiny_llama
@@ -38,7 +38,8 @@ def test_large_rtn_streams_in_about_a_gigabyte() -> None:
 
 
 def test_streaming_needs_every_step_to_stream_and_a_model_above_the_threshold() -> None:
-    assert estimate_job(llama(7e9), [QuantizeRTN, QuantizeGPTQ], "cpu", 2 * GIB).engine == "in_memory"
+    assert estimate_job(llama(7e9), [QuantizeRTN, QuantizeGPTQ], "cpu", 2 * GIB).engine == "offloaded"
+    assert estimate_job(llama(7e9), [QuantizeRTN, QuantizeMixed], "cpu", 2 * GIB).engine == "in_memory"
     assert estimate_job(llama(0.5e9), [QuantizeRTN], "cpu", 2 * GIB).engine == "in_memory"
 
 

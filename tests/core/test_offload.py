@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from core.compression import offload
 from core.compression.configs.decompose import DecomposeSVDLLM
 from core.compression.configs.prune import PruneMagnitude, PruneSparseGPT
-from core.compression.configs.quantize import QuantizeGPTQ, QuantizeRTN
+from core.compression.configs.quantize import QuantizeDynamic, QuantizeGPTQ, QuantizeMixed, QuantizeRTN
 from core.compression.estimate import ModelFacts, choose_engine
 from core.compression.offload import DiskBlocks, offloaded_state, save_offloaded
 from core.compression.pipeline import run_pipeline
@@ -37,6 +37,16 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
         {"type": "decompose", "method": "svd_llm", "params_kept": 0.8, "calibration": CALIBRATION}],
     "asvd": [{"type": "decompose", "method": "asvd", "params_kept": 0.8, "calibration": CALIBRATION}],
     "sparsegpt, then gptq on the pruned blocks": [SPARSEGPT, GPTQ],
+    "magnitude 50% per layer": [{"type": "prune", "method": "magnitude", "sparsity": 0.5}],
+    "magnitude 2:4": [{"type": "prune", "method": "magnitude", "pattern": "2:4"}],
+    "magnitude 60% global (a first pass for the threshold)": [
+        {"type": "prune", "method": "magnitude", "sparsity": 0.6, "scope": "global"}],
+    "svd 90% energy": [{"type": "decompose", "method": "svd", "energy": 0.9}],
+    "deep compression: magnitude 50%, then kmeans 4-bit on the kept weights": [
+        {"type": "prune", "method": "magnitude", "sparsity": 0.5},
+        {"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_channel"}],
+    "sparsegpt, then rtn int4 g32": [
+        SPARSEGPT, {"type": "quantize", "method": "rtn", "bits": 4, "granularity": "per_group", "group_size": 32}],
 }
 
 
@@ -146,8 +156,10 @@ def test_a_model_without_repeated_blocks_is_refused(tmp_path: Path) -> None:
     ([PruneSparseGPT, QuantizeGPTQ], False, "offloaded"),
     ([DecomposeSVDLLM], False, "offloaded"),
     ([QuantizeRTN], False, "streaming"),
-    ([PruneSparseGPT, QuantizeRTN], False, "in_memory"),
-    ([PruneMagnitude], False, "in_memory"),
+    ([PruneSparseGPT, QuantizeRTN], False, "offloaded"),
+    ([PruneMagnitude], False, "offloaded"),
+    ([QuantizeMixed], False, "in_memory"),  # its sensitivity scan runs the whole model once per weight and width
+    ([QuantizeDynamic], False, "in_memory"),
     ([QuantizeGPTQ], True, "in_memory"),
 ])
 def test_the_engine_follows_the_steps_traits(steps: list[type], exports: bool, engine: str) -> None:

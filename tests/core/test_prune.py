@@ -1,6 +1,7 @@
 """Unstructured and N:M pruning (magnitude, Wanda, SparseGPT) on tiny models: exact sparsity, patterns, sparse
 storage, composition with quantization, and validation of bad parameters."""
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from core.compression.configs.prune import PruneMagnitude
 from core.compression.encoding import decode, quantize_rtn
 from core.compression.metrics import probe_inputs
 from core.compression.pipeline import run_pipeline
+from core.compression.sparsity import unstructured
 from core.compression.sparsity.masks import SPARSE_BITMASK, keep_sparse, mask_of, pack_bits, unpack_bits
 from core.compression.spec import JobSpec, QuantizeRTN
 from core.compression.state import ModelState, StepContext
@@ -164,3 +166,25 @@ def test_block_reconstruction_lowers_the_error_and_keeps_the_mask(method: str, t
 def test_reconstruction_is_refused_for_magnitude_pruning() -> None:
     with pytest.raises(ValidationError, match="reconstruct"):
         PruneMagnitude.model_validate({"type": "prune", "method": "magnitude", "reconstruct": {"epochs": 1}})
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.9, 0.999, 1.0])
+@pytest.mark.parametrize("stored", ["float32", "bfloat16 upcast", "with exact zeros"])
+def test_the_streamed_global_threshold_is_kthvalue_of_all_the_magnitudes(sparsity: float, stored: str) -> None:
+    generator = torch.Generator().manual_seed(int(sparsity * 1000))
+    tensors = [torch.randn(size, generator=generator).abs() for size in (1, 700, 4096, 33)]
+    if stored == "bfloat16 upcast":  # many equal values: ties at the rank
+        tensors = [t.bfloat16().float() for t in tensors]
+    if stored == "with exact zeros":
+        tensors.append(torch.zeros(500))
+    flat = torch.cat(tensors)
+    rank = round(sparsity * flat.numel())
+    expected = float(torch.kthvalue(flat, rank).values) if rank else float("-inf")
+    passes = []
+
+    def magnitudes() -> Iterator[torch.Tensor]:
+        passes.append(1)
+        return iter(tensors)
+
+    assert unstructured.global_threshold(magnitudes, sparsity) == expected
+    assert len(passes) == (2 if rank else 1)  # never all of them at once

@@ -32,8 +32,9 @@ class Traits:
     exports: each export format mapped to None (it can hold what the step produces) or to why it cannot.
     streams_per_tensor: the step encodes each weight from that weight alone, without data or the rest of the model
         (rtn, fp8), so `core.compression.sequential` can run it block by block on a model larger than memory.
-    runs_by_block: the step's handler visits the transformer blocks one at a time (calibrated gptq, wanda, sparsegpt,
-        asvd, svd_llm), so `core.compression.offload` can hold one block in memory while it runs.
+    runs_by_block: the step's handler visits the transformer blocks one at a time, through the block runners
+        (calibrated gptq, wanda, sparsegpt, asvd, svd_llm) or `state.each_in_memory` (rtn, fp8, kmeans, magnitude
+        pruning, svd), so `core.compression.offload` can hold one block in memory while it runs.
 
     Example: `Traits(changes_weights=True, trains=False, packs_weights=True, quantizes_activations=False,
     before_packing=None, after_weight_changes=None, exports={"onnx": None, "compressed-tensors": None},
@@ -64,7 +65,8 @@ class Traits:
 
     def by_block(self) -> "Traits":
         """These traits, for a config whose handler visits the transformer blocks one at a time through the block
-        runners (`sparsity.blockwise.sequential_blocks`), touching only the weights of the block it is in."""
+        runners (`sparsity.blockwise.sequential_blocks`) or `core.compression.state.each_in_memory`, touching
+        only the weights of the block it is in."""
         return dataclasses.replace(self, runs_by_block=True)
 
 

@@ -46,6 +46,8 @@ class DecomposeSVD(_Decompose):
     Example: `{"type": "decompose", "method": "svd", "params_kept": 0.8, "exclude": ["lm_head"]}`
     """
 
+    traits = DECOMPOSITION.by_block()
+
     method: Literal["svd"] = "svd"
 
 

@@ -64,6 +64,8 @@ class PruneMagnitude(_Unstructured):
     Example: `{"type": "prune", "method": "magnitude", "sparsity": 0.5, "scope": "layer"}`
     """
 
+    traits = PRUNING.by_block()
+
     method: Literal["magnitude"] = "magnitude"
     scope: Literal["layer", "global"] = "layer"
 

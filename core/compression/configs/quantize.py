@@ -57,7 +57,7 @@ class QuantizeRTN(_IntGridFields):
     Example: `{"type": "quantize", "method": "rtn", "bits": 4, "granularity": "per_group", "group_size": 64}`
     """
 
-    traits = WEIGHT_ONLY.streaming()
+    traits = WEIGHT_ONLY.streaming().by_block()
 
     type: Literal["quantize"] = "quantize"
     method: Literal["rtn"] = "rtn"
@@ -73,7 +73,7 @@ class QuantizeKMeans(StepConfig):
     """
 
     traits = WEIGHT_ONLY.refusing(COMPRESSED_TENSORS, "a k-means codebook has no compressed-tensors format (it "
-                                  "stores integer grids and fp8); use rtn, gptq or mixed")
+                                  "stores integer grids and fp8); use rtn, gptq or mixed").by_block()
 
     type: Literal["quantize"] = "quantize"
     method: Literal["kmeans"] = "kmeans"
@@ -118,7 +118,7 @@ class QuantizeFP8(StepConfig):
     Example: `{"type": "quantize", "method": "fp8", "granularity": "per_channel"}`
     """
 
-    traits = WEIGHT_ONLY.streaming()
+    traits = WEIGHT_ONLY.streaming().by_block()
 
     type: Literal["quantize"] = "quantize"
     method: Literal["fp8"] = "fp8"

@@ -9,7 +9,7 @@ from torch import nn
 from core.compression.encoding import decode_into
 from core.compression.select import SharedWeight, select_modules
 from core.compression.sparsity.masks import keep_sparse
-from core.compression.state import Encoding, ModelState, StepContext, StepReport, size_metrics
+from core.compression.state import Encoding, ModelState, StepContext, StepReport, each_in_memory, size_metrics
 from core.errors import JobCancelled
 
 
@@ -26,7 +26,7 @@ def encode_each(
 ) -> None:
     """Encode each weight, overwrite it with its decoded value and record the encoding; polls cancellation and
     reports progress between weights. `in_place`: `encode` already wrote the decoded value into the weight."""
-    for index, shared in enumerate(weights):
+    for index, shared in enumerate(each_in_memory(state, weights, lambda shared: shared.name)):
         if ctx.should_stop():
             raise JobCancelled(f"cancelled while quantizing, before {shared.name}")
         # A pruned weight keeps its mask around the new codes: its zeros stay exact and unstored (a zero encodes

@@ -1,5 +1,7 @@
 """Element-wise pruning masks (True = keep): magnitude, N:M, Wanda scores, and the SparseGPT solver."""
 
+from collections.abc import Callable, Iterable, Iterator
+
 import torch
 
 NM = tuple[int, int]
@@ -36,11 +38,46 @@ def nm_mask(scores: torch.Tensor, nm: NM) -> torch.Tensor:
     return mask.view(scores.shape)
 
 
-def global_threshold(magnitudes: list[torch.Tensor], sparsity: float) -> float:
-    """The magnitude at rank round(sparsity × total) over all tensors together (values ≤ it are pruned)."""
-    flat = torch.cat([m.flatten() for m in magnitudes])
-    pruned = round(sparsity * flat.numel())
-    return float(torch.kthvalue(flat, pruned).values) if pruned else float("-inf")
+def global_threshold(magnitudes: Callable[[], Iterable[torch.Tensor]], sparsity: float) -> float:
+    """The magnitude at rank round(sparsity × total) over all tensors together (values ≤ it are pruned), as
+    `torch.kthvalue` of their concatenation gives it, without holding them together: `magnitudes()` yields the
+    (non-negative, float32) tensors one at a time and is called twice. An exact radix selection on the float32 bit
+    patterns, which order non-negative floats as integers: the first pass counts the upper 16 bits, the second the
+    lower 16 bits within the one upper value that holds the rank.
+
+    Example: `global_threshold(lambda: iter([torch.tensor([0.1, 0.3]), torch.tensor([0.2])]), 0.67)` is 0.2 (in
+    float32).
+    """
+    total = 0
+    upper = torch.zeros(1 << 16, dtype=torch.int64)
+    for magnitude in magnitudes():
+        total += magnitude.numel()
+        for bits in _bit_chunks(magnitude):
+            upper += torch.bincount(bits >> 16, minlength=1 << 16)
+    rank = round(sparsity * total)
+    if not rank:
+        return float("-inf")
+    high, before = _bucket_of(upper, rank)
+    lower = torch.zeros(1 << 16, dtype=torch.int64)
+    for magnitude in magnitudes():
+        for bits in _bit_chunks(magnitude):
+            lower += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16)
+    low, _ = _bucket_of(lower, rank - before)
+    return float(torch.tensor([(high << 16) | low], dtype=torch.int32).view(torch.float32))
+
+
+def _bit_chunks(magnitude: torch.Tensor, elements: int = 1 << 22) -> Iterator[torch.Tensor]:
+    """The tensor's float32 bit patterns as int64, a bounded number at a time."""
+    flat = magnitude.detach().float().flatten()
+    for start in range(0, flat.numel(), elements):
+        yield flat[start:start + elements].view(torch.int32).long()
+
+
+def _bucket_of(counts: torch.Tensor, rank: int) -> tuple[int, int]:
+    """(the bucket holding the `rank`-th smallest value, 1-based; how many values lie in the buckets below it)."""
+    cumulative = counts.cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, torch.tensor(rank)))
+    return bucket, int(cumulative[bucket - 1]) if bucket else 0
 
 
 def wanda_scores(weight: torch.Tensor, input_sq_sum: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from core.compression.sparsity.blockwise import (
     calibration_batches,
 )
 from core.compression.sparsity.reconstruct import ReconstructionResult, reconstruct_block, reconstruction_metrics
-from core.compression.state import ModelState, Rewrite, StepContext, StepReport
+from core.compression.state import ModelState, Rewrite, StepContext, StepReport, each_in_memory
 from core.errors import JobCancelled
 
 # (weight, input stats) -> (U, S, Vh, transform) of the matrix to truncate
@@ -39,7 +39,7 @@ def decompose_svd_step(state: ModelState, config: DecomposeSVD, ctx: StepContext
     """
     modules = _modules(state, config, (nn.Linear, nn.Conv2d))
     before, tally = _parameter_count(state), _Tally()
-    for index, (name, module) in enumerate(modules.items()):
+    for index, (name, module) in enumerate(each_in_memory(state, modules.items(), lambda item: item[0])):
         if ctx.should_stop():
             raise JobCancelled(f"cancelled while decomposing, before {name}")
         if isinstance(module, nn.Conv2d):

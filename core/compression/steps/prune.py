@@ -17,7 +17,8 @@ from core.compression.sparsity.blockwise import (
 from core.compression.sparsity.masks import dense_float, sparse_encoding
 from core.compression.sparsity.reconstruct import ReconstructionResult, reconstruct_block, reconstruction_metrics
 from core.compression.sparsity.structured import prune_structured
-from core.compression.state import ModelState, StepContext, StepReport, size_metrics
+from core.compression.state import ModelState, StepContext, StepReport, each_in_memory, size_metrics
+from core.errors import JobCancelled
 
 LayerPruner = Callable[[nn.Linear, InputStats], torch.Tensor]
 SPEED_NOTE = ("unstructured sparsity gives no speedup with dense kernels (and load_compressed restores dense "
@@ -34,19 +35,23 @@ def prune_magnitude_step(state: ModelState, config: PruneMagnitude, ctx: StepCon
     kinds = (nn.Linear, nn.Conv2d, nn.Embedding) if config.include_embeddings else (nn.Linear, nn.Conv2d)
     # An embedding table is pruned together with the LM head tied to it; without embeddings that head is skipped.
     weights = _weights(state, config, kinds, tied="shared" if config.include_embeddings else "skipped")
-    magnitudes = {name: weight.detach().abs() for name, weight in weights.items()}
     nm, threshold = config.nm(), None
-    if nm is None and config.scope == "global":
-        threshold = unstructured.global_threshold(list(magnitudes.values()), config.sparsity)
+    if nm is None and config.scope == "global":  # a first pass over every weight, one block in memory at a time
+        threshold = unstructured.global_threshold(
+            lambda: (weights[name].detach().abs() for name in each_in_memory(state, weights, keep=False)),
+            config.sparsity)
     zeros: dict[str, int] = {}
-    for index, (name, weight) in enumerate(weights.items()):
+    for index, name in enumerate(each_in_memory(state, weights)):
+        if ctx.should_stop():
+            raise JobCancelled(f"cancelled while pruning, before {name}")
+        magnitude = weights[name].detach().abs()
         if nm is not None:
-            mask = unstructured.nm_mask(magnitudes[name], nm)
+            mask = unstructured.nm_mask(magnitude, nm)
         elif threshold is not None:
-            mask = magnitudes[name] > threshold
+            mask = magnitude > threshold
         else:
-            mask = unstructured.smallest_mask(magnitudes[name], config.sparsity)
-        zeros[name] = _store_pruned(state, name, weight, mask)
+            mask = unstructured.smallest_mask(magnitude, config.sparsity)
+        zeros[name] = _store_pruned(state, name, weights[name], mask)
         ctx.report((index + 1) / len(weights), f"pruned {name}")
     return sparsity_report(state, weights, zeros, config.pattern, [])
 

@@ -21,12 +21,14 @@ def quantize_kmeans_step(state: ModelState, config: QuantizeKMeans, ctx: StepCon
     Example recipe step: `{"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_channel"}`.
     """
     codebooks = {"per_channel": "per row", "per_column": "per column"}.get(config.granularity, "per tensor")
-    # A pruned weight's centroids fit its kept values only, and only their indices are stored.
-    masks = {id(state.model.get_parameter(name)): mask for name in state.encodings
-             if (mask := mask_of(state, name)) is not None}
+    # A pruned weight's centroids fit its kept values only, and only their indices are stored. The mask is read
+    # when its weight is encoded: with the blocks offloaded, only then is it in memory.
+    names = {id(state.model.get_parameter(name)): name for name in state.encodings}
 
     def encode(weight: nn.Parameter) -> Encoding:
-        return quantize_kmeans(weight, config.bits, config.granularity, config.iterations, masks.get(id(weight)))
+        name = names.get(id(weight))
+        mask = mask_of(state, name) if name is not None else None
+        return quantize_kmeans(weight, config.bits, config.granularity, config.iterations, mask)
 
     describe = f"share {2**config.bits} float16 centroids {codebooks}; indices bit-packed"
     return quantize_selected(state, config, ctx, encode, config.bits, describe)
