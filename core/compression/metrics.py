@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from core.compression.state import model_device
+
 Inputs = dict[str, torch.Tensor]
 
 # Fixed probe text: varied length and vocabulary, so padding and truncation are both exercised.
@@ -55,7 +57,7 @@ def probe_inputs(
 
     Random rows get decreasing lengths (masked padding after them) so masked positions are exercised too.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     if tokenizer is not None:
         texts = [PROBE_SENTENCES[i % len(PROBE_SENTENCES)] for i in range(batch)]
         rows = tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"]
@@ -125,7 +127,7 @@ def sentence_embeddings(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 32
 ) -> torch.Tensor:
     """Mean of the last hidden state over real tokens, L2-normalised (sentence-transformers' MiniLM embedding)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     batches = []
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(list(texts[start : start + batch_size]), padding=True, truncation=True, return_tensors="pt")
@@ -151,7 +153,7 @@ def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def perplexity(model: nn.Module, token_ids: torch.Tensor, window: int = 512) -> float:
     """Perplexity of a causal LM over `token_ids` (1-D), in non-overlapping windows of `window` tokens
     (each window scored on its own, as in DATA.md's SmolLM2 baseline)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     total_nll, total_tokens = 0.0, 0
     for start in range(0, token_ids.numel() - 1, window):
         chunk = token_ids[start : start + window].unsqueeze(0).to(device)

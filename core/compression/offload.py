@@ -16,7 +16,7 @@ statistics (GPTQ's Hessians), not the model.
 
 import ctypes
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,20 +61,47 @@ from core.errors import UnsupportedModel
 @dataclass
 class DiskBlocks:
     """The `BlockResidency` of a model whose blocks are read from the input shards, or from `scratch` once a step
-    has released them; only blocks under `prefix` (`model.layers`) move."""
+    has released them: the blocks under `prefix` (`model.layers`), and the `parts` outside them that hold
+    parameters (`model.embed_tokens`, `lm_head`), which move the same way. A part a forward pass needs (the
+    embeddings, to compute the first block's inputs) is read when the pass reaches it and let go, unchanged, when
+    the next block is loaded: a 7B model's float32 embeddings and head are 1 GB that no block runner needs."""
 
     prefix: str
     sources: Mapping[str, Path]
     stored_as: Mapping[str, str]  # each state_dict name -> the name its tensor is stored under in `sources`
     scratch: Path
     device: torch.device
+    parts: list[str] = field(default_factory=list)
     released: set[str] = field(default_factory=set)
+    in_forward: dict[str, nn.Module] = field(default_factory=dict)  # parts loaded by a forward pass
 
     def load(self, name: str, block: nn.Module, state: ModelState) -> None:
-        """Put block `name`'s current weights (and, after a step, its encodings) on the device."""
+        """Put block (or part) `name`'s current weights (and, after a step, its encodings) on the device; a
+        weight already there (one a tied part shares) is left as it is."""
+        if self.in_blocks(name):
+            self._drop_forward_parts(state)
         values = self._released(name, state) if name in self.released else self._original(name, block)
+        wanted = _not_loaded(block)
         for key, value in values.items():
-            assign_tensor(block, key.removeprefix(name + "."), value.to(self.device))
+            if key.removeprefix(name + ".") in wanted:
+                assign_tensor(block, key.removeprefix(name + "."), value.to(self.device))
+
+    def attach(self, state: ModelState) -> None:
+        """Read each part when a forward pass of `state.model` reaches it."""
+        for part in self.parts:
+            state.model.get_submodule(part).register_forward_pre_hook(self._forward_loader(part, state))
+
+    def _forward_loader(self, part: str, state: ModelState) -> Callable[[nn.Module, Any], None]:
+        def load(module: nn.Module, args: Any) -> None:
+            if _not_loaded(module):
+                self.load(part, module, state)
+                self.in_forward[part] = module
+        return load
+
+    def _drop_forward_parts(self, state: ModelState) -> None:
+        for part, module in self.in_forward.items():
+            self.discard(part, module, state)
+        self.in_forward.clear()
 
     def release(self, name: str, block: nn.Module, state: ModelState) -> None:
         """Write block `name`'s weights and encodings to the scratch folder and return its parameters to meta."""
@@ -94,7 +121,7 @@ class DiskBlocks:
         state.encodings.update({key: _on_meta(encoding) for key, encoding in encodings.items()})
         self.released.add(name)
         unload_block(block)
-        _return_freed_memory()
+        return_freed_memory()
 
     def discard(self, name: str, block: nn.Module, state: ModelState) -> None:
         """Let block `name` go without writing it: what a read-only pass looked at stays as it was stored."""
@@ -112,11 +139,13 @@ class DiskBlocks:
         return name.startswith(self.prefix + ".")
 
     def block_of(self, model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
-        """(`model.layers.3`, that block) for a module or parameter name inside it; None outside the blocks."""
-        if not self.in_blocks(name):
-            return None
-        block = f"{self.prefix}.{name[len(self.prefix) + 1:].split('.')[0]}"
-        return block, model.get_submodule(block)
+        """(`model.layers.3`, that block) for a module or parameter name inside it, or the part holding it
+        (`lm_head`); None for anything else."""
+        if self.in_blocks(name):
+            block = f"{self.prefix}.{name[len(self.prefix) + 1:].split('.')[0]}"
+            return block, model.get_submodule(block)
+        part = max((p for p in self.parts if name == p or name.startswith(p + ".")), key=len, default=None)
+        return None if part is None else (part, model.get_submodule(part))
 
     def _original(self, name: str, block: nn.Module) -> dict[str, torch.Tensor]:
         """The block's parameters and stored buffers as the input shards hold them, upcast to float32."""
@@ -149,13 +178,28 @@ class DiskBlocks:
         return {**stored, **values}
 
 
+def outside_parts(model: nn.Module, prefix: str) -> list[str]:
+    """The modules outside the blocks under `prefix` that hold parameters of their own (`model.embed_tokens`,
+    `model.norm`, `lm_head`), in model order."""
+    return [name for name, module in model.named_modules()
+            if name and not (name == prefix or name.startswith(prefix + "."))
+            and any(param is not None for param in module._parameters.values())]
+
+
+def _not_loaded(module: nn.Module) -> set[str]:
+    """The state_dict keys of `module` a load must fill: its parameters still on the meta device, and its
+    buffers (the stored value, not the constructor's)."""
+    return {key for key, tensor in module.state_dict(keep_vars=True).items()
+            if not isinstance(tensor, nn.Parameter) or tensor.is_meta}
+
+
 def unload_block(block: nn.Module) -> None:
     """Return the block's parameters to the meta device, keeping the Parameter objects."""
     for param in block.parameters():
         swap_tensors(param, nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad))
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """glibc keeps freed heap memory for reuse, so without this the worker's RSS (what the pre-flight estimate and
     an operator's memory limit see) would climb to the high-water mark of every block before it; after a block is
     released, what it freed goes back to the system. A no-op where the C library has no malloc_trim (musl, macOS)."""
@@ -171,9 +215,10 @@ def _on_meta(encoding: Encoding) -> Encoding:
 
 def offloaded_state(model_dir: Path, scratch: Path, device: torch.device | str = "cpu",
                     tokenizer: Any = None) -> ModelState:
-    """The model of folder `model_dir` with everything outside its repeated blocks in memory (float32, on
-    `device`) and its blocks on the meta device, to be loaded one at a time by the block runners; released blocks
-    go to `scratch`. UnsupportedModel when the model has no repeated blocks or its files do not cover it.
+    """The model of folder `model_dir` with its parameters on the meta device, its repeated blocks (and the parts
+    outside them) to be loaded one at a time (float32, on `device`) by the block runners, `each_in_memory` and
+    forward passes; released blocks go to `scratch`. UnsupportedModel when the model has no repeated blocks or its
+    files do not cover it.
 
     Example: `state = offloaded_state(Path("llama-7b"), Path("work/blocks"), "cuda")`, then `run_pipeline(state,
     [QuantizeGPTQ()], ctx)` and `save_offloaded(state, Path("out"), {})`.
@@ -187,9 +232,11 @@ def offloaded_state(model_dir: Path, scratch: Path, device: torch.device | str =
     sources = source_files(model_dir)
     check_coverage(tensors, sources)
     stored_as = {name: next(alias for alias in t.names if alias in sources) for t in tensors for name in t.names}
-    blocks = DiskBlocks(found[0], sources, stored_as, scratch, torch.device(device))
-    _load_outside_blocks(model, tensors, blocks)
-    return ModelState(model.eval(), tokenizer=tokenizer, blocks=blocks)
+    blocks = DiskBlocks(found[0], sources, stored_as, scratch, torch.device(device), outside_parts(model, found[0]))
+    _load_buffers_outside(model, tensors, blocks)
+    state = ModelState(model.eval(), tokenizer=tokenizer, blocks=blocks)
+    blocks.attach(state)
+    return state
 
 
 def save_offloaded(state: ModelState, out_dir: Path, manifest: Mapping[str, Any], source_dir: Path | None = None,
@@ -204,8 +251,13 @@ def save_offloaded(state: ModelState, out_dir: Path, manifest: Mapping[str, Any]
     writer = ShardWriter(out_dir, max_shard_bytes)
     records: dict[str, Any] = {}
     aliases: dict[str, str] = {}
+    for part in blocks.parts:
+        blocks.load(part, state.model.get_submodule(part), state)
     outside = {name: t for name, t in state.model.state_dict().items() if not blocks.in_blocks(name)}
     _write_part(writer, outside, state.encodings, records, aliases)
+    del outside
+    for part in blocks.parts:
+        unload_block(state.model.get_submodule(part))
     for name, block in blocks.blocks(state.model):
         blocks.load(name, block, state)
         part = {f"{name}.{key}": value for key, value in block.state_dict().items()}
@@ -244,10 +296,10 @@ def skeleton_model(model_dir: Path) -> PreTrainedModel:
     return model
 
 
-def _load_outside_blocks(model: PreTrainedModel, tensors: list[PlannedTensor], blocks: DiskBlocks) -> None:
-    """Read every tensor outside the blocks into the model, float ones in float32 (a tied one once)."""
+def _load_buffers_outside(model: PreTrainedModel, tensors: list[PlannedTensor], blocks: DiskBlocks) -> None:
+    """Read the stored tensors that neither a block nor a part holds (buffers of modules without parameters)."""
     for tensor in tensors:
-        if blocks.in_blocks(tensor.names[0]):
+        if blocks.block_of(model, tensor.names[0]) is not None:
             continue
         stored = blocks.stored_as[tensor.names[0]]
         with safe_open(blocks.sources[stored], framework="pt") as handle:

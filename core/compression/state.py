@@ -65,6 +65,13 @@ class ModelState:
     blocks: BlockResidency | None = None
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where `model` computes: the device of its first parameter in memory, else of its first buffer (a model
+    whose blocks are offloaded keeps its parameters on the meta device until they are read), else the CPU."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return next((tensor.device for tensor in tensors if not tensor.is_meta), torch.device("cpu"))
+
+
 def load_block(state: ModelState, name: str, block: nn.Module) -> None:
     """Bring block `name` into memory before it runs (a no-op when the whole model is in memory)."""
     if state.blocks is not None:

@@ -1,12 +1,12 @@
 """Whole-model forward passes of a model too big to hold: a model folder (or an artifact) runs as the in-memory model
 would, with its repeated blocks read from the shards only while the forward pass is inside them.
 
-The model is built with its parameters on the meta device (an artifact's structure replayed from its manifest), the
-part outside the blocks (embeddings, final norm, lm_head) is read once in float32, and a hook around each block
-reads its weights (an artifact's decoded, as `load_compressed` decodes them) just before the block runs and returns
-them to the meta device just after. Every number is computed by the same float32 arithmetic as on the loaded model,
+The model is built with its parameters on the meta device (an artifact's structure replayed from its manifest), and
+a hook around each block and each part outside the blocks (embeddings, final norm, lm_head) reads its weights in
+float32 (an artifact's decoded, as `load_compressed` decodes them) just before it runs and returns them to the meta
+device just after. Every number is computed by the same float32 arithmetic as on the loaded model,
 so the before/after numbers of a layer-by-layer job are those the in-memory path would report, while memory holds
-the part outside the blocks, one block and the activations.
+one block (or the embeddings, or the head) and the activations.
 """
 
 from collections.abc import Iterator, Mapping
@@ -18,7 +18,13 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from core.compression.artifact import MANIFEST_FILE, read_manifest
-from core.compression.offload import assign_tensor, skeleton_model, unload_block
+from core.compression.offload import (
+    assign_tensor,
+    outside_parts,
+    return_freed_memory,
+    skeleton_model,
+    unload_block,
+)
 from core.compression.rewrites import replay
 from core.compression.sequential import artifact_tensors, plan_tensors, source_files
 from core.compression.sparsity.blockwise import transformer_blocks
@@ -72,18 +78,24 @@ def streamed_model(folder: Path, device: torch.device | str = "cpu") -> Iterator
         raise UnsupportedModel("a streamed forward pass needs a model made of repeated blocks (decoder layers)")
     prefix, blocks = found
     reader = _FolderReader(folder, model, encodings, aliases)
-    outside = [name for name in model.state_dict() if not name.startswith(prefix + ".")]
-    for name, value in reader.read(outside).items():
-        assign_tensor(model, name, value.to(device))
+    # Each block, and each part outside the blocks that holds parameters (a 7B model's float32 embeddings and head
+    # are 1 GB), is read when the pass reaches it and let go after.
+    units = [*outside_parts(model, prefix), *(f"{prefix}.{index}" for index in range(len(blocks)))]
+    for name in model.state_dict():  # the rest: buffers of modules without parameters
+        if not any(name.startswith(unit + ".") for unit in units):
+            assign_tensor(model, name, reader.read([name])[name].to(device))
     hooks = []
-    for index, block in enumerate(blocks):
-        hooks.append(block.register_forward_pre_hook(_loader(reader, f"{prefix}.{index}", device)))
-        hooks.append(block.register_forward_hook(lambda block, args, output: unload_block(block)))
+    for unit in units:
+        module = model.get_submodule(unit)
+        hooks.append(module.register_forward_pre_hook(_loader(reader, unit, device)))
+        hooks.append(module.register_forward_hook(_unloader))
     try:
         yield model.eval()
     finally:
         for hook in hooks:
             hook.remove()
+        unload_block(model)  # the caller's reference to the model keeps no weights
+        return_freed_memory()
 
 
 def _loader(reader: _FolderReader, name: str, device: torch.device):  # noqa: ANN202 (a forward pre-hook)
@@ -92,3 +104,8 @@ def _loader(reader: _FolderReader, name: str, device: torch.device):  # noqa: AN
         for key, value in reader.read(names).items():
             assign_tensor(block, key.removeprefix(name + "."), value.to(device))
     return load
+
+
+def _unloader(module: nn.Module, args: object, output: object) -> None:
+    unload_block(module)
+    return_freed_memory()  # else the C heap keeps what each block freed, and RSS climbs to the largest ones

@@ -69,14 +69,14 @@ def test_the_block_shape_is_read_from_the_meta_model() -> None:
 
 
 def test_calibrated_steps_on_big_models_are_estimated_one_block_at_a_time() -> None:
-    # the TinyLlama-1.1B shape (bench/big_calibrated.py measures it: gptq and sparsegpt peak near 2.4 GB)
+    # the TinyLlama-1.1B shape (bench/big_calibrated.py measures it: gptq and sparsegpt peak near 2 GB)
     blocks = BlockShape(count=22, params=44_044_288, outside_params=131_074_048, hessian_elements=56_885_248,
                         hidden_size=2048)
     facts = ModelFacts(num_parameters=1_100_048_384, weight_bytes=2_200_096_768, blocks=blocks)
     offloaded = estimate_job(facts, [QuantizeGPTQ], "cpu", streaming_threshold=2 * 10**9)
     in_memory = estimate_job(facts, [QuantizeGPTQ], "cpu", streaming_threshold=100 * GIB)
     assert (offloaded.engine, in_memory.engine) == ("offloaded", "in_memory")
-    assert 1.8 * GB < offloaded.peak_host_bytes < 3 * GB < in_memory.peak_host_bytes
+    assert 1.5 * GB < offloaded.peak_host_bytes < 2.5 * GB < in_memory.peak_host_bytes
     on_gpu = estimate_job(facts, [QuantizeGPTQ], "cuda", streaming_threshold=2 * 10**9)
     assert on_gpu.peak_gpu_bytes > 1 * GB and on_gpu.peak_host_bytes < offloaded.peak_host_bytes
 

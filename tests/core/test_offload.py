@@ -113,22 +113,28 @@ def test_an_offloaded_job_measures_the_whole_model_and_each_block_but_not_latenc
 
 def test_only_one_block_is_in_memory_at_a_time(bf16_llama: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    loaded_blocks: list[int] = []
+    held: list[tuple[int, list[str]]] = []  # after each block load: blocks in memory, parts in memory
     load = DiskBlocks.load
 
+    def in_memory(module: torch.nn.Module) -> bool:
+        return not all(p.is_meta for p in module.parameters())
+
     def counting_load(self: DiskBlocks, name: str, block: torch.nn.Module, state: ModelState) -> None:
-        loaded_blocks.append(sum(not all(p.is_meta for p in b.parameters()) for _, b in self.blocks(state.model)))
         load(self, name, block, state)
+        if self.in_blocks(name):
+            held.append((sum(in_memory(b) for _, b in self.blocks(state.model)),
+                         [part for part in self.parts if in_memory(state.model.get_submodule(part))]))
 
     monkeypatch.setattr(DiskBlocks, "load", counting_load)
     state = offloaded_state(bf16_llama, tmp_path / "blocks")
-    assert all(p.is_meta for _, block in state.blocks.blocks(state.model) for p in block.parameters())
-    assert not any(p.is_meta for p in state.model.model.embed_tokens.parameters())
+    assert state.blocks.parts == ["model.embed_tokens", "model.norm", "lm_head"]
+    assert all(p.is_meta for p in state.model.parameters())  # nothing is read before a step needs it
     run_pipeline(state, [PruneSparseGPT(calibration=CALIBRATION), QuantizeGPTQ(calibration=CALIBRATION)],
                  StepContext())
     save_offloaded(state, tmp_path / "out", {})
-    assert loaded_blocks == [0] * 6  # two blocks, visited by each step and by the final write
-    assert all(p.is_meta for _, block in state.blocks.blocks(state.model) for p in block.parameters())
+    # two blocks, visited by each step and by the final write; the embeddings the calibration read are gone
+    assert held == [(1, [])] * 6
+    assert all(p.is_meta for p in state.model.parameters())
 
 
 def test_a_cancelled_offloaded_job_stops_between_blocks(tied_llama: Path, tmp_path: Path) -> None:
@@ -173,8 +179,9 @@ def test_offload_keeps_its_scratch_inside_the_job(tied_llama: Path, tmp_path: Pa
     state = offloaded_state(tied_llama, tmp_path / "work" / "blocks")
     run_pipeline(state, [QuantizeGPTQ(calibration=CALIBRATION)], StepContext())
     written = sorted(path.name for path in (tmp_path / "work" / "blocks").iterdir())
-    assert written == ["model.layers.0.json", "model.layers.0.safetensors", "model.layers.1.json",
-                       "model.layers.1.safetensors"]
+    # the tied embedding (lm_head) outside the blocks got round-to-nearest and went to the scratch folder too
+    assert written == ["model.embed_tokens.json", "model.embed_tokens.safetensors", "model.layers.0.json",
+                       "model.layers.0.safetensors", "model.layers.1.json", "model.layers.1.safetensors"]
     assert isinstance(state.blocks, offload.DiskBlocks)
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from core.compression.configs.quantize import CalibrationData
 from core.compression.corpus import CalibrationBatch, calibration_batch
 from core.compression.int8.observers import RangeStats
-from core.compression.state import ModelState, StepContext
+from core.compression.state import ModelState, StepContext, model_device
 from core.errors import JobCancelled
 
 TOKENS_PER_FORWARD = 2048  # rows are fed in chunks of about this many tokens, to bound activation memory
@@ -36,7 +36,7 @@ def watch_inputs(model: nn.Module, names: list[str], input_ids: torch.Tensor, wa
         model.get_submodule(name).register_forward_pre_hook(_hook(name, watcher)) for name in names
     ]
     rows = max(1, TOKENS_PER_FORWARD // input_ids.shape[1])
-    device = next(model.parameters()).device
+    device = model_device(model)
     try:
         for start in range(0, input_ids.shape[0], rows):
             if ctx.should_stop():

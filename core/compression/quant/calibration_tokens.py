@@ -2,7 +2,7 @@
 
 from core.compression.configs.quantize import CalibrationData
 from core.compression.corpus import CalibrationBatch, calibration_batch
-from core.compression.state import ModelState, StepContext
+from core.compression.state import ModelState, StepContext, model_device
 
 
 def calibration_for(state: ModelState, calibration: CalibrationData, ctx: StepContext) -> CalibrationBatch:
@@ -15,6 +15,6 @@ def calibration_for(state: ModelState, calibration: CalibrationData, ctx: StepCo
     batch = calibration_batch(texts, state.tokenizer, calibration.num_samples, seq_len, config.vocab_size)
     if seq_len < calibration.seq_len:
         batch.notes.append(f"seq_len {calibration.seq_len} cut to the model's {seq_len} positions")
-    device = next(state.model.parameters()).device
+    device = model_device(state.model)
     batch.input_ids = batch.input_ids.to(device)
     return batch

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.compression.state import model_device
+
 
 class _Captured(Exception):
     """Raised by the capture hook to stop the forward pass once the first block's inputs are known."""
@@ -53,7 +55,7 @@ def first_block_calls(
         calls.append(BlockCall(args, kwargs))
         raise _Captured
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     handle = first_block.register_forward_pre_hook(capture, with_kwargs=True)
     try:
         for batch in input_ids.split(batch_size):

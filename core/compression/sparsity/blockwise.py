@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from core.compression.configs.calibration import Calibrated
-from core.compression.state import ModelState, StepContext, load_block, release_block
+from core.compression.state import ModelState, StepContext, load_block, model_device, release_block
 from core.errors import JobCancelled
 
 Batch = dict[str, torch.Tensor]
@@ -93,7 +93,7 @@ def first_block_inputs(model: nn.Module, block: nn.Module, batches: list[Batch])
         raise _Captured
 
     handle = block.register_forward_pre_hook(capture, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = model_device(model)
     try:
         for batch in batches:
             batch = on_device(batch, device)

@@ -21,7 +21,7 @@ from core.compression.configs.prune import PruneStructured
 from core.compression.rewrites import apply_rewrite, register_rewrite
 from core.compression.select import is_selected, refuse_encoded
 from core.compression.sparsity.blockwise import Batch, calibration_batches, on_device, transformer_blocks
-from core.compression.state import ModelState, Rewrite, StepContext, StepReport
+from core.compression.state import ModelState, Rewrite, StepContext, StepReport, model_device
 from core.errors import InvalidSpec
 
 SHRINK_UNITS, DROP_BLOCKS = "shrink_units", "drop_blocks"
@@ -186,7 +186,7 @@ def _l1_score(model: nn.Module, group: UnitGroup) -> torch.Tensor:
 def _column_scores(model: nn.Module, consumers: list[nn.Module], batches: list[Batch],
                    importance: str) -> list[torch.Tensor]:
     """Per input column of each consumer: mean|x|·‖W[:, j]‖ ("activation") or |Σ x·∂L/∂x| ("taylor")."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     totals = [torch.zeros(_in_width(c), dtype=torch.float64, device=device) for c in consumers]
     for batch in batches:
         batch = on_device(batch, device)
@@ -270,7 +270,7 @@ def _block_scores(state: ModelState, config: PruneStructured, ctx: StepContext,
         return torch.tensor([_mean_abs_weight(block) for block in blocks]), []
     data = calibration_batches(state, config, ctx)
     totals = torch.zeros(len(blocks), dtype=torch.float64)
-    device = next(state.model.parameters()).device
+    device = model_device(state.model)
     for batch in data.batches:
         batch = on_device(batch, device)
         with _block_io(blocks, keep_grad=config.importance == "taylor") as io:

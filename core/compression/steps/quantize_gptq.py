@@ -16,7 +16,7 @@ from core.compression.quant.weights import quantize_metrics, selected_weights, s
 from core.compression.registry import register_step
 from core.compression.select import SharedWeight
 from core.compression.sparsity.masks import keep_sparse
-from core.compression.state import ModelState, StepContext, StepReport, load_block, release_block
+from core.compression.state import ModelState, StepContext, StepReport, each_in_memory, load_block, release_block
 from core.errors import JobCancelled
 
 BATCH_SIZE = 8  # calibration rows per forward: bounds activation memory, not the result
@@ -38,10 +38,10 @@ def quantize_gptq_step(state: ModelState, config: QuantizeGPTQ, ctx: StepContext
     batch = calibration_for(state, config.calibration, ctx)
     stats = _Stats()
     in_blocks = _gptq_blocks(state, config, grid, weights, batch.input_ids, ctx, stats)
-    for shared in weights:
-        if shared.name not in in_blocks:
-            encoding = keep_sparse(state, shared.name, quantize_packed_int(shared.weight, grid))
-            state.encodings[shared.name] = store_decoded(shared.weight, encoding)
+    outside = [shared for shared in weights if shared.name not in in_blocks]
+    for shared in each_in_memory(state, outside, lambda shared: shared.name):
+        encoding = keep_sparse(state, shared.name, quantize_packed_int(shared.weight, grid))
+        state.encodings[shared.name] = store_decoded(shared.weight, encoding)
     return _report(state, weights, config, batch, in_blocks, stats)
 
 
