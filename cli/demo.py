@@ -5,10 +5,8 @@ URL is given, uploads the real all-MiniLM-L6-v2, runs an int8 job on a real Cele
 loads it with `core.load_compressed` and prints a before/after table measured here on real review sentences.
 """
 
-import hashlib
 import sys
 import tempfile
-import time
 import zipfile
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,6 +16,7 @@ import httpx
 import transformers
 
 from cli.stack import local_stack
+from client import Client, Job, Lines
 from core.service.settings import get_settings
 
 RECIPE = {"steps": [{"type": "quantize", "method": "rtn", "bits": 8, "granularity": "per_channel",
@@ -31,15 +30,16 @@ def run_demo(api_url: str | None, api_key: str | None) -> int:
     with ExitStack() as stack:
         if api_url is None:
             api_url = stack.enter_context(_embedded_stack())
-        client = stack.enter_context(httpx.Client(base_url=api_url, timeout=120))
-        client.headers["Authorization"] = f"Bearer {api_key or create_key()}"
+        client = stack.enter_context(Client(api_url, api_key or create_key(), timeout=120))
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mcs-demo-")))
         source = _minilm_folder()
         job = _submit(client, _zip_model(source, work / "all-MiniLM-L6-v2.zip"))
-        if job["status"] != "succeeded":
-            print(f"job {job['id']} ended {job['status']}: {job['error']}", file=sys.stderr)
+        if job.status != "succeeded":
+            reason = f"{job.error.code}: {job.error.message}" if job.error else "no error recorded"
+            print(f"job {job.id} ended {job.status}: {reason}", file=sys.stderr)
             return 1
-        artifact = _download(client, job["artifacts"][0], work / "artifact.zip")
+        artifact = job.download(work / "artifact.zip", progress=False)
+        print(f"downloaded {job.artifacts[0].name} ({artifact.stat().st_size / 1e6:.1f} MB, sha256 verified)")
         _print_table(source, artifact, job)
     return 0
 
@@ -78,52 +78,24 @@ def _zip_model(folder: Path, target: Path) -> Path:
     return target
 
 
-def _submit(client: httpx.Client, archive: Path) -> dict[str, Any]:
-    with archive.open("rb") as handle:
-        response = client.post("/v1/models", files={"file": (archive.name, handle, "application/zip")},
-                               data={"name": "all-MiniLM-L6-v2"})
-    model = checked_json(response)
-    print(f"uploaded {model['name']}: {model['architecture']}, {model['num_parameters']:,} parameters, "
-          f"{model['size_bytes'] / 1e6:.1f} MB of weights (id {model['id']})")
-    job = checked_json(client.post("/v1/jobs", json={"model_id": model["id"], **RECIPE}))
-    print(f"job {job['id']} queued: {RECIPE['steps'][0]}")
-    return _follow(client, job["id"])
-
-
-def _follow(client: httpx.Client, job_id: str) -> dict[str, Any]:
-    last = None
-    while True:
-        job = checked_json(client.get(f"/v1/jobs/{job_id}"))
-        line = f"  {job['status']:<9} {job['progress'] * 100:5.1f}%  {job['message'] or ''}"
-        if line != last:
-            print(line, flush=True)
-            last = line
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.5)
-
-
-def _download(client: httpx.Client, artifact: dict[str, Any], target: Path) -> Path:
-    digest = hashlib.sha256()
-    with client.stream("GET", f"/v1/artifacts/{artifact['id']}") as response, target.open("wb") as out:
-        response.raise_for_status()
-        for chunk in response.iter_bytes():
-            digest.update(chunk)
-            out.write(chunk)
-    if digest.hexdigest() != artifact["sha256"]:
-        raise RuntimeError("downloaded artifact does not match its sha256")
-    print(f"downloaded {artifact['name']} ({target.stat().st_size / 1e6:.1f} MB, sha256 verified)")
-    return target
+def _submit(client: Client, archive: Path) -> Job:
+    model = client.models.upload(archive, name="all-MiniLM-L6-v2", progress=False)
+    print(f"uploaded {model.name}: {model.architecture}, {model.num_parameters:,} parameters, "
+          f"{model.size_bytes / 1e6:.1f} MB of weights (id {model.id})")
+    job = client.jobs.submit(model, RECIPE)
+    print(f"job {job.id} queued: {RECIPE['steps'][0]}")
+    return job.wait(progress=Lines(sys.stdout))
 
 
 def checked_json(response: httpx.Response) -> dict[str, Any]:
+    """The JSON of a successful response (bench/gpu_worker.py still speaks raw HTTP)."""
     if response.status_code >= 400:
         raise RuntimeError(f"{response.request.method} {response.request.url} -> {response.status_code}: "
                            f"{response.text}")
     return response.json()
 
 
-def _print_table(source: Path, artifact: Path, job: dict[str, Any]) -> None:
+def _print_table(source: Path, artifact: Path, job: Job) -> None:
     from core import load_compressed
     from core.compression.metrics import weights_size_bytes
     from core.compression.shipped import measure
@@ -143,6 +115,6 @@ def _print_table(source: Path, artifact: Path, job: dict[str, Any]) -> None:
     print(f"{'':<30}{'original':>12}{'int8 artifact':>16}{'after/before':>14}")
     for label, old, new, fmt in rows:
         print(f"{label:<30}{format(old, fmt):>12}{format(new, fmt):>16}{new / old:>14.3f}")
-    service = job["metrics"]
-    print(f"\nthe service's own numbers for job {job['id']}: size ratio {service['size_ratio']}, "
+    service = job.metrics or {}
+    print(f"\nthe service's own numbers for job {job.id}: size ratio {service['size_ratio']}, "
           f"output cosine {service['output_cosine']:.4f}, speedup {service['speedup']}x (probe inputs)")

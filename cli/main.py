@@ -1,9 +1,25 @@
-"""`mcs`: the service's command line (serve, worker, migrate, keys, demo)."""
+"""`mcs`: the service's command line: running it (serve, worker, migrate, keys, demo) and using it through the
+Python client (models, datasets, jobs, artifacts).
+
+Exit codes: 0 success (a waited-for job succeeded), 1 failure (an API error, a failed job), 2 usage (bad
+arguments, no API key, an unreadable recipe file), 3 a waited-for job ended cancelled.
+"""
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from client import Client, Job
+
+EXIT_USAGE, EXIT_CANCELLED = 2, 3
+JOB_EXIT = {"succeeded": 0, "failed": 1, "cancelled": EXIT_CANCELLED}
+# The client's own error codes that mean the command was asked wrongly rather than failed
+USAGE_ERRORS = {"missing_api_key", "invalid_config", "invalid_recipe", "no_such_file"}
+SUMMARY = (("size_ratio", ".3f"), ("output_cosine", ".4f"), ("speedup", ".2f"))  # a succeeded job's headline
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,7 +62,270 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--api-url", default=None, help="use a running API instead of starting the embedded stack")
     demo.add_argument("--api-key", default=None, help="API key for --api-url (default: create one)")
     demo.set_defaults(run=_demo)
+    _client_commands(sub)
     return parser
+
+
+def _client_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """The user's verbs, on the Python client (`client`)."""
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--api-url", help="default: MCS_API_URL, the config file, then http://127.0.0.1:8000")
+    options.add_argument("--api-key", help="default: MCS_API_KEY, then the config file (~/.config/mcs/config.toml)")
+    options.add_argument("--json", action="store_true", help="print the resource's JSON, as the API returns it")
+    options.add_argument("-q", "--quiet", action="store_true", help="no progress bars or lines")
+    paging = argparse.ArgumentParser(add_help=False)
+    paging.add_argument("--page", type=int, default=1)
+    paging.add_argument("--page-size", type=int, default=20)
+
+    models = _group(sub, "models", "upload and list models")
+    upload = models.add_parser("upload", parents=[options], help="upload a model folder (chunked, resumable) or "
+                               "an archive (.zip, .tar.gz)")
+    upload.add_argument("path", metavar="DIR_OR_ARCHIVE")
+    upload.add_argument("--name", help="default: the folder's or archive's name")
+    upload.add_argument("--resume", metavar="UPLOAD_ID", help="continue an interrupted chunked upload (upl_...)")
+    upload.set_defaults(run=_client_command(_models_upload))
+    models.add_parser("list", parents=[options, paging], help="list models").set_defaults(
+        run=_client_command(_models_list))
+
+    datasets = _group(sub, "datasets", "upload and list datasets")
+    dataset = datasets.add_parser("upload", parents=[options], help="upload calibration or training text: "
+                                  "JSONL with a `text` field, or plain text, one sample per line")
+    dataset.add_argument("path", metavar="FILE")
+    dataset.add_argument("--name")
+    dataset.add_argument("--format", choices=["auto", "jsonl", "text"], default="auto")
+    dataset.set_defaults(run=_client_command(_datasets_upload))
+    datasets.add_parser("list", parents=[options, paging], help="list datasets").set_defaults(
+        run=_client_command(_datasets_list))
+
+    jobs = _group(sub, "jobs", "submit, list, show, watch and cancel jobs")
+    submit = jobs.add_parser("submit", parents=[options], help="submit a job (exit code of the job with --wait)")
+    submit.add_argument("--model", required=True, metavar="MODEL_ID")
+    submit.add_argument("--recipe", required=True, metavar="FILE", help="a YAML or JSON recipe: `steps`, `export`")
+    submit.add_argument("--queue", choices=["cpu", "gpu"], help="default: the recipe's, else the server's")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to end, with its progress")
+    submit.add_argument("--download", metavar="DIR", help="wait, then download the artifact into DIR")
+    submit.add_argument("--timeout", type=float, help="give up waiting after this many seconds (exit 1)")
+    submit.set_defaults(run=_client_command(_jobs_submit))
+    listing = jobs.add_parser("list", parents=[options, paging], help="list jobs, newest first")
+    listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    listing.set_defaults(run=_client_command(_jobs_list))
+    show = jobs.add_parser("show", parents=[options], help="a job's status, steps, metrics, error and artifacts")
+    show.add_argument("job", metavar="JOB_ID")
+    show.set_defaults(run=_client_command(_jobs_show))
+    watch = jobs.add_parser("watch", parents=[options], help="follow a job until it ends (exit code of the job)")
+    watch.add_argument("job", metavar="JOB_ID")
+    watch.add_argument("--timeout", type=float, help="give up after this many seconds (exit 1)")
+    watch.set_defaults(run=_client_command(_jobs_watch))
+    cancel = jobs.add_parser("cancel", parents=[options], help="cancel a job (a running one stops at its next "
+                             "check; --wait for it)")
+    cancel.add_argument("job", metavar="JOB_ID")
+    cancel.add_argument("--wait", action="store_true", help="wait until it ended (exit 3 once cancelled)")
+    cancel.set_defaults(run=_client_command(_jobs_cancel))
+
+    artifacts = _group(sub, "artifacts", "download artifacts")
+    download = artifacts.add_parser("download", parents=[options], help="download a job's artifact (resumes, "
+                                    "checks its sha256)")
+    download.add_argument("job", metavar="JOB_OR_ARTIFACT_ID")
+    download.add_argument("-o", "--dest", default=".", help="a folder (default: the current one) or a .zip file name")
+    download.set_defaults(run=_client_command(_artifacts_download))
+
+
+def _group(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str,
+           text: str) -> "argparse._SubParsersAction[argparse.ArgumentParser]":
+    group = sub.add_parser(name, help=text)
+    group.set_defaults(run=lambda args: _usage(group))
+    return group.add_subparsers(title=f"{name} commands")
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def _client_command(command: Callable[["Client", argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run `command` with a Client from the options; an `ApiError` is a line on stderr (and its JSON body on
+    stdout with --json) and exit 1, or 2 when the command was asked wrongly."""
+
+    def run(args: argparse.Namespace) -> int:
+        from client import ApiError, Client
+
+        try:
+            with Client(args.api_url, args.api_key) as client:
+                return command(client, args)
+        except ApiError as exc:
+            print(f"mcs: {exc}", file=sys.stderr)
+            if args.json:
+                _print_json(exc.to_json())
+            return EXIT_USAGE if exc.code in USAGE_ERRORS else 1
+        except KeyboardInterrupt:
+            print("mcs: interrupted", file=sys.stderr)
+            return 130
+
+    return run
+
+
+def _print_json(data: Any) -> None:
+    if hasattr(data, "model_dump"):
+        data = data.model_dump(mode="json")
+    print(json.dumps(data, indent=2))
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    """A line for a human: stdout, or stderr when stdout carries --json."""
+    print(text, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet  # True: a rich bar when stderr is a terminal, plain lines otherwise
+
+
+def _models_upload(client: "Client", args: argparse.Namespace) -> int:
+    model = client.models.upload(args.path, args.name, progress=_progress(args), upload_id=args.resume)
+    if args.json:
+        _print_json(model)
+    else:
+        print(f"model {model.id}: {model.name}, {model.architecture}, {model.num_parameters:,} parameters, "
+              f"{model.size_bytes / 1e6:.1f} MB")
+    return 0
+
+
+def _models_list(client: "Client", args: argparse.Namespace) -> int:
+    page = client.models.list(page=args.page, page_size=args.page_size)
+    if args.json:
+        _print_json(page)
+        return 0
+    rows = [(m.id, m.name, m.architecture, f"{m.num_parameters:,}", f"{m.created_at:%Y-%m-%d %H:%M}")
+            for m in page.items]
+    _table(("ID", "NAME", "ARCHITECTURE", "PARAMETERS", "CREATED"), rows, page.total)
+    return 0
+
+
+def _datasets_upload(client: "Client", args: argparse.Namespace) -> int:
+    dataset = client.datasets.upload(args.path, args.name, format=args.format, progress=_progress(args))
+    if args.json:
+        _print_json(dataset)
+    else:
+        print(f"dataset {dataset.id}: {dataset.name}, {dataset.format}, {dataset.num_samples:,} samples")
+    return 0
+
+
+def _datasets_list(client: "Client", args: argparse.Namespace) -> int:
+    page = client.datasets.list(page=args.page, page_size=args.page_size)
+    if args.json:
+        _print_json(page)
+        return 0
+    rows = [(d.id, d.name, d.format, f"{d.num_samples:,}", f"{d.created_at:%Y-%m-%d %H:%M}") for d in page.items]
+    _table(("ID", "NAME", "FORMAT", "SAMPLES", "CREATED"), rows, page.total)
+    return 0
+
+
+def _jobs_submit(client: "Client", args: argparse.Namespace) -> int:
+    job = client.jobs.submit(args.model, args.recipe, queue=args.queue)
+    if not (args.wait or args.download):
+        if args.json:
+            _print_json(job)
+        else:
+            print(f"job {job.id} {job.status}: {len(job.steps)} step(s) on {job.model_id}, queue {job.queue}")
+        return 0
+    _say(args, f"job {job.id} {job.status}: {len(job.steps)} step(s) on {job.model_id}, queue {job.queue}")
+    return _follow(client, job, args, download=args.download)
+
+
+def _jobs_watch(client: "Client", args: argparse.Namespace) -> int:
+    return _follow(client, client.jobs.get(args.job), args)
+
+
+def _jobs_cancel(client: "Client", args: argparse.Namespace) -> int:
+    job = client.jobs.cancel(args.job)
+    if args.wait:
+        return _follow(client, job, args)
+    if args.json:
+        _print_json(job)
+    else:
+        print(f"job {job.id} {'cancelled' if job.done else 'will stop at its next check (cancel requested)'}")
+    return 0
+
+
+def _follow(client: "Client", job: "Job", args: argparse.Namespace, download: str | None = None) -> int:
+    """Wait for the job with its progress, say how it ended, download its artifact if asked; the job's exit code."""
+    job.wait(progress=_progress(args), timeout=getattr(args, "timeout", None))
+    if job.status == "succeeded":
+        metrics = job.metrics or {}
+        numbers = ", ".join(f"{name.replace('_', ' ')} {metrics[name]:{fmt}}" for name, fmt in SUMMARY
+                            if isinstance(metrics.get(name), int | float))
+        _say(args, f"job {job.id} succeeded{': ' + numbers if numbers else ''}")
+        if download is not None:
+            path = job.download(download, progress=_progress(args))
+            _say(args, f"downloaded {path} ({path.stat().st_size / 1e6:.1f} MB, sha256 verified)")
+    elif job.status == "failed":
+        error = job.error
+        print(f"job {job.id} failed: {error.code}: {error.message}" if error else f"job {job.id} failed",
+              file=sys.stderr)
+    else:
+        print(f"job {job.id} cancelled", file=sys.stderr)
+    if args.json:
+        _print_json(job)
+    return JOB_EXIT[job.status]
+
+
+def _jobs_list(client: "Client", args: argparse.Namespace) -> int:
+    page = client.jobs.list(args.status, page=args.page, page_size=args.page_size)
+    if args.json:
+        _print_json(page)
+        return 0
+    rows = [(j.id, j.status, f"{j.progress * 100:.0f}%", j.model_id or "-", "+".join(s.type for s in j.steps),
+             f"{j.created_at:%Y-%m-%d %H:%M}") for j in page.items]
+    _table(("ID", "STATUS", "PROGRESS", "MODEL", "STEPS", "CREATED"), rows, page.total)
+    return 0
+
+
+def _jobs_show(client: "Client", args: argparse.Namespace) -> int:
+    job = client.jobs.get(args.job)
+    if args.json:
+        _print_json(job)
+        return 0
+    print(f"{job.id}  {job.status}  {job.progress * 100:.1f}%  model {job.model_id}  queue {job.queue}  "
+          f"attempts {job.attempts}{'  cancel requested' if job.cancel_requested and not job.done else ''}")
+    times = [f"{label} {moment:%Y-%m-%d %H:%M:%S}" for label, moment in
+             (("created", job.created_at), ("started", job.started_at), ("finished", job.finished_at)) if moment]
+    print("  ".join(times))
+    if job.message:
+        print(job.message)
+    for step in job.steps:
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in (step.metrics or {}).items() if isinstance(v, int | float))
+        print(f"  step {step.index} {step.type:<10} {step.status:<9} {metrics}")
+    if job.error:
+        print(f"error: {job.error.code}: {job.error.message}")
+    for artifact in job.artifacts:
+        print(f"artifact {artifact.id}  {artifact.name}  {artifact.size_bytes / 1e6:.1f} MB  sha256 {artifact.sha256}")
+    return 0
+
+
+def _artifacts_download(client: "Client", args: argparse.Namespace) -> int:
+    if args.job.startswith("art_"):
+        artifact = client.artifacts.head(args.job)
+    else:
+        job = client.jobs.get(args.job)
+        if not job.artifacts:
+            from client import ApiError
+
+            raise ApiError("no_artifact", f"job {job.id} is {job.status} and has no artifact to download",
+                           {"job_id": job.id, "status": job.status})
+        artifact = job.artifacts[0]
+    path = client.artifacts.download(artifact, args.dest, progress=_progress(args))
+    if args.json:
+        _print_json({**artifact.model_dump(mode="json"), "path": str(path)})
+    else:
+        print(f"downloaded {path} ({path.stat().st_size / 1e6:.1f} MB, sha256 verified)")
+    return 0
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]], total: int) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
+    for row in (header, *rows):
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if total > len(rows):
+        print(f"({len(rows)} of {total}; see --page)")
 
 
 def _serve(args: argparse.Namespace) -> int:
