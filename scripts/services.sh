@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Start local PostgreSQL and Redis when they are down (CI and fresh machines must not assume they run).
+# Start local PostgreSQL, Redis and the S3 endpoint (moto's standalone server) when they are down (CI and fresh
+# machines must not assume they run). Each check is cheap, so running this again is a no-op.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+s3_port="${MCS_TEST_S3_PORT:-9555}"
+s3_up() { curl -sf -o /dev/null "http://127.0.0.1:${s3_port}/moto-api/data.json"; }
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   echo "starting PostgreSQL"
@@ -14,5 +18,13 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
   for _ in $(seq 1 30); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 1; done
 fi
+if ! s3_up; then
+  echo "starting the S3 endpoint (moto server) on 127.0.0.1:${s3_port}"
+  mkdir -p var/log
+  # setsid: the server outlives this script (and its CI step) like the daemonized Redis; in-memory, nothing persists
+  setsid .venv/bin/moto_server -H 127.0.0.1 -p "$s3_port" >>var/log/moto.log 2>&1 </dev/null &
+  for _ in $(seq 1 60); do s3_up && break; sleep 0.5; done
+fi
 pg_isready -h 127.0.0.1 -p 5432
 redis-cli -h 127.0.0.1 -p 6379 ping
+s3_up && echo "S3 endpoint (moto): http://127.0.0.1:${s3_port}" || { echo "the S3 endpoint did not start: see var/log/moto.log"; exit 1; }

@@ -10,6 +10,7 @@ import shutil
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,12 +79,15 @@ def _run_claimed(job: Job, settings: Settings) -> None:
     shutil.rmtree(work_dir, ignore_errors=True)  # the job ended: its scratch and checkpoints go
 
 
-def _execute(job: Job, store: ArtifactStore, work_dir: Any) -> None:
+def _execute(job: Job, store: ArtifactStore, work_dir: Path) -> None:
+    """Inputs come from the store into this worker's own scratch (`work_dir`) unless the store is a local disk;
+    the artifact goes back through the store: nothing assumes a disk shared with the API."""
     spec = JobSpec.model_validate(job.spec)
     with session_scope() as session:
         model = JobRuns(session).model_of(job)
     outcome = execute_job(
-        store.local_tree(model.storage_key), spec, work_dir, _context(job), _hooks(job.id, job.attempts),
+        store.local_tree(model.storage_key, work_dir / "input"), spec, work_dir, _context(job, work_dir),
+        _hooks(job.id, job.attempts),
         {"job_id": job.id, "input_sha256": model.sha256, "service_version": __version__},
         get_settings().stream_above_bytes,
     )
@@ -116,7 +120,7 @@ def _retry_later(job_id: str, attempt: int | None, exc: BaseException, settings:
         return not last_try
 
 
-def _context(job: Job) -> StepContext:
+def _context(job: Job, work_dir: Path) -> StepContext:
     """Progress goes to the database at most once a second; the cancellation flag is read at the same pace. A run
     that lost the job (its lease expired and the job was requeued, taken over or ended) stops like a cancelled one,
     and its progress is not written."""
@@ -136,23 +140,23 @@ def _context(job: Job) -> StepContext:
         return bool(state["cancel"])
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return StepContext(device=device, report=report, should_stop=should_stop, texts=_dataset_texts(job.tenant_id),
-                       teacher=_teacher_models(job.tenant_id, device))
+    texts, teacher = _dataset_texts(job.tenant_id, work_dir), _teacher_models(job.tenant_id, device, work_dir)
+    return StepContext(device=device, report=report, should_stop=should_stop, texts=texts, teacher=teacher)
 
 
-def _teacher_models(tenant_id: str, device: torch.device) -> Callable[[str], Any]:
+def _teacher_models(tenant_id: str, device: torch.device, work_dir: Path) -> Callable[[str], Any]:
     """Resolve a step's `teacher` model id to that tenant's uploaded model, loaded fresh ("original" is handled in
     core.compression.execute)."""
 
     def teacher(model_id: str) -> Any:
         with session_scope() as session:
             model = Models(session, tenant_id).get(model_id)
-        return load_input(get_store().local_tree(model.storage_key), device)
+        return load_input(get_store().local_tree(model.storage_key, work_dir / f"teacher-{model_id}"), device)
 
     return teacher
 
 
-def _dataset_texts(tenant_id: str) -> Callable[[str | None], list[str]]:
+def _dataset_texts(tenant_id: str, work_dir: Path) -> Callable[[str | None], list[str]]:
     """Resolve a step's `dataset_id` to the texts of that tenant's dataset (None: the default corpus)."""
 
     def texts(dataset_id: str | None) -> list[str]:
@@ -162,8 +166,9 @@ def _dataset_texts(tenant_id: str) -> Callable[[str | None], list[str]]:
             return default_corpus()
         with session_scope() as session:
             dataset = Datasets(session, tenant_id).get(dataset_id)
+        path = get_store().local_file(dataset.storage_key, work_dir / f"dataset-{dataset_id}.jsonl")
         with reading_input(f"dataset {dataset_id!r}"):
-            return read_texts(get_store().local_file(dataset.storage_key))
+            return read_texts(path)
 
     return texts
 

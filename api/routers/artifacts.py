@@ -4,9 +4,9 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Header, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 
-from api.deps import V1_DEPENDENCIES, ArtifactsDep, StoreDep
+from api.deps import V1_DEPENDENCIES, ArtifactsDep, SettingsDep, StoreDep
 from api.errors import V1_ERRORS, error_responses
 from core.errors import PreconditionFailed, RangeNotSatisfiable
 from core.service.db.models import Artifact
@@ -21,6 +21,8 @@ NOT_MODIFIED: Responses = {304: {"description": "`If-None-Match` matches the ETa
 DOWNLOAD_RESPONSES: Responses = {
     200: {"description": "The whole artifact", "content": ZIP},
     206: {"description": "The requested byte range (`Content-Range`)", "content": ZIP},
+    302: {"description": "With MCS_ARTIFACT_REDIRECT on an object store: `Location` is a presigned URL, valid for "
+                         "MCS_ARTIFACT_REDIRECT_TTL_S seconds, that serves the artifact (and `Range`) directly"},
     **NOT_MODIFIED,
     **error_responses(404, 412, 416),
 }
@@ -37,13 +39,16 @@ def download_artifact(
     request: Request,
     artifacts: ArtifactsDep,
     store: StoreDep,
+    settings: SettingsDep,
     range_header: Annotated[str | None, Header(alias="Range", max_length=200)] = None,
     if_range: Annotated[str | None, Header(max_length=200, description="honour Range only for this ETag")] = None,
     if_match: ETagList = None,
     if_none_match: ETagList = None,
 ) -> Response:
     """Stream the artifact (a zip of the compressed model folder), with `Range` support for resumed downloads and
-    conditional requests on its ETag (RFC 9110); HEAD answers the headers of a GET without the body."""
+    conditional requests on its ETag (RFC 9110); HEAD answers the headers of a GET without the body. Where the
+    operator turned redirects on and the store is an object store, a GET answers 302 to a short-lived presigned URL
+    instead (the bytes then never pass through the API)."""
     artifact = artifacts.get(artifact_id)
     etag = f'"{artifact.sha256}"'
     if if_match is not None and not etag_matches(if_match, etag, weak=False):
@@ -51,6 +56,11 @@ def download_artifact(
     if if_none_match is not None and etag_matches(if_none_match, etag, weak=True):
         return Response(status_code=304, headers={"ETag": etag})
     size = store.size(artifact.storage_key)
+    if request.method == "GET" and settings.artifact_redirect:
+        url = store.presigned_url(artifact.storage_key, settings.artifact_redirect_ttl_s,
+                                  content_disposition(artifact.name), "application/zip")
+        if url is not None:  # the URL is a credential for its lifetime: no cache may keep it
+            return RedirectResponse(url, status_code=302, headers={"ETag": etag, "Cache-Control": "no-store"})
     # Range is defined for GET only; a stale If-Range (another ETag, or a date: we send no Last-Modified) asks for
     # the whole new file rather than a piece of it
     start, end = parse_range(range_header if request.method == "GET" and if_range in (None, etag) else None, size)

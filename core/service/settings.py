@@ -24,6 +24,19 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     artifact_dir: Path | None = None
+    # Where artifacts, models and datasets are stored: empty for local disk under MCS_ARTIFACT_DIR (the default), or
+    # s3://bucket/prefix for an S3-compatible store (credentials: the standard AWS_* variables and ~/.aws files).
+    # MCS_ARTIFACT_DIR then only holds this host's scratch (uploads in flight, jobs' inputs and outputs).
+    artifact_url: str = ""
+    s3_endpoint_url: str = Field("", description="MinIO, moto or another S3-compatible store; empty: AWS")
+    s3_public_endpoint_url: str = Field("", description="the store's address as clients reach it, for presigned "
+                                                        "URLs; empty: MCS_S3_ENDPOINT_URL")
+    s3_multipart_threshold_bytes: int = Field(64 * 1024**2, ge=5 * 1024**2, description="files from this size go "
+                                                                                        "up as multipart uploads")
+    s3_multipart_chunk_bytes: int = Field(64 * 1024**2, ge=5 * 1024**2, description="one part of a multipart upload")
+    artifact_redirect: bool = Field(False, description="GET /v1/artifacts/{id} answers 302 to a presigned URL where "
+                                                       "the store has them; otherwise the API streams the file")
+    artifact_redirect_ttl_s: int = Field(300, gt=0, le=7 * 24 * 3600, description="how long a presigned URL works")
 
     max_upload_bytes: int = Field(2 * GiB, gt=0)
     max_dataset_bytes: int = Field(256 * 1024**2, gt=0)
@@ -72,6 +85,10 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{var / 'broker.sqlite'}"
         if self.artifact_dir is None:
             self.artifact_dir = var / "artifacts"
+        if self.artifact_url:
+            from core.service.storage.s3 import parse_s3_url
+
+            parse_s3_url(self.artifact_url)  # a malformed URL stops the process at start, naming the variable
         if self.job_soft_time_limit_s >= self.job_hard_time_limit_s:
             raise ValueError("MCS_JOB_SOFT_TIME_LIMIT_S must be below MCS_JOB_HARD_TIME_LIMIT_S")
         return self

@@ -54,13 +54,13 @@ class LocalArtifactStore:
         os.replace(staging, target)
         shutil.rmtree(old, ignore_errors=True)
 
-    def local_tree(self, key: str) -> Path:
+    def local_tree(self, key: str, into: Path | None = None) -> Path:
         target = self.path(key)
         if not target.is_dir():
             raise NotFound(f"stored folder {key!r} is missing")
         return target
 
-    def local_file(self, key: str) -> Path:
+    def local_file(self, key: str, into: Path | None = None) -> Path:
         target = self.path(key)
         if not target.is_file():
             raise NotFound(f"stored file {key!r} is missing")
@@ -82,6 +82,9 @@ class LocalArtifactStore:
                     return
                 remaining -= len(chunk)
                 yield chunk
+
+    def presigned_url(self, key: str, expires_s: int, disposition: str, content_type: str) -> str | None:
+        return None  # files on local disk are served through the API
 
     def delete(self, key: str) -> None:
         target = self.path(key)
