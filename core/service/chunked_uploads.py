@@ -11,6 +11,7 @@ A failed validation at completion discards the upload: its manifest is fixed and
 would fail again; the client starts a new upload with the fixed files.
 """
 
+import asyncio
 import fcntl
 import hashlib
 import json
@@ -204,21 +205,34 @@ def _range(content_range: str | None, size: int) -> tuple[int, int]:
 
 
 async def _append(writer: "_Writer", chunks: AsyncIterator[bytes], end: int) -> None:
+    """Write the body in pieces of CHUNK bytes. Each piece is written and hashed in a worker thread while the next
+    one arrives (hashlib and file writes let go of the GIL), so receiving, hashing and writing overlap; at most one
+    piece is in flight, so memory stays at two pieces."""
     buffer = bytearray()
+    taken = writer.received  # bytes handed to the writer, written or in flight
+    in_flight: asyncio.Future[None] | None = None
     try:
         async for chunk in chunks:
-            if writer.received + len(buffer) + len(chunk) > end:
+            if taken + len(buffer) + len(chunk) > end:
+                if in_flight is not None:
+                    await in_flight
+                    in_flight = None
                 writer.discard_request()
                 target = writer.target
                 raise PayloadTooLarge(f"the body runs past byte {end:,} of {target.path!r} (its declared size or "
                                       "Content-Range)", {"path": target.path, "size": target.size})
             buffer += chunk
             if len(buffer) >= CHUNK:
-                await anyio.to_thread.run_sync(writer.write, bytes(buffer))
+                if in_flight is not None:
+                    await in_flight
+                in_flight = asyncio.get_running_loop().run_in_executor(None, writer.write, bytes(buffer))
+                taken += len(buffer)
                 buffer.clear()
     finally:
-        if buffer and not writer.discarded:  # a dropped connection keeps what arrived: the client resumes after it
-            with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            if in_flight is not None:
+                await in_flight
+            if buffer and not writer.discarded:  # a dropped connection keeps what arrived: the client resumes
                 await anyio.to_thread.run_sync(writer.write, bytes(buffer))
 
 
