@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 Pattern = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
-ExportFormat = Literal["onnx", "compressed-tensors"]
+ExportFormat = Literal["onnx", "compressed-tensors", "gguf"]
 ONNX: ExportFormat = "onnx"
 COMPRESSED_TENSORS: ExportFormat = "compressed-tensors"
+GGUF: ExportFormat = "gguf"
 EXPORT_FORMATS: tuple[ExportFormat, ...] = get_args(ExportFormat)
 
 
@@ -37,7 +38,7 @@ class Traits:
         pruning, svd), so `core.compression.offload` can hold one block in memory while it runs.
 
     Example: `Traits(changes_weights=True, trains=False, packs_weights=True, quantizes_activations=False,
-    before_packing=None, after_weight_changes=None, exports={"onnx": None, "compressed-tensors": None},
+    before_packing=None, after_weight_changes=None, exports={"onnx": None, "compressed-tensors": None, "gguf": None},
     streams_per_tensor=False, runs_by_block=False)`
     """
 

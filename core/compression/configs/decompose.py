@@ -4,7 +4,7 @@ from typing import Literal, Self
 
 from pydantic import Field, model_validator
 
-from core.compression.configs.base import COMPRESSED_TENSORS, ONNX, StepConfig, Traits
+from core.compression.configs.base import COMPRESSED_TENSORS, GGUF, ONNX, StepConfig, Traits
 from core.compression.configs.calibration import Reconstructing
 
 RANK_FIELDS = ("rank", "rank_ratio", "energy", "params_kept")
@@ -14,7 +14,8 @@ DECOMPOSITION = Traits(
     "be float again); decompose first, then quantize",
     after_weight_changes=None,
     exports={ONNX: None, COMPRESSED_TENSORS: "low-rank factored layers (two Linears per weight) are not modules of a "
-             "transformers architecture"},
+             "transformers architecture",
+             GGUF: "low-rank factored layers (two Linears per weight) are not tensors of GGUF's llama architecture"},
     streams_per_tensor=False, runs_by_block=False,
 )
 

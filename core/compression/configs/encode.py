@@ -2,7 +2,7 @@
 
 from typing import Literal
 
-from core.compression.configs.base import COMPRESSED_TENSORS, ONNX, StepConfig, Traits
+from core.compression.configs.base import COMPRESSED_TENSORS, GGUF, ONNX, StepConfig, Traits
 
 
 class EncodeHuffman(StepConfig):
@@ -18,7 +18,9 @@ class EncodeHuffman(StepConfig):
         after_weight_changes="entropy coding (encode) must come after every step that changes weights; move it to "
         "the end",
         exports={ONNX: None, COMPRESSED_TENSORS: "entropy-coded weights have no compressed-tensors format; drop the "
-                 "encode step (the quantized codes are exported as they are)"},
+                 "encode step (the quantized codes are exported as they are)",
+                 GGUF: "entropy-coded weights have no GGUF type; drop the encode step (the quantized codes are "
+                 "exported as they are)"},
         streams_per_tensor=False, runs_by_block=False,
     )
 

@@ -4,7 +4,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, Field
 
-from core.compression.configs.base import COMPRESSED_TENSORS, ExportFormat, Pattern
+from core.compression.configs.base import COMPRESSED_TENSORS, GGUF, ExportFormat, Pattern
 from core.compression.configs.training import TrainingStep
 
 
@@ -44,6 +44,8 @@ class LoRA(TrainingStep):
     def export_refusal(self, fmt: ExportFormat) -> str | None:
         if fmt == COMPRESSED_TENSORS and not self.merge:
             return "unmerged LoRA adapters are not part of a transformers architecture; use merge: true"
+        if fmt == GGUF and not self.merge:
+            return "unmerged LoRA adapters are not tensors of GGUF's llama architecture; use merge: true"
         return super().export_refusal(fmt)
 
     def weight_changes_refusal(self) -> str | None:

@@ -5,7 +5,7 @@ from typing import Literal, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from core.compression.configs.base import COMPRESSED_TENSORS, ONNX, StepConfig, Traits
+from core.compression.configs.base import COMPRESSED_TENSORS, GGUF, ONNX, StepConfig, Traits
 from core.compression.configs.calibration import Calibrated, Reconstructing
 
 _PATTERN = re.compile(r"^(\d{1,2}):(\d{1,2})$")
@@ -13,7 +13,7 @@ PRUNING = Traits(
     changes_weights=True, trains=False, packs_weights=False, quantizes_activations=False,
     before_packing="pruning must run before weight quantization (a packed weight cannot be pruned without losing its "
     "encoding); prune first, then quantize (Deep Compression's order)",
-    after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None}, streams_per_tensor=False,
+    after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None, GGUF: None}, streams_per_tensor=False,
     runs_by_block=False,
 )
 
@@ -110,6 +110,8 @@ class PruneStructured(Calibrated):
 
     traits = PRUNING.refusing(COMPRESSED_TENSORS, "structurally pruned layers have per-layer shapes that a "
                               "transformers config cannot describe; use magnitude, wanda or sparsegpt pruning")
+    traits = traits.refusing(GGUF, "structurally pruned layers are recorded as rewrites of the model that GGUF's "
+                             "llama hyperparameters cannot describe; use magnitude, wanda or sparsegpt pruning")
 
     type: Literal["prune"] = "prune"
     method: Literal["structured"] = "structured"

@@ -1,22 +1,28 @@
 """Quantization step configs: `{"type": "quantize", "method": ...}`."""
 
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from core.compression.configs.base import COMPRESSED_TENSORS, ONNX, ExportFormat, StepConfig, Traits
+from core.compression.configs.base import COMPRESSED_TENSORS, GGUF, ONNX, ExportFormat, StepConfig, Traits
 from core.compression.configs.calibration import CalibrationData
+from core.compression.export_rules import gguf_grid_refusal
 
 # Weight-only methods: weights become integer codes, a k-means codebook or fp8; activations stay float.
 WEIGHT_ONLY = Traits(changes_weights=True, trains=False, packs_weights=True, quantizes_activations=False,
-                     before_packing=None, after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None},
+                     before_packing=None, after_weight_changes=None,
+                     exports={ONNX: None, COMPRESSED_TENSORS: None,
+                              GGUF: "GGUF's block types hold integer grids only (rtn, gptq or mixed with granularity: "
+                                    "per_group, group_size: 32)"},
                      streams_per_tensor=False, runs_by_block=False)
 # W8A8 methods: Linears become int8 inference modules (int8 x int8 GEMMs, which cannot train).
 INT8_ACTIVATIONS = Traits(
     changes_weights=True, trains=False, packs_weights=False, quantizes_activations=True, before_packing=None,
     after_weight_changes=None,
     exports={ONNX: None, COMPRESSED_TENSORS: "int8-activation (W8A8) modules are not exported to compressed-tensors; "
-             'use a weight-only method (rtn, gptq, mixed, fp8) or export "onnx"'},
+             'use a weight-only method (rtn, gptq, mixed, fp8) or export "onnx"',
+             GGUF: "int8-activation (W8A8) modules have no GGUF tensors (llama.cpp quantizes activations itself); "
+             "use rtn or gptq with bits: 8, granularity: per_group, group_size: 32 (Q8_0)"},
     streams_per_tensor=False, runs_by_block=False,
 )
 
@@ -27,6 +33,8 @@ class _IntGridFields(StepConfig):
     """Integer grid fields shared by rtn, gptq and mixed: granularity, group size, symmetry, embeddings."""
 
     traits = WEIGHT_ONLY
+    if TYPE_CHECKING:  # each method declares its code width(s): one (rtn, gptq) or several (mixed)
+        bits: int | list[int]
 
     granularity: Literal["per_tensor", "per_channel", "per_group"] = "per_channel"
     group_size: int | None = GroupSize
@@ -40,6 +48,11 @@ class _IntGridFields(StepConfig):
         if self.granularity != "per_group" and "group_size" in self.model_fields_set and self.group_size is not None:
             raise ValueError(f"group_size only applies to granularity per_group, not {self.granularity}")
         return self
+
+    def export_refusal(self, fmt: ExportFormat) -> str | None:
+        if fmt == GGUF:
+            return gguf_grid_refusal(self.bits, self.granularity, self.columns_per_scale, self.symmetric)
+        return super().export_refusal(fmt)
 
     @property
     def columns_per_scale(self) -> int | None:
@@ -73,7 +86,9 @@ class QuantizeKMeans(StepConfig):
     """
 
     traits = WEIGHT_ONLY.refusing(COMPRESSED_TENSORS, "a k-means codebook has no compressed-tensors format (it "
-                                  "stores integer grids and fp8); use rtn, gptq or mixed").by_block()
+                                  "stores integer grids and fp8); use rtn, gptq or mixed").refusing(
+        GGUF, "a k-means codebook has no GGUF type (GGUF's blocks are integer grids with one scale per 32 weights); "
+        "use rtn or gptq with granularity: per_group, group_size: 32").by_block()
 
     type: Literal["quantize"] = "quantize"
     method: Literal["kmeans"] = "kmeans"

@@ -4,7 +4,7 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from core.compression.configs.base import COMPRESSED_TENSORS, ONNX, StepConfig, Traits
+from core.compression.configs.base import COMPRESSED_TENSORS, GGUF, ONNX, StepConfig, Traits
 
 ResourceId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 DEFAULT_MAX_STEPS = 200
@@ -43,7 +43,8 @@ class TrainingStep(StepConfig):
     `checkpoint_every` steps, so a restarted job resumes from the last one."""
 
     traits = Traits(changes_weights=True, trains=True, packs_weights=False, quantizes_activations=False,
-                    before_packing=None, after_weight_changes=None, exports={ONNX: None, COMPRESSED_TENSORS: None},
+                    before_packing=None, after_weight_changes=None,
+                    exports={ONNX: None, COMPRESSED_TENSORS: None, GGUF: None},
                     streams_per_tensor=False, runs_by_block=False)
 
     dataset_id: ResourceId | None = None

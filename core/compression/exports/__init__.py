@@ -1,1 +1,1 @@
-"""Formats an artifact is also written in, for the tools users run (ONNX Runtime, transformers/vLLM)."""
+"""Formats an artifact is also written in, for the tools users run (ONNX Runtime, transformers/vLLM, llama.cpp)."""
