@@ -100,7 +100,12 @@ def _client_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     jobs = _group(sub, "jobs", "submit, list, show, watch and cancel jobs")
     submit = jobs.add_parser("submit", parents=[options], help="submit a job (exit code of the job with --wait)")
     submit.add_argument("--model", required=True, metavar="MODEL_ID")
-    submit.add_argument("--recipe", required=True, metavar="FILE", help="a YAML or JSON recipe: `steps`, `export`")
+    recipe = submit.add_mutually_exclusive_group(required=True)
+    recipe.add_argument("--recipe", metavar="FILE", help="a YAML or JSON recipe: `steps` (or `preset`), `export`")
+    recipe.add_argument("--preset", metavar="NAME", help="a named recipe (`mcs presets list`)")
+    submit.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
+                        help="with --preset: a field merged into each step that has it, e.g. "
+                             "'calibration={\"dataset_id\": \"dst_...\"}' (repeatable)")
     submit.add_argument("--queue", choices=["cpu", "gpu"], help="default: the recipe's, else the server's")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end, with its progress")
     submit.add_argument("--download", metavar="DIR", help="wait, then download the artifact into DIR")
@@ -121,6 +126,10 @@ def _client_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     cancel.add_argument("job", metavar="JOB_ID")
     cancel.add_argument("--wait", action="store_true", help="wait until it ended (exit 3 once cancelled)")
     cancel.set_defaults(run=_client_command(_jobs_cancel))
+
+    presets = _group(sub, "presets", "the named recipes")
+    presets.add_parser("list", parents=[options], help="list the presets, with what the benchmarks measured"
+                       ).set_defaults(run=_client_command(_presets_list))
 
     artifacts = _group(sub, "artifacts", "download artifacts")
     download = artifacts.add_parser("download", parents=[options], help="download a job's artifact (resumes, "
@@ -220,7 +229,8 @@ def _datasets_list(client: "Client", args: argparse.Namespace) -> int:
 
 
 def _jobs_submit(client: "Client", args: argparse.Namespace) -> int:
-    job = client.jobs.submit(args.model, args.recipe, queue=args.queue)
+    recipe = args.recipe if args.preset is None else {"preset": args.preset, **_overrides(args.override)}
+    job = client.jobs.submit(args.model, recipe, queue=args.queue)
     if not (args.wait or args.download):
         if args.json:
             _print_json(job)
@@ -229,6 +239,34 @@ def _jobs_submit(client: "Client", args: argparse.Namespace) -> int:
         return 0
     _say(args, f"job {job.id} {job.status}: {len(job.steps)} step(s) on {job.model_id}, queue {job.queue}")
     return _follow(client, job, args, download=args.download)
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--override field=JSON` pairs as the job's `overrides` (a bare word that is not JSON is a string)."""
+    if not pairs:
+        return {}
+    overrides = {}
+    for pair in pairs:
+        field, separator, value = pair.partition("=")
+        if not separator or not field:
+            from client import ApiError
+
+            raise ApiError("invalid_recipe", f"--override takes FIELD=JSON, not {pair!r}")
+        try:
+            overrides[field] = json.loads(value)
+        except ValueError:
+            overrides[field] = value
+    return {"overrides": overrides}
+
+
+def _presets_list(client: "Client", args: argparse.Namespace) -> int:
+    presets = client.presets.list()
+    if args.json:
+        print(json.dumps([preset.model_dump(mode="json") for preset in presets], indent=2))
+        return 0
+    for preset in presets:
+        print(f"{preset.name}\n  {preset.summary}\n  measured: {preset.measured}")
+    return 0
 
 
 def _jobs_watch(client: "Client", args: argparse.Namespace) -> int:

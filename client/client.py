@@ -9,6 +9,7 @@ from client.artifacts import Artifacts
 from client.config import resolve
 from client.http import Http
 from client.jobs import Jobs
+from client.presets import Presets
 from client.uploads import Datasets, Models
 
 
@@ -38,6 +39,7 @@ class Client:
         self.datasets = Datasets(self)
         self.jobs = Jobs(self)
         self.artifacts = Artifacts(self)
+        self.presets = Presets(self)
 
     def close(self) -> None:
         """Close the connection pool."""

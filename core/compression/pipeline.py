@@ -5,6 +5,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from core.compression.registry import handler_for
+from core.compression.select import held_back_note
 from core.compression.spec import StepConfig
 from core.compression.state import ModelState, StepContext, StepReport
 from core.errors import JobCancelled, ServiceError, StepFailed
@@ -37,6 +38,8 @@ def run_pipeline(
             raise JobCancelled(f"cancelled before step {index} ({config.type})")
         hooks.started(index, config)
         report = _run_step(state, config, _step_context(ctx, index, len(steps)))
+        if (note := held_back_note(state.model, config)) is not None:
+            report.notes.append(note)
         if evaluate is not None:
             report.metrics.update(evaluate(state))
         hooks.finished(index, report)

@@ -49,6 +49,7 @@ from core.compression.modelio import (
 from core.compression.quant.fp8 import quantize_fp8
 from core.compression.quant.weights import selected_weights
 from core.compression.rewrites import replay
+from core.compression.select import held_back_note
 from core.compression.spec import FAMILIES
 from core.compression.state import Encoding, Rewrite, StepContext, StepReport
 from core.errors import InvalidSpec, JobCancelled, UnsupportedModel
@@ -167,7 +168,8 @@ def compress_streaming(model_dir: Path, steps: list[StepConfig], out_dir: Path, 
     totals = _Totals({}, [_StepTotals() for _ in steps])
     _stream_blocks(tensors, sources, steps, ShardWriter(out_dir, max_shard_bytes), totals, ctx)
     save_configs(model, out_dir)
-    reports = [_step_report(step, step_totals) for step, step_totals in zip(steps, totals.per_step, strict=True)]
+    reports = [_step_report(model, step, step_totals)
+               for step, step_totals in zip(steps, totals.per_step, strict=True)]
     fields = manifest(reports) if callable(manifest) else manifest
     write_manifest(out_dir, dict(fields or {}), totals.records, _aliases(tensors), [])
     copy_tokenizer_files(model_dir, out_dir)
@@ -328,12 +330,14 @@ def _aliases(tensors: list[PlannedTensor]) -> dict[str, str]:
     return {name: t.stored for t in tensors for name in t.names if name != t.stored}
 
 
-def _step_report(step: StepConfig, totals: _StepTotals) -> StepReport:
+def _step_report(model: PreTrainedModel, step: StepConfig, totals: _StepTotals) -> StepReport:
     ratio = totals.stored_bytes / totals.original_bytes if totals.original_bytes else 1.0
     metrics: dict[str, float | int | str] = {
         "tensors_quantized": totals.tensors, "params_quantized": totals.params,
         "original_bytes": totals.original_bytes, "stored_bytes": totals.stored_bytes, "stored_ratio": ratio}
-    return StepReport(metrics=metrics, notes=[f"{step.tag()}: {totals.tensors} weights encoded layer by layer"])
+    notes = [f"{step.tag()}: {totals.tensors} weights encoded layer by layer"]
+    held_back = held_back_note(model, step)
+    return StepReport(metrics=metrics, notes=notes if held_back is None else [*notes, held_back])
 
 
 def block_output_cosines(model_dir: Path, artifact_dir: Path, tokens: int = 64, seed: int = 0) -> list[float]:

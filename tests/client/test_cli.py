@@ -138,3 +138,21 @@ def test_a_terminal_gets_progress_bars(live, succeeded_job, tmp_path):
     os.close(controller)
     assert result.returncode == 0 and b"downloaded" in result.stdout
     assert "━".encode() in drawn and b"\x1b[" in drawn
+
+
+def test_a_preset_job_from_the_readme(mcs, live, model, tmp_path):
+    presets = mcs("presets", "list", "--json")
+    assert presets.returncode == 0, presets.stderr
+    assert json.loads(presets.stdout) == live.raw("/v1/presets")
+    assert {"w8a16-rtn", "w4a16-gptq", "sparse50-sparsegpt"} <= {p["name"] for p in json.loads(presets.stdout)}
+
+    done = mcs("jobs", "submit", "--model", model.id, "--preset", "w8a16-rtn", "--wait", "--download", "out",
+               "--json")
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["status"] == "succeeded" and job["steps"][0]["config"]["bits"] == 8
+    artifact = job["artifacts"][0]
+    assert sha256(tmp_path / "out" / artifact["name"]) == artifact["sha256"]
+
+    unknown = mcs("jobs", "submit", "--model", model.id, "--preset", "w8a16-rtn", "--override", "sparsity=0.5")
+    assert unknown.returncode == 1 and "sparsity" in unknown.stderr

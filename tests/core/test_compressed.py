@@ -79,14 +79,14 @@ def test_zip_round_trip_is_bit_identical(tmp_path: Path, monkeypatch: pytest.Mon
 @pytest.mark.parametrize("build", [tiny_bert, tiny_llama])
 def test_int8_codes_are_stored_so_the_file_shrinks(tmp_path: Path, build: Callable[[], PreTrainedModel]) -> None:
     fp32_size = weights_size_bytes(save_model_folder(build(), tmp_path / "fp32"))
-    _, folder = saved_artifact(build, tmp_path)
+    _, folder = saved_artifact(build, tmp_path, include_embeddings=True)  # the (tied) embedding too
     assert weights_size_bytes(folder) < 0.3 * fp32_size
     qweights = [tensor for key, tensor in stored_tensors(folder).items() if key.endswith(".qweight")]
     assert qweights and all(q.dtype == torch.int8 for q in qweights)
 
 
 def test_tied_weights_are_stored_once(tmp_path: Path) -> None:
-    _, folder = saved_artifact(tiny_llama, tmp_path)
+    _, folder = saved_artifact(tiny_llama, tmp_path, include_embeddings=True)
     keys = set(stored_tensors(folder))
     assert {"model.embed_tokens.weight.qweight", "model.embed_tokens.weight.scale"} <= keys
     assert not any(key.startswith("lm_head") for key in keys)

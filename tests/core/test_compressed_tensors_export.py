@@ -103,8 +103,9 @@ def test_export_loads_in_transformers_with_our_exact_weights(case: str, tmp_path
 
 
 def test_packed_codes_keep_their_width_and_the_tokenizer_files_travel(tmp_path: Path) -> None:
-    state, artifact, export = compress_and_export([{"type": "quantize", "bits": 4, "include_embeddings": False}],
-                                                  tmp_path)
+    # lm_head named, so quantized too (it is left out unless named)
+    state, artifact, export = compress_and_export(
+        [{"type": "quantize", "bits": 4, "include_embeddings": False, "targets": ["*", "lm_head"]}], tmp_path)
     (artifact / "tokenizer.json").write_text("{}")  # any tokenizer file of the artifact is copied along
     export = export_compressed_tensors(artifact, tmp_path / "again")
     with safe_open(export.folder / "model.safetensors", "pt") as weights:

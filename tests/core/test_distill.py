@@ -58,7 +58,8 @@ def test_distill_keeps_pruned_weights_zero_and_encodings_fresh() -> None:
 
 
 def test_rtn_quantized_weights_stay_on_their_grid() -> None:
-    state, [_, report] = run(tiny_llama(), [{"type": "quantize", "method": "rtn"}, _distill(max_steps=10)])
+    state, [_, report] = run(tiny_llama(), [{"type": "quantize", "method": "rtn", "include_embeddings": True},
+                                          _distill(max_steps=10)])
     assert report.metrics["encodings_retrained"] == len(state.encodings) - 1  # the tied embedding does not train
     for name, encoding in state.encodings.items():
         assert torch.equal(decode(encoding), state.model.get_parameter(name)), name

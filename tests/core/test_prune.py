@@ -102,7 +102,8 @@ def test_quantizing_a_pruned_weight_keeps_its_zeros_and_its_sparse_storage(symme
 
 
 def test_prune_then_quantize_then_huffman_reloads_identically(tmp_path: Path) -> None:
-    state, reports = run_steps(tiny_llama(), {"type": "prune"}, {"type": "quantize"}, {"type": "encode"})
+    state, reports = run_steps(tiny_llama(), {"type": "prune"}, {"type": "quantize", "include_embeddings": True},
+                              {"type": "encode"})
     assert reports[2].metrics["stored_bytes"] < reports[2].metrics["original_bytes"]
     assert_reload_identical(state, tmp_path, probe_inputs(state.model))
 

@@ -91,8 +91,8 @@ def test_bf16_shards_with_an_untied_head_give_the_in_memory_artifact(tmp_path: P
 
 def test_output_shards_are_bounded_and_indexed(tmp_path: Path) -> None:
     source = save_model_folder(tiny_llama(), tmp_path / "src")
-    [report] = compress_streaming(source, [QuantizeRTN(bits=4, granularity="per_group", group_size=32)],
-                                  tmp_path / "out", max_shard_bytes=SHARD_BYTES)
+    step = QuantizeRTN(bits=4, granularity="per_group", group_size=32, include_embeddings=True)
+    [report] = compress_streaming(source, [step], tmp_path / "out", max_shard_bytes=SHARD_BYTES)
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     shards = sorted({*index["weight_map"].values()})
     assert len(shards) > 1 and not (tmp_path / "out" / "model.safetensors").exists()
