@@ -251,13 +251,13 @@ def save_offloaded(state: ModelState, out_dir: Path, manifest: Mapping[str, Any]
     writer = ShardWriter(out_dir, max_shard_bytes)
     records: dict[str, Any] = {}
     aliases: dict[str, str] = {}
-    for part in blocks.parts:
-        blocks.load(part, state.model.get_submodule(part), state)
+    for part_name in blocks.parts:
+        blocks.load(part_name, state.model.get_submodule(part_name), state)
     outside = {name: t for name, t in state.model.state_dict().items() if not blocks.in_blocks(name)}
     _write_part(writer, outside, state.encodings, records, aliases)
     del outside
-    for part in blocks.parts:
-        unload_block(state.model.get_submodule(part))
+    for part_name in blocks.parts:
+        unload_block(state.model.get_submodule(part_name))
     for name, block in blocks.blocks(state.model):
         blocks.load(name, block, state)
         part = {f"{name}.{key}": value for key, value in block.state_dict().items()}

@@ -68,8 +68,9 @@ def held_back(model: nn.Module, config: StepConfig) -> list[str]:
     embedding and head to 4 bits took its perplexity from 1.15x to 1.70x fp32 (issue 19). Named means a `targets`
     pattern other than a bare wildcard matches it (`"lm_head"`), or, for the embedding, `include_embeddings` set
     in the recipe (not its default)."""
-    can_generate = getattr(model, "can_generate", None)
-    head = model.get_output_embeddings() if callable(can_generate) and can_generate() else None
+    can_generate, output_head = getattr(model, "can_generate", None), getattr(model, "get_output_embeddings", None)
+    generative = callable(can_generate) and callable(output_head) and can_generate()
+    head = output_head() if generative and callable(output_head) else None
     if not isinstance(head, nn.Module) or not isinstance(getattr(head, "weight", None), nn.Parameter):
         return []
     names = [name for name, module in model.named_modules()
