@@ -43,8 +43,8 @@ SMOLLM2_STEPS = {
 PPL_TOLERANCE = 0.005
 
 
-def run_child(step: dict[str, Any], source: Path, work: Path) -> None:
-    """In the child: one whole job over the threshold; prints one JSON line."""
+def run_child(step: dict[str, Any], source: Path, work: Path, threshold: int | None = 0) -> None:
+    """In the child: one whole job (over the threshold unless it is None); prints one JSON line."""
     torch.set_num_threads(THREADS)
     import psutil
 
@@ -55,18 +55,20 @@ def run_child(step: dict[str, Any], source: Path, work: Path) -> None:
 
     rss_after_imports = psutil.Process().memory_info().rss
     start = time.perf_counter()
-    outcome = execute_job(source, JobSpec(steps=[step]), work, StepContext(), StepHooks(), {}, stream_above_bytes=0)
+    outcome = execute_job(source, JobSpec(steps=[step]), work, StepContext(), StepHooks(), {},
+                          stream_above_bytes=threshold)
     print(json.dumps({"seconds": time.perf_counter() - start, "rss_after_imports": rss_after_imports,
                       "engine": outcome.metrics["engine"],
-                      "cosine_min": outcome.metrics["after"]["block_output_cosine_min"]}))
+                      "cosine_min": outcome.metrics["after"].get("block_output_cosine_min")}))
 
 
-def measured_job(step: dict[str, Any], source: Path, work: Path) -> dict[str, Any]:
-    command = [sys.executable, "-m", f"bench.{NAME}", "--child", json.dumps(step), str(source), str(work)]
+def measured_job(step: dict[str, Any], source: Path, work: Path, threshold: int | None = 0) -> dict[str, Any]:
+    command = [sys.executable, "-m", f"bench.{NAME}", "--child", json.dumps(step), str(source), str(work),
+               "--child-threshold", str(-1 if threshold is None else threshold)]
     return measured_child(command, f"the {step['method']} job")
 
 
-def estimated_peak(source: Path, step: dict[str, Any]) -> int:
+def estimated_peak(source: Path, step: dict[str, Any], threshold: int = 0) -> int:
     """The pre-flight estimate the API would store for this job (the shape facts read at upload)."""
     from core.compression.estimate import estimate_job
     from core.compression.modelio import inspect_model_folder
@@ -74,7 +76,37 @@ def estimated_peak(source: Path, step: dict[str, Any]) -> int:
 
     info = inspect_model_folder(source, 10**12)
     spec = JobSpec(steps=[step])
-    return estimate_job(info.facts(), [type(s) for s in spec.steps], "cpu", 0).peak_host_bytes
+    return estimate_job(info.facts(), [type(s) for s in spec.steps], "cpu", threshold).peak_host_bytes
+
+
+def smollm2_peak_rows(tmp: Path) -> list[list[str]]:
+    """Peak RSS of whole SmolLM2 jobs, in memory and over the threshold, against the pre-flight estimate."""
+    from bench.smollm2 import smollm2_folder
+
+    source = smollm2_folder()
+    rows = []
+    for label in ("rtn int4 g128", "gptq int4 g128"):
+        step = SMOLLM2_STEPS[label]
+        for threshold, estimate_threshold in ((None, 10**15), (0, 0)):
+            result = measured_job(step, source, tmp / "peak", threshold)
+            estimate = estimated_peak(source, step, estimate_threshold)
+            error = estimate / result["peak_rss"] - 1
+            rows.append([label, result["engine"], f"{result['peak_rss'] / 1e9:.2f}", f"{estimate / 1e9:.2f}",
+                         f"{error * 100:+.0f}%", "yes" if abs(error) <= 0.25 else "**no**"])
+            print(rows[-1], flush=True)
+            shutil.rmtree(tmp / "peak", ignore_errors=True)
+    return rows
+
+
+def write_smollm2_peaks_section(rows: list[list[str]]) -> None:
+    headers = ["job", "engine", "peak RSS GB", "estimate GB", "estimate vs peak", "within 25%"]
+    body = (f"## Big models: the pre-flight estimate on SmolLM2-135M\n\nReproduce: `{COMMAND} --smollm2-peaks`\n\n"
+            f"Machine: {machine_description()}; load average when it ended: {load_average()}.\n\n"
+            "Whole jobs (`execute_job`, as the worker runs them) on the real SmolLM2-135M (fp32, 0.54 GB of weights), "
+            "in memory and over the streaming threshold; gptq calibrates on 16 x 512 tokens of the default corpus. "
+            "Peak RSS of the job's process tree sampled every 50 ms; the estimate is what the pre-flight stores "
+            "for the job. Memory only: no times are reported.\n\n" + markdown_table(headers, rows))
+    update_section(f"{NAME}_smollm2_peaks", body)
 
 
 def tinyllama_rows(tmp: Path) -> list[list[str]]:
@@ -179,11 +211,18 @@ def write_smollm2_section(rows: list[list[str]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--child", nargs=3, metavar=("STEP", "SOURCE", "WORK"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-threshold", type=int, default=0, help=argparse.SUPPRESS)  # -1: in memory
     parser.add_argument("--tinyllama", action="store_true")
     parser.add_argument("--smollm2", action="store_true")
+    parser.add_argument("--smollm2-peaks", action="store_true", help="only the SmolLM2 peak-vs-estimate table")
     args = parser.parse_args()
     if args.child:
-        run_child(json.loads(args.child[0]), Path(args.child[1]), Path(args.child[2]))
+        threshold = None if args.child_threshold < 0 else args.child_threshold
+        run_child(json.loads(args.child[0]), Path(args.child[1]), Path(args.child[2]), threshold)
+        return 0
+    if args.smollm2_peaks:
+        with tempfile.TemporaryDirectory(prefix="big-calibrated-") as tmp:
+            write_smollm2_peaks_section(smollm2_peak_rows(Path(tmp)))
         return 0
     both = not (args.tinyllama or args.smollm2)
     with tempfile.TemporaryDirectory(prefix="big-calibrated-") as tmp:

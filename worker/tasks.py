@@ -19,14 +19,17 @@ from celery.exceptions import TimeLimitExceeded
 from celery.signals import task_failure, worker_process_init, worker_ready, worker_shutdown
 
 from core import __version__
+from core.compression.evaluate import EvaluationRequest
 from core.compression.execute import execute_job, load_input, reading_input
 from core.compression.pipeline import StepHooks
-from core.compression.spec import JobSpec, StepConfig
+from core.compression.spec import JobSpec, StepConfig, step_datasets
 from core.compression.state import StepContext, StepReport
-from core.service.datasets import read_texts
+from core.service.datasets import read_rows, read_texts
 from core.service.db.models import Job, JobStatus, utcnow
 from core.service.db.repositories import Datasets, JobRuns, Models
 from core.service.db.session import engine, session_scope
+from core.service.logs import bind, bound
+from core.service.metrics import JOB_DURATION, STEP_DURATION
 from core.service.settings import Settings, get_settings
 from core.service.storage import ArtifactStore, get_store
 from worker.celery_app import RUN_JOB_TASK, app, send_options
@@ -38,6 +41,11 @@ SWEEPERS: list[Sweeper] = []
 
 @app.task(name=RUN_JOB_TASK, bind=True, max_retries=5)
 def run_job(self: Task, job_id: str) -> None:
+    with bound(job_id=job_id, tenant_id=None, step=None):  # every log line of the run names the job
+        _run_job(self, job_id)
+
+
+def _run_job(self: Task, job_id: str) -> None:
     settings = get_settings()
     job = None
     try:
@@ -66,16 +74,23 @@ def _claim(job_id: str, settings: Settings) -> Job | None:
 def _run_claimed(job: Job, settings: Settings) -> None:
     """Run a claimed job to exactly one end; infrastructure faults propagate so that the task retries."""
     work_dir = settings.work_dir / f"job-{job.id}"
+    started, outcome = time.monotonic(), "retried"
+    bind(tenant_id=job.tenant_id)
     try:
         with Heartbeat(job.id, settings.job_lease_s):
             _execute(job, get_store(), work_dir)
+        outcome = "succeeded"
     except Exception as exc:  # every failure is named; only infrastructure faults are retried
         failure = failure_for(exc, settings, job.estimate)
         if failure is None:
             raise  # retried: work_dir keeps the steps' checkpoints for the next attempt
         if failure[0]["code"] == "internal_error":
             log.exception("job %s crashed", job.id)
+        outcome = str(failure[1])
         _end(job.id, *failure, attempt=job.attempts)
+    finally:
+        JOB_DURATION.labels(job.queue, outcome).observe(time.monotonic() - started)
+        log.info("job %s: run ended %s after %.1f s", job.id, outcome, time.monotonic() - started)
     shutil.rmtree(work_dir, ignore_errors=True)  # the job ended: its scratch and checkpoints go
 
 
@@ -89,7 +104,7 @@ def _execute(job: Job, store: ArtifactStore, work_dir: Path) -> None:
         store.local_tree(model.storage_key, work_dir / "input"), spec, work_dir, _context(job, work_dir),
         _hooks(job.id, job.attempts),
         {"job_id": job.id, "input_sha256": model.sha256, "service_version": __version__},
-        get_settings().stream_above_bytes,
+        get_settings().stream_above_bytes, _evaluation_request(job.tenant_id, spec, work_dir),
     )
     # One key per attempt: a run that lost its lease deletes its own file without touching the winner's.
     key = f"artifacts/{job.id}/attempt-{job.attempts}/model.zip"
@@ -173,12 +188,40 @@ def _dataset_texts(tenant_id: str, work_dir: Path) -> Callable[[str | None], lis
     return texts
 
 
+def _evaluation_request(tenant_id: str, spec: JobSpec, work_dir: Path) -> EvaluationRequest | None:
+    """The evaluation dataset's first `max_samples` rows, and the texts the steps calibrate or train on (the
+    default corpus for a step without a dataset) so that overlap between them is flagged."""
+    if spec.evaluate is None:
+        return None
+    dataset_id = spec.evaluate.dataset_id
+    with session_scope() as session:
+        dataset = Datasets(session, tenant_id).get(dataset_id)
+    path = get_store().local_file(dataset.storage_key, work_dir / f"dataset-{dataset_id}.jsonl")
+    with reading_input(f"dataset {dataset_id!r}"):
+        rows = read_rows(path, spec.evaluate.max_samples)
+    texts = _dataset_texts(tenant_id, work_dir)
+    references = {name or "default corpus": texts(name) for name in step_datasets(list(spec.steps))}
+    return EvaluationRequest(dataset_id, tuple(spec.evaluate.metrics), rows, references)
+
+
 def _hooks(job_id: str, attempt: int) -> StepHooks:
+    """Record each step's start and end in the database, its duration by step type in the metrics, and name it in
+    the log lines written while it runs."""
+    running: dict[int, tuple[str, str, float]] = {}
+
     def started(index: int, config: StepConfig) -> None:
+        step, method = str(config.type), str(getattr(config, "method", None) or "")
+        running[index] = (step, method, time.monotonic())
+        bind(step=f"{index}:{step}/{method}" if method else f"{index}:{step}")
+        log.info("job %s: step %d (%s %s) started", job_id, index, step, method)
         with session_scope() as session:
             JobRuns(session).step_started(job_id, index, attempt)
 
     def finished(index: int, report: StepReport) -> None:
+        step, method, at = running.pop(index)
+        STEP_DURATION.labels(step, method).observe(time.monotonic() - at)
+        log.info("job %s: step %d (%s %s) finished in %.2f s", job_id, index, step, method, time.monotonic() - at)
+        bind(step=None)
         with session_scope() as session:
             JobRuns(session).step_finished(job_id, index, report.metrics, report.notes, attempt)
 

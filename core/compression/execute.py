@@ -12,7 +12,7 @@ import logging
 import shutil
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ from transformers import PreTrainedTokenizerBase
 from core.compression import metrics
 from core.compression.artifact import load_compressed, save_compressed
 from core.compression.estimate import Engine, ModelFacts, choose_engine
-from core.compression.export_rules import COMPRESSED_TENSORS, ONNX
+from core.compression.evaluate import STREAMED_BATCH, EvaluationRequest, evaluate_models
+from core.compression.export_rules import COMPRESSED_TENSORS, GGUF, ONNX
 from core.compression.exports.onnx import export_onnx
 from core.compression.modelio import load_model, load_tokenizer, meta_model, model_class_for, read_model_config
 from core.compression.offload import offloaded_state, save_offloaded
@@ -67,7 +68,8 @@ class _Probe:
 
 
 def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext, hooks: StepHooks,
-                provenance: dict[str, Any], stream_above_bytes: int | None = None) -> JobOutcome:
+                provenance: dict[str, Any], stream_above_bytes: int | None = None,
+                evaluation: EvaluationRequest | None = None) -> JobOutcome:
     """Load, measure, compress, save, reload and measure again. A re-attempt of the same job reuses `work_dir`:
     its `steps/` folder holds the training steps' checkpoints; the previous attempt's output is discarded.
 
@@ -81,9 +83,11 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     work_dir.mkdir(parents=True, exist_ok=True)
     engine = engine_for(model_dir, spec, stream_above_bytes)
     if engine == "streaming":
-        return _execute_streaming(model_dir, spec, work_dir, ctx, hooks, provenance)
+        return _evaluated(_execute_streaming(model_dir, spec, work_dir, ctx, hooks, provenance), evaluation,
+                          model_dir, ctx)
     if engine == "offloaded":
-        return _execute_offloaded(model_dir, spec, work_dir, ctx, hooks, provenance)
+        return _evaluated(_execute_offloaded(model_dir, spec, work_dir, ctx, hooks, provenance), evaluation,
+                          model_dir, ctx)
     model = load_input(model_dir, ctx.device)
     tokenizer = _tokenizer(model_dir)
     probe = _probe(model, tokenizer)
@@ -108,8 +112,12 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     if COMPRESSED_TENSORS in spec.export:
         ctx.report(0.96, "exporting to compressed-tensors")
         after.update(_export_compressed_tensors(folder, probe, ctx.device))
+    if GGUF in spec.export:
+        ctx.report(0.97, "exporting to GGUF")
+        after.update(_export_gguf(folder, loaded, probe, ctx.device))
     archive = _zip_folder(folder, work_dir / "model.zip")
-    return JobOutcome(archive, {**_summary(before, after, archive, ctx), "engine": "in_memory"})
+    return _evaluated(JobOutcome(archive, {**_summary(before, after, archive, ctx), "engine": "in_memory"}),
+                      evaluation, model_dir, ctx, loaded)
 
 
 def engine_for(model_dir: Path, spec: JobSpec, stream_above_bytes: int | None) -> Engine:
@@ -166,6 +174,28 @@ def _execute_offloaded(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: Step
     archive = _zip_folder(folder, work_dir / "model.zip")
     return JobOutcome(archive, {**_summary(before, after, archive, ctx), "engine": "offloaded",
                                 "note": OFFLOADED_NOTE})
+
+
+def _evaluated(outcome: JobOutcome, request: EvaluationRequest | None, model_dir: Path, ctx: StepContext,
+               loaded: Any = None) -> JobOutcome:
+    """The outcome with the job's `evaluation` (core.compression.evaluate) when it asked for one: the original
+    and the saved artifact (`loaded`; None: both run from their folders one block at a time, `streamed_model`).
+    Overlap with the calibration/training data is also logged and listed in `warnings`."""
+    if request is None:
+        return outcome
+    ctx.report(0.98, f"evaluating on dataset {request.dataset_id}")
+    folder = outcome.artifact.parent / "model"
+    if loaded is None:
+        result = evaluate_models(request, lambda: streamed_model(model_dir, ctx.device),
+                                 lambda: streamed_model(folder, ctx.device), _tokenizer(model_dir), STREAMED_BATCH)
+    else:
+        result = evaluate_models(request, lambda: nullcontext(load_input(model_dir, ctx.device)),
+                                 lambda: nullcontext(loaded), _tokenizer(model_dir))
+    outcome.metrics["evaluation"] = result
+    if warning := result["overlap"]["warning"]:
+        log.warning("%s", warning)
+        outcome.metrics["warnings"] = [*outcome.metrics.get("warnings", []), warning]
+    return outcome
 
 
 def _measure_streamed(model_dir: Path, folder: Path, before: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -256,6 +286,33 @@ def _export_compressed_tensors(folder: Path, probe: "_Probe", device: torch.devi
             "quantized_modules": export.quantized_modules,
             "plain_weights": export.dense_weights,
             "sparsity_structure": (export.sparsity or {}).get("sparsity_structure"),
+        },
+    }
+
+
+def _export_gguf(folder: Path, loaded: Any, probe: "_Probe", device: torch.device) -> dict[str, Any]:
+    """Write model.gguf beside the weights (every tensor checked bit for bit against the artifact's weights with the
+    gguf package's own dequantizer) and load it back with transformers' GGUF loader: the cosine of its outputs vs
+    the original model's and vs the artifact's, its tensor types and tokenizer go into the job's metrics."""
+    from core.compression.exports.gguf import GGUF_FILE, export_gguf, load_gguf
+
+    try:
+        export = export_gguf(folder, folder / GGUF_FILE)
+    except (UnsupportedModel, RuntimeError) as exc:
+        raise StepFailed(f"GGUF export failed: {exc}") from exc
+    theirs = load_gguf(export.path).to(device)  # type: ignore[arg-type]  # (transformers types .to's first argument)
+    outputs = metrics.model_outputs(theirs, probe.inputs)
+    mask = probe.inputs.get("attention_mask")
+    return {
+        "gguf_output_cosine": metrics.output_cosine(probe.reference, outputs, mask),
+        "gguf": {
+            "file_bytes": export.path.stat().st_size,
+            "file_type": export.file_type,
+            "tensor_types": export.tensor_types,
+            "tensors_bit_exact": sum(export.tensor_types.values()),
+            "artifact_output_cosine": metrics.output_cosine(metrics.model_outputs(loaded, probe.inputs), outputs, mask),
+            "tokenizer": export.tokenizer,
+            "notes": export.notes,
         },
     }
 

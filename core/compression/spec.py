@@ -7,7 +7,7 @@ model, and every bad field is reported at once as a 422.
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Self, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, GetJsonSchemaHandler, Tag, model_validator
 from pydantic.json_schema import JsonSchemaValue
@@ -82,6 +82,82 @@ else:
     ]
 
 
+EvaluationMetric = Literal["perplexity", "accuracy", "generation_agreement", "embedding_cosine", "sts_spearman",
+                           "classification_accuracy", "macro_f1"]
+ModelKind = Literal["causal_lm", "encoder", "classifier", "other"]
+# Which metrics each kind of model can be measured with (see core.compression.evaluate for what each one needs).
+METRICS_BY_KIND: dict[ModelKind, tuple[EvaluationMetric, ...]] = {
+    "causal_lm": ("perplexity", "accuracy", "generation_agreement"),
+    "encoder": ("embedding_cosine", "sts_spearman"),
+    "classifier": ("classification_accuracy", "macro_f1"),
+    "other": (),
+}
+KIND_NAMES: dict[ModelKind, str] = {"causal_lm": "a causal LM", "encoder": "an encoder",
+                                    "classifier": "a sequence classifier", "other": "a kind no metric measures yet"}
+
+
+def model_kind(architecture: str) -> ModelKind:
+    """The kind of model a transformers class name is, for the evaluation metrics; e.g. "LlamaForCausalLM" is
+    "causal_lm", "BertForSequenceClassification" "classifier", "BertModel" (a bare model) "encoder", and
+    "BertForMaskedLM" "other"."""
+    if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal_lm"
+    if architecture.endswith("ForSequenceClassification"):
+        return "classifier"
+    return "encoder" if architecture.endswith("Model") else "other"
+
+
+def evaluation_refusal(metrics: list[str], architecture: str) -> str | None:
+    """Why some of `metrics` cannot measure a model of class `architecture` (None when all can).
+    Example: `evaluation_refusal(["perplexity"], "BertModel")` says perplexity needs a causal LM."""
+    kind = model_kind(architecture)
+    unfit = [metric for metric in metrics if metric not in METRICS_BY_KIND[kind]]
+    if not unfit:
+        return None
+    fitting = ", ".join(METRICS_BY_KIND[kind]) or "none of them"
+    return (f"evaluation metric(s) {', '.join(unfit)} do not fit {architecture} ({KIND_NAMES[kind]}); "
+            f"it can be measured with {fitting}")
+
+
+class EvaluateSpec(BaseModel):
+    """Measure the original and the artifact on the tenant's own held-out dataset; every delta with a paired
+    bootstrap 95% CI (see core.compression.evaluate). Example:
+    `{"dataset_id": "dst_...", "metrics": ["perplexity", "generation_agreement"], "max_samples": 200}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset_id: str = Field(min_length=1, max_length=128, description="an uploaded dataset of the tenant (JSONL)")
+    metrics: list[EvaluationMetric] = Field(
+        min_length=1, max_length=len(get_args(EvaluationMetric)),
+        description="causal LMs: perplexity, accuracy (multiple choice rows: question, choices, answer), "
+                    "generation_agreement; encoders: embedding_cosine, sts_spearman (rows: text, text_pair, score); "
+                    "sequence classifiers: classification_accuracy, macro_f1 (rows: text, label)")
+    max_samples: int = Field(256, ge=1, le=10_000, description="the first N rows of the dataset are used")
+
+    @model_validator(mode="after")
+    def _metrics_once(self) -> Self:
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"evaluate.metrics lists a metric twice: {self.metrics}")
+        return self
+
+
+def step_datasets(steps: list[StepConfig]) -> list[str | None]:
+    """The datasets the steps calibrate or train on, in order (None: the default corpus).
+    Example: a gptq step without a calibration dataset gives `[None]`."""
+    found: list[str | None] = []
+    for step in steps:
+        found.extend(value for key, value in _walk_items(step.model_dump()) if key == "dataset_id")
+    return list(dict.fromkeys(found))
+
+
+def _walk_items(value: object) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [pair for key, item in value.items() for pair in [(key, item), *_walk_items(item)]]
+    if isinstance(value, list):
+        return [pair for item in value for pair in _walk_items(item)]
+    return []
+
+
 class JobSpec(BaseModel):
     """What a job runs: an ordered list of steps applied to one uploaded model."""
 
@@ -89,10 +165,12 @@ class JobSpec(BaseModel):
 
     steps: list[StepSpec] = Field(min_length=1, max_length=32)
     export: list[ExportFormat] = Field(
-        default_factory=list, max_length=2,
+        default_factory=list, max_length=3,
         description='extra formats written into the artifact: "onnx" adds model.onnx (runs in onnxruntime); '
-                    '"compressed-tensors" adds the folder compressed-tensors/ (transformers and vLLM load it)',
+                    '"compressed-tensors" adds the folder compressed-tensors/ (transformers and vLLM load it); '
+                    '"gguf" adds model.gguf (llama.cpp, Ollama, LM Studio; Llama-family causal LMs)',
     )
+    evaluate: EvaluateSpec | None = Field(None, description="measure original and artifact on your own dataset")
 
     @model_validator(mode="after")
     def _order_can_work(self) -> Self:
@@ -100,7 +178,10 @@ class JobSpec(BaseModel):
         if len(set(self.export)) != len(self.export):
             raise ValueError(f"export lists a format twice: {self.export}")
         check_exports(self.steps, self.export)
+        if self.evaluate and self.evaluate.dataset_id in step_datasets(self.steps):
+            raise ValueError(f"evaluate.dataset_id {self.evaluate.dataset_id!r} is also a dataset the steps "
+                             "calibrate or train on; evaluate on held-out data (upload a separate dataset)")
         return self
 
 
-__all__ = ["JobSpec", "QuantizeRTN", "StepConfig", "StepSpec", "config_class"]
+__all__ = ["EvaluateSpec", "JobSpec", "QuantizeRTN", "StepConfig", "StepSpec", "config_class"]

@@ -13,7 +13,8 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.compression.spec import config_class
+from core.compression.export_rules import model_export_refusal
+from core.compression.spec import config_class, evaluation_refusal
 from core.errors import Conflict, InvalidSpec, NotFound, Unavailable
 from core.service.capacity import preflight
 from core.service.db.models import Dataset, Job
@@ -48,6 +49,11 @@ def submit_job(session: Session, tenant_id: str, request: JobRequest, idempotenc
     if idempotency_key and (existing := jobs.by_idempotency_key(idempotency_key)):
         return _replay(existing, request.request_hash)
     model = models.get_for_new_job(request.model_id)
+    if reason := model_export_refusal(request.spec.get("export") or [], model.architecture):
+        raise InvalidSpec(reason, [{"field": "export", "message": reason}])
+    evaluate = request.spec.get("evaluate") or {}
+    if reason := evaluation_refusal(evaluate.get("metrics") or [], model.architecture):
+        raise InvalidSpec(reason, [{"field": "evaluate.metrics", "message": reason}])
     check_references(request.spec, Datasets(session, tenant_id), models)
     estimate = preflight(session, model, request.spec, request.queue, settings)
     try:
@@ -84,8 +90,10 @@ def _replay(job: Job | None, request_hash: str) -> Job:
 
 
 def check_references(spec: dict[str, Any], datasets: Datasets, models: Models) -> None:
-    """Every dataset or teacher model a step names must be the tenant's own (404 otherwise, like any id), and a
-    training step needs a dataset with rows to hold out for evaluation."""
+    """Every dataset or teacher model a step names, and the evaluation dataset, must be the tenant's own (404
+    otherwise, like any id), and a training step needs a dataset with rows to hold out for evaluation."""
+    if isinstance(evaluate := spec.get("evaluate"), dict) and isinstance(evaluate.get("dataset_id"), str):
+        datasets.get(evaluate["dataset_id"])
     for step in spec.get("steps", [spec]):
         for key, value in _walk(step):
             if key == "dataset_id" and isinstance(value, str):
