@@ -8,8 +8,10 @@ from fastapi import FastAPI
 
 from api import errors
 from api.limits import BodyLimits, Cap
+from api.observability import BindTenant, Observe
 from api.ratelimit import Admission, rate_limit_buckets
-from api.routers import artifacts, datasets, health, jobs, models, uploads
+from api.routers import artifacts, datasets, events, health, jobs, metrics, models, presets, uploads, webhooks
+from core.service.logs import configure_logging
 from core.service.scratch import remove_stale_scratch
 from core.service.settings import get_settings
 
@@ -28,6 +30,7 @@ async def sweep_at_startup(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app() -> FastAPI:
     settings = get_settings()
+    configure_logging("api")
     app = FastAPI(
         title="Model compression service",
         version="0.1.0",
@@ -39,10 +42,14 @@ def create_app() -> FastAPI:
     app.add_middleware(BodyLimits, upload=Cap(settings.max_upload_bytes + 64 * 1024, "MCS_MAX_UPLOAD_BYTES"),
                        json=Cap(settings.max_json_bytes, "MCS_MAX_JSON_BYTES"), timeout_s=settings.body_timeout_s,
                        streamed=Cap(settings.max_upload_file_bytes, "MCS_MAX_UPLOAD_FILE_BYTES"))
-    # added last, so it runs first: a request without a valid key, or over its rate limit, costs no body
+    app.add_middleware(BindTenant)  # inside Admission: the tenant is known
+    # added after the limits, so it runs before them: a request without a valid key, or over its rate limit, costs no
+    # body
     app.add_middleware(Admission, buckets=rate_limit_buckets(settings))
+    # outermost: request id, access log and HTTP metrics cover the requests Admission refuses too
+    app.add_middleware(Observe, routed=app)
     errors.install(app)
-    for module in (health, models, uploads, datasets, jobs, artifacts):
+    for module in (health, metrics, models, uploads, datasets, jobs, events, artifacts, webhooks, presets):
         app.include_router(module.router)
     return app
 

@@ -4,11 +4,12 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core import errors
+from core.compression.presets import expand_preset
 from core.compression.spec import JobSpec
-from core.service.db.models import JobStatus, UploadStatus
+from core.service.db.models import DeliveryStatus, JobEventType, JobStatus, UploadStatus
 
 # The codes a job's `error` can carry: the user's faults found while running, then the job machine's own endings.
 JOB_FAILURE_CODES = tuple(cls.code for cls in (
@@ -56,10 +57,37 @@ class DatasetOut(BaseModel):
 
 
 class JobCreate(JobSpec):
-    """A job: the uploaded model to compress and the recipe (ordered steps) to run on it."""
+    """A job: the uploaded model to compress and the recipe (ordered steps, or a named preset) to run on it."""
 
     model_id: str = Field(min_length=1, max_length=40)
     queue: Literal["cpu", "gpu"] | None = Field(None, description="worker pool; default from MCS_DEFAULT_QUEUE")
+    preset: str | None = Field(None, max_length=64,
+                               description="a named recipe (GET /v1/presets) instead of `steps`; the job's "
+                                           "steps are the preset's")
+    overrides: dict[str, Any] | None = Field(
+        None, description='fields merged into every step of the preset that has them, e.g. '
+                          '{"calibration": {"dataset_id": "dst_..."}}')
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_of_the_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or (data.get("preset") is None and data.get("overrides") is None):
+            return data
+        if data.get("preset") is None:
+            raise ValueError("overrides apply to a preset: name one in `preset`")
+        if "steps" in data:
+            raise ValueError("give either `steps` or a `preset` (with `overrides`), not both")
+        try:
+            return {**data, "steps": expand_preset(data["preset"], data.get("overrides"))}
+        except errors.InvalidSpec as exc:
+            raise ValueError(exc.message) from exc
+
+
+class PresetOut(BaseModel):
+    name: str
+    summary: str
+    steps: list[dict[str, Any]]
+    measured: str = Field(description="what the benchmarks measured with it (docs/benchmarks.md)")
 
 
 class StepOut(BaseModel):
@@ -179,3 +207,48 @@ class UploadOut(BaseModel):
     total_bytes: int
     created_at: datetime
     expires_at: datetime
+
+
+class WebhookCreate(BaseModel):
+    """A webhook: where to POST the job events of the tenant's jobs, and which event types."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2000, description="http(s) URL whose host resolves to public "
+                                                                "addresses only (unless the operator allows others)")
+    events: list[JobEventType] = Field(min_length=1, description="event types to deliver, e.g. `[\"done\"]`")
+
+
+class WebhookOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    url: str
+    events: list[JobEventType]
+    created_at: datetime
+
+
+class WebhookCreated(WebhookOut):
+    secret: str = Field(description="`whsec_...`: the key that signs deliveries; shown only in this response")
+
+
+class DeliveryAttempt(BaseModel):
+    attempt: int
+    at: datetime
+    status_code: int | None = Field(description="the receiver's HTTP status; null when no response came")
+    error: str | None = Field(description="why the attempt failed; null for a 2xx")
+    duration_ms: float
+
+
+class DeliveryOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(description="the `webhook-id` header, the same on every retry")
+    job_id: str
+    event_seq: int = Field(description="the event's `id:` in the job's event stream")
+    event_type: JobEventType
+    status: DeliveryStatus
+    attempts: int
+    attempt_log: list[DeliveryAttempt]
+    created_at: datetime
+    delivered_at: datetime | None

@@ -1,11 +1,13 @@
 """Jobs: submit, list, show, watch, wait, cancel, download."""
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from pydantic import PrivateAttr
 
 from api.schemas import JobOut, JobStatus, ModelOut, Page
@@ -18,9 +20,9 @@ if TYPE_CHECKING:
     from client.progress import ProgressArg
 
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled})
-# Where job updates come from, in order: each yields snapshots (the job's JSON) until one is terminal. Only polling
-# exists today; an event stream (`GET /v1/jobs/{id}/events`) goes first in this tuple when the API offers it and
-# raises `UpdatesUnavailable` where it does not, so watching falls back to polling.
+# Where job updates come from, in order: each yields snapshots (the job's JSON) until one is terminal. The event
+# stream (`GET /v1/jobs/{id}/events`) goes first and raises `UpdatesUnavailable` where the API does not offer it (or
+# it keeps dropping), so watching falls back to polling.
 UpdateSource = Callable[["Client", str, float, float | None], Iterator[dict[str, Any]]]
 
 
@@ -45,7 +47,84 @@ def poll(client: "Client", job_id: str, interval: float, deadline: float | None)
         time.sleep(interval)
 
 
-UPDATE_SOURCES: tuple[UpdateSource, ...] = (poll,)
+MAX_STREAM_FAILURES = 3
+
+
+def events(client: "Client", job_id: str, interval: float, deadline: float | None) -> Iterator[dict[str, Any]]:
+    """Follow the job's Server-Sent Events: each event updates the last snapshot, which is yielded; at `done` the
+    job is fetched once more (artifacts, final fields) and yielded last. A dropped connection resumes with
+    `Last-Event-ID`; after 3 drops in a row, or from an API without the route, it raises `UpdatesUnavailable`.
+    Past `deadline` it raises `ApiError` `wait_timeout`."""
+    snapshot = client.http.json("GET", f"/v1/jobs/{job_id}")
+    yield snapshot
+    last_id, failures = None, 0
+    while snapshot["status"] not in TERMINAL:
+        _check_deadline(job_id, deadline)
+        failures += 1  # until this connection brings an event
+        try:
+            for event_id, kind, data in _stream(client, job_id, last_id, deadline):
+                last_id, failures = event_id or last_id, 0
+                if kind == "done":
+                    snapshot = client.http.json("GET", f"/v1/jobs/{job_id}")
+                else:
+                    _apply(snapshot, kind, data)
+                yield snapshot
+        except httpx.TransportError as exc:
+            _check_deadline(job_id, deadline)  # a read that timed out at the deadline
+            if failures >= MAX_STREAM_FAILURES:
+                raise UpdatesUnavailable(f"the event stream dropped {failures} times: {exc}") from exc
+        if failures >= MAX_STREAM_FAILURES:
+            raise UpdatesUnavailable(f"the event stream ended {failures} times without an event")
+        time.sleep(min(interval * failures, 2.0))
+
+
+def _stream(client: "Client", job_id: str, last_id: str | None,
+            deadline: float | None) -> Iterator[tuple[str | None, str, Any]]:
+    """(id, event, data) of one connection, parsed by hand: the few lines of text/event-stream we need do not
+    warrant a dependency."""
+    headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last_id} if last_id else {})}
+    timeout = client.http.timeout
+    if deadline is not None:  # a read waiting for the next event gives up at the deadline
+        read = max(min(deadline - time.monotonic(), timeout.read or 60.0), 0.01)
+        timeout = httpx.Timeout(connect=timeout.connect, read=read, write=timeout.write, pool=timeout.pool)
+    with client.http.client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=timeout) as response:
+        # No route (an older API), or any error: polling takes over, with its retries and its error reporting
+        if response.is_error or not response.headers.get("content-type", "").startswith("text/event-stream"):
+            raise UpdatesUnavailable(f"no event stream for job {job_id} ({response.status_code})")
+        fields: dict[str, str] = {}
+        for line in response.iter_lines():
+            _check_deadline(job_id, deadline)
+            if line and not line.startswith(":"):
+                name, _, value = line.partition(":")
+                fields[name] = value.removeprefix(" ")
+            elif not line and "data" in fields:
+                yield fields.get("id"), fields.get("event", "message"), json.loads(fields["data"])
+                fields = {}
+
+
+def _check_deadline(job_id: str, deadline: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise ApiError(WAIT_TIMEOUT, f"job {job_id} did not end within the wait's timeout", {"job_id": job_id})
+
+
+def _apply(snapshot: dict[str, Any], kind: str, data: dict[str, Any]) -> None:
+    """Fold one event into the job's JSON, as a GET would show it."""
+    if kind == "status":
+        snapshot["status"] = data["status"]
+        snapshot["cancel_requested"] = snapshot["cancel_requested"] or bool(data.get("cancel_requested"))
+        snapshot["attempts"] = data.get("attempt", snapshot["attempts"])
+    elif kind == "progress":
+        snapshot.update(progress=data["progress"], message=data["message"])
+    elif kind in ("step.started", "step.finished") and 0 <= data["index"] < len(snapshot["steps"]):
+        step = snapshot["steps"][data["index"]]
+        if kind == "step.started":
+            snapshot["current_step"] = data["index"]
+            step.update(status="running", metrics=None)
+        else:
+            step.update(status="succeeded", metrics=data["metrics"], notes=data["notes"])
+
+
+UPDATE_SOURCES: tuple[UpdateSource, ...] = (events, poll)
 
 
 class Job(JobOut):
@@ -162,4 +241,4 @@ class Jobs:
         return self.get(job_id).wait(progress, timeout)
 
 
-__all__ = ["TERMINAL", "UPDATE_SOURCES", "Job", "Jobs", "Reporter", "UpdatesUnavailable", "poll"]
+__all__ = ["TERMINAL", "UPDATE_SOURCES", "Job", "Jobs", "Reporter", "UpdatesUnavailable", "events", "poll"]

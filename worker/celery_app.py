@@ -9,20 +9,29 @@ Every send of a job (submission, the reconciler, the sweeper's requeue) takes it
 job whose estimate raised its time limits keeps them when it is sent again.
 """
 
+import logging
 from typing import Any
 
 from celery import Celery
+from celery.signals import celeryd_after_setup, setup_logging, worker_ready
 from kombu import Queue
 
+from core.service import events
 from core.service.db.models import Job
+from core.service.logs import configure_logging
 from core.service.settings import Settings, get_settings
 
 RUN_JOB_TASK = "worker.tasks.run_job"
+DELIVER_WEBHOOK_TASK = "worker.webhooks.deliver_webhook"
+# Every worker also takes webhook deliveries (short HTTP calls) from this queue, between jobs: a worker busy with a
+# long job reserves nothing else (prefetch 1, acks_late). For prompt deliveries while every worker is busy, run one
+# more: `mcs worker --queues webhooks --concurrency 4`.
+WEBHOOK_QUEUE = "webhooks"
 
 
 def create_celery() -> Celery:
     settings = get_settings()
-    celery = Celery("mcs", broker=settings.broker_url, include=["worker.tasks"])
+    celery = Celery("mcs", broker=settings.broker_url, include=["worker.tasks", "worker.webhooks"])
     celery.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -35,7 +44,7 @@ def create_celery() -> Celery:
         task_time_limit=settings.job_hard_time_limit_s,
         broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue("cpu"), Queue("gpu")],
+        task_queues=[Queue("cpu"), Queue("gpu"), Queue(WEBHOOK_QUEUE)],
         task_default_queue=settings.default_queue,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -85,3 +94,42 @@ def send_options(job: Job, settings: Settings) -> dict[str, Any]:
 
 
 app = create_celery()
+
+
+def send_deliveries(delivery_ids: list[str]) -> None:
+    """Hand new webhook deliveries to the delivery task (after the commit that created them). A broker that refuses
+    leaves them `pending` in the delivery log."""
+    for delivery_id in delivery_ids:
+        try:
+            app.send_task(DELIVER_WEBHOOK_TASK, args=[delivery_id], queue=WEBHOOK_QUEUE)
+        except Exception as exc:  # broker unreachable: the job's own work must not fail for a webhook
+            logging.getLogger(__name__).warning("could not send webhook delivery %s: %s", delivery_id, exc)
+
+
+events.set_delivery_sender(send_deliveries)
+
+
+@celeryd_after_setup.connect
+def take_webhook_deliveries(sender: str, instance: Any, **_: Any) -> None:
+    """Whatever queues a worker was started with (`-Q cpu`), it also consumes the webhook queue."""
+    instance.app.amqp.queues.select_add(WEBHOOK_QUEUE)
+
+
+@setup_logging.connect
+def json_logs(loglevel: int | str | None = None, **_: Any) -> None:
+    """A receiver of this signal means Celery configures no logging itself: JSON lines, as the API writes."""
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, str) else loglevel
+    configure_logging("worker", level or logging.INFO)
+
+
+@worker_ready.connect
+def serve_metrics(**_: Any) -> None:
+    """With MCS_WORKER_METRICS_PORT set, the worker's main process serves this host's metrics (those its pool
+    processes wrote; `core.service.metrics`) for a Prometheus that scrapes workers on hosts without an API."""
+    port = get_settings().worker_metrics_port
+    if port:
+        from prometheus_client import start_http_server
+
+        from core.service.metrics import worker_registry
+
+        start_http_server(port, registry=worker_registry())

@@ -29,7 +29,7 @@ def create_job(
     job_request = JobRequest(
         model_id=body.model_id,
         # stored as written: dumped defaults would count as given (a default `percentile` beside observer "mse")
-        spec=body.model_dump(mode="json", exclude={"model_id", "queue"}, exclude_unset=True),
+        spec=body.model_dump(mode="json", exclude={"model_id", "queue", "preset", "overrides"}, exclude_unset=True),
         queue=body.queue or settings.default_queue,
         body=body.model_dump(mode="json"),
     )

@@ -75,6 +75,20 @@ class Settings(BaseSettings):
     # MCS_JOB_HARD_TIME_LIMIT_S: every job keeps the fixed limits. Redis' visibility_timeout is sized from this.
     job_max_hard_time_limit_s: int = Field(48 * 3600, ge=0, description="the longest hard time limit a job's "
                                                                          "estimate can raise it to; 0: off")
+    # Observability (core/service/metrics.py, core/service/logs.py)
+    metrics_token: str = Field("", description="GET /metrics requires `Authorization: Bearer <this>`; empty: open")
+    worker_metrics_port: int = Field(0, ge=0, lt=65536, description="a worker serves its host's metrics on this "
+                                                                    "port; 0: off")
+    # Live events (core/service/events.py, core/service/webhooks.py)
+    events_redis_url: str = Field("", description="Redis for waking SSE streams (pub/sub); empty: MCS_BROKER_URL "
+                                                  "when it is Redis, else the streams poll the database")
+    sse_keepalive_s: float = Field(15.0, gt=0, description="an SSE stream sends a comment after this much silence")
+    sse_poll_s: float = Field(1.0, gt=0, description="an SSE stream reads the events table at least this often")
+    webhook_allow_private: bool = Field(False, description="allow webhook URLs that resolve to loopback, private or "
+                                                           "link-local addresses (tests, private deployments)")
+    webhook_max_attempts: int = Field(8, ge=1, description="tries of one delivery before it is `failed`")
+    webhook_retry_base_s: float = Field(5.0, gt=0, description="first retry delay; doubles with every retry (1 h cap)")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="one delivery's HTTP request")
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> "Settings":

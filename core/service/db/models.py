@@ -29,6 +29,22 @@ class JobStatus(StrEnum):
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+class JobEventType(StrEnum):
+    """What a job event says (`GET /v1/jobs/{id}/events`, webhooks): the stream ends after `done`."""
+
+    status = "status"
+    progress = "progress"
+    step_started = "step.started"
+    step_finished = "step.finished"
+    done = "done"
+
+
+class DeliveryStatus(StrEnum):
+    pending = "pending"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
 
@@ -177,3 +193,51 @@ class Worker(Base):
     gpu_name: Mapped[str | None] = mapped_column(String(200))
     gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
     heartbeat_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class JobEvent(Base):
+    """One event of a job, numbered 1, 2, ... per job (`seq`, the SSE `id:`) in commit order: the writer holds the
+    job's row lock while it takes the next number, so a reader that saw `seq` n never later finds an n-1."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_job_events_job_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int]
+    type: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Webhook(Base):
+    """A tenant's webhook: a URL and the event types it wants. `secret` signs every delivery (Standard Webhooks);
+    it is shown once, at creation."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("whk"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    events: Mapped[list[str]] = mapped_column(JSON)
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook, with every attempt to deliver it (`attempt_log`). Its id is the `webhook-id`
+    header, the same on every retry, so a receiver can drop duplicates."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("msg"))
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(String(40))
+    event_seq: Mapped[int]
+    event_type: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.pending)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    attempt_log: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    delivered_at: Mapped[datetime | None]

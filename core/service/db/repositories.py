@@ -17,18 +17,25 @@ from core.service.db.models import (
     Artifact,
     Base,
     Dataset,
+    DeliveryStatus,
     Job,
+    JobEvent,
+    JobEventType,
     JobStatus,
     JobStep,
     Model,
     Tenant,
     Upload,
     UploadStatus,
+    Webhook,
+    WebhookDelivery,
     Worker,
     utcnow,
 )
 
 Row = TypeVar("Row", bound=Base)
+# Keys of `Session.info` where a transaction collects what to announce once it committed (core/service/events.py)
+NEW_EVENTS, NEW_DELIVERIES = "mcs_new_job_events", "mcs_new_webhook_deliveries"
 
 
 def _affected(session: Session, statement: Executable) -> int:
@@ -102,7 +109,7 @@ class Tenants:
 class _TenantScoped:
     """Base for repositories that only ever see one tenant's rows."""
 
-    row_type: type[Model] | type[Job] | type[Dataset] | type[Artifact]
+    row_type: type[Model] | type[Job] | type[Dataset] | type[Artifact] | type[Webhook]
     noun: str
 
     def __init__(self, session: Session, tenant_id: str) -> None:
@@ -176,6 +183,7 @@ class Jobs(_TenantScoped):
         ]
         self.session.add(job)
         self.session.flush()
+        JobEvents(self.session).append(job.id, JobEventType.status, {"status": JobStatus.queued})
         return job
 
     def by_idempotency_key(self, key: str) -> Job | None:
@@ -207,6 +215,11 @@ class Jobs(_TenantScoped):
         self.session.refresh(job)
         if not flagged:
             raise Conflict(f"job {job.id} already ended with status {job.status!r}; it cannot be cancelled")
+        if job.status == JobStatus.cancelled:
+            JobEvents(self.session).done(job.id, JobStatus.cancelled)
+        else:
+            JobEvents(self.session).append(job.id, JobEventType.status,
+                                           {"status": job.status, "cancel_requested": True})
         return job
 
 
@@ -324,7 +337,13 @@ class JobRuns:
                     lease_expires_at=now + lease, error=None)
         )
         self.session.flush()
-        return self.session.get(Job, job_id, populate_existing=True) if claimed else None
+        if not claimed:
+            return None
+        job = self.session.get(Job, job_id, populate_existing=True)
+        if job is not None:
+            JobEvents(self.session).append(job_id, JobEventType.status,
+                                           {"status": JobStatus.running, "attempt": job.attempts})
+        return job
 
     def get(self, job_id: str) -> Job | None:
         return self.session.get(Job, job_id, populate_existing=True)
@@ -361,11 +380,13 @@ class JobRuns:
     def progress(self, job_id: str, fraction: float, message: str, attempt: int | None = None) -> bool:
         """Record progress of a running job; returns whether the run should stop: cancellation was requested, or
         (with `attempt`) that run no longer holds the job, so its progress is not written either."""
+        progress, message = round(min(max(fraction, 0.0), 1.0), 4), message[:500]
         recorded = _affected(
             self.session,
-            update(Job).where(*self._held(job_id, attempt))
-            .values(progress=round(min(max(fraction, 0.0), 1.0), 4), message=message[:500])
+            update(Job).where(*self._held(job_id, attempt)).values(progress=progress, message=message)
         )
+        if recorded:
+            JobEvents(self.session).append(job_id, JobEventType.progress, {"progress": progress, "message": message})
         return not recorded or self.stop_requested(job_id, attempt)
 
     def stop_requested(self, job_id: str, attempt: int | None = None) -> bool:
@@ -386,14 +407,22 @@ class JobRuns:
             update(JobStep).where(JobStep.job_id == job_id, JobStep.index == index)
             .values(status=JobStatus.running, started_at=now, finished_at=None, metrics=None)
         )
+        JobEvents(self.session).append(job_id, JobEventType.step_started,
+                                       {"index": index, "type": self._step_type(job_id, index)})
 
     def step_finished(self, job_id: str, index: int, metrics: dict[str, Any], notes: list[str],
                       attempt: int | None = None) -> None:
         held = select(Job.id).where(*self._held(job_id, attempt)).exists()
-        self.session.execute(
+        if _affected(
+            self.session,
             update(JobStep).where(JobStep.job_id == job_id, JobStep.index == index, held)
             .values(status=JobStatus.succeeded, finished_at=utcnow(), metrics=metrics, notes=notes)
-        )
+        ):
+            JobEvents(self.session).append(job_id, JobEventType.step_finished, {
+                "index": index, "type": self._step_type(job_id, index), "metrics": metrics, "notes": notes})
+
+    def _step_type(self, job_id: str, index: int) -> str | None:
+        return self.session.scalar(select(JobStep.type).where(JobStep.job_id == job_id, JobStep.index == index))
 
     @staticmethod
     def _held(job_id: str, attempt: int | None) -> list[Any]:
@@ -447,10 +476,11 @@ class JobRuns:
         if last_try or job.attempts >= max_attempts:
             self.fail(job_id, error)
             return False
-        if attempt is not None:
-            self.session.execute(
-                update(Job).where(*self._held(job_id, attempt)).values(status=JobStatus.queued, lease_expires_at=None)
-            )
+        if attempt is not None and _affected(
+            self.session,
+            update(Job).where(*self._held(job_id, attempt)).values(status=JobStatus.queued, lease_expires_at=None)
+        ):
+            JobEvents(self.session).append(job_id, JobEventType.status, {"status": JobStatus.queued})
         return True
 
     def renew_lease(self, job_id: str, lease: timedelta) -> bool:
@@ -475,13 +505,18 @@ class JobRuns:
         """Requeue (True) or end one expired job."""
         guarded = update(Job).where(Job.id == job.id, expired)
         if job.attempts < max_attempts and not job.cancel_requested:
-            return bool(_affected(self.session, guarded.values(status=JobStatus.queued, lease_expires_at=None)))
+            if not _affected(self.session, guarded.values(status=JobStatus.queued, lease_expires_at=None)):
+                return False
+            JobEvents(self.session).append(job.id, JobEventType.status,
+                                           {"status": JobStatus.queued, "reason": "worker_lost"})
+            return True
         status, error = JobStatus.failed, worker_lost(job.attempts)
         if job.cancel_requested:
             status, error = JobStatus.cancelled, cancelled("cancelled; its worker had stopped")
         if _affected(self.session, guarded.values(status=status, finished_at=now, lease_expires_at=None,
                                                error=error)):
             self._end_steps(job.id, status)
+            JobEvents(self.session).done(job.id, status, error=error)
         return False
 
     def running_ids(self) -> set[str]:
@@ -499,4 +534,103 @@ class JobRuns:
             self.session,
             update(Job).where(*where).values(status=status, finished_at=utcnow(), lease_expires_at=None, **values)
         )
+        if ended:
+            JobEvents(self.session).done(job_id, status, values.get("metrics"), values.get("error"))
         return bool(ended)
+
+
+class JobEvents:
+    """A job's events (`GET /v1/jobs/{id}/events`), appended in the transaction that changes the job, so the
+    stream and the job never disagree. Each event also becomes a pending delivery for every webhook of the job's
+    tenant that wants its type; both are announced once the transaction committed (`core.service.events`)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def append(self, job_id: str, event_type: JobEventType, data: dict[str, Any]) -> JobEvent | None:
+        """Append the job's next event. The job's row is locked first (its writer usually holds the lock already),
+        so the numbers follow the commit order: a reader never finds a gap filled later."""
+        tenant_id = self.session.scalar(select(Job.tenant_id).where(Job.id == job_id).with_for_update())
+        if tenant_id is None:
+            return None
+        last = self.session.scalar(select(func.max(JobEvent.seq)).where(JobEvent.job_id == job_id))
+        event = JobEvent(job_id=job_id, seq=(last or 0) + 1, type=str(event_type), data=data, created_at=utcnow())
+        self.session.add(event)
+        self.session.flush()
+        self.session.info.setdefault(NEW_EVENTS, set()).add(job_id)
+        self._fan_out(tenant_id, event)
+        return event
+
+    def done(self, job_id: str, status: JobStatus, metrics: dict[str, Any] | None = None,
+             error: dict[str, Any] | None = None) -> None:
+        """The last event of a job: its final status, metrics summary and error."""
+        self.append(job_id, JobEventType.done, {"status": status, "metrics": metrics, "error": error})
+
+    def _fan_out(self, tenant_id: str, event: JobEvent) -> None:
+        hooks = self.session.scalars(select(Webhook).where(Webhook.tenant_id == tenant_id)).all()
+        for hook in (hook for hook in hooks if event.type in hook.events):
+            delivery = WebhookDelivery(webhook_id=hook.id, job_id=event.job_id, event_seq=event.seq,
+                                       event_type=event.type, payload=event_payload(event), attempt_log=[],
+                                       status=DeliveryStatus.pending, attempts=0)
+            self.session.add(delivery)
+            self.session.flush()
+            self.session.info.setdefault(NEW_DELIVERIES, []).append(delivery.id)
+
+    def job_state(self, job_id: str) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None] | None:
+        """The job's (status, metrics, error), None for no such job."""
+        row = self.session.execute(select(Job.status, Job.metrics, Job.error).where(Job.id == job_id)).one_or_none()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def after(self, job_id: str, seq: int, limit: int = 500) -> Sequence[JobEvent]:
+        """The job's events numbered above `seq`, oldest first."""
+        query = (select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > seq)
+                 .order_by(JobEvent.seq).limit(limit))
+        return self.session.scalars(query).all()
+
+
+def event_payload(event: JobEvent) -> dict[str, Any]:
+    """A webhook's body for an event: the Standard Webhooks shape (`type`, `timestamp`, `data`)."""
+    return {"type": event.type, "timestamp": event.created_at.isoformat(),
+            "data": {"job_id": event.job_id, "event_id": event.seq, **event.data}}
+
+
+class Webhooks(_TenantScoped):
+    row_type = Webhook
+    noun = "webhook"
+
+    def deliveries(self, webhook: Webhook, page: int, page_size: int) -> tuple[Sequence[WebhookDelivery], int]:
+        """The webhook's delivery log, newest first."""
+        where = WebhookDelivery.webhook_id == webhook.id
+        total = self.session.scalar(select(func.count()).select_from(WebhookDelivery).where(where)) or 0
+        rows = self.session.scalars(
+            select(WebhookDelivery).where(where)
+            .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id)
+            .offset((page - 1) * page_size).limit(page_size)
+        ).all()
+        return rows, total
+
+
+class Deliveries:
+    """The delivery task's side of a webhook delivery (not tenant-scoped: it takes an id it was sent)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def pending(self, delivery_id: str) -> tuple[WebhookDelivery, Webhook] | None:
+        """The delivery and its webhook while it is still pending (a duplicate task finds None)."""
+        row = self.session.execute(
+            select(WebhookDelivery, Webhook).join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
+            .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == DeliveryStatus.pending)
+        ).one_or_none()
+        return None if row is None else (row[0], row[1])
+
+    def record(self, delivery_id: str, attempt: dict[str, Any], status: DeliveryStatus) -> None:
+        delivery = self.session.get(WebhookDelivery, delivery_id, with_for_update=True)
+        if delivery is None:
+            return
+        delivery.attempts += 1
+        delivery.attempt_log = [*delivery.attempt_log, attempt]
+        delivery.status = status
+        if status == DeliveryStatus.succeeded:
+            delivery.delivered_at = utcnow()
+        self.session.flush()
