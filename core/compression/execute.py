@@ -108,7 +108,7 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     )
     if ONNX in spec.export:
         ctx.report(0.95, "exporting to ONNX")
-        after["onnx_output_cosine"] = _export_onnx(loaded, folder, probe)
+        after.update(_export_onnx(loaded, folder, probe))
     if COMPRESSED_TENSORS in spec.export:
         ctx.report(0.96, "exporting to compressed-tensors")
         after.update(_export_compressed_tensors(folder, probe, ctx.device))
@@ -249,19 +249,27 @@ def load_input(model_dir: Path, device: str | torch.device) -> Any:
         return load_model(model_dir, device)
 
 
-def _export_onnx(model: Any, folder: Path, probe: "_Probe") -> float:
-    """Write model.onnx beside the weights and check it in ONNX Runtime: the cosine of its outputs vs the
-    original model's on the probe inputs goes into the job's metrics."""
+def _export_onnx(model: Any, folder: Path, probe: "_Probe") -> dict[str, Any]:
+    """Write model.onnx beside the weights, weight-only integer layers as MatMulNBits with the artifact's own codes
+    (`onnx_nbits`), and check it in ONNX Runtime: the cosine of its outputs vs the original model's on the probe
+    inputs, its size in bytes and what went out as MatMulNBits (with notes) go into the job's metrics."""
     import onnxruntime
 
+    from core.compression.artifact import read_manifest, stored_encodings
+    from core.compression.exports.onnx_nbits import plan_nbits
+
+    model = model.cpu()
+    plan = plan_nbits(model, stored_encodings(folder), read_manifest(folder).aliases)
     try:
-        path = export_onnx(model.cpu(), folder, {k: v.cpu() for k, v in probe.inputs.items()})
+        path = export_onnx(model, folder, {k: v.cpu() for k, v in probe.inputs.items()}, plan)
     except (RuntimeError, ValueError) as exc:
         raise StepFailed(f"ONNX export failed: {exc}") from exc
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {i.name: probe.inputs[i.name].cpu().numpy() for i in session.get_inputs()}
     outputs = torch.from_numpy(session.run(None, feeds)[0])
-    return metrics.output_cosine(probe.reference.cpu(), outputs, probe.inputs.get("attention_mask"))
+    cosine = metrics.output_cosine(probe.reference.cpu(), outputs, probe.inputs.get("attention_mask"))
+    return {"onnx_output_cosine": cosine, "onnx_bytes": path.stat().st_size,
+            "onnx": {"file_bytes": path.stat().st_size, **plan.summary(), "notes": plan.notes()}}
 
 
 def _export_compressed_tensors(folder: Path, probe: "_Probe", device: torch.device) -> dict[str, Any]:
