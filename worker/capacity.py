@@ -28,7 +28,11 @@ IDENTITY: list[WorkerIdentity] = []
 
 @worker_ready.connect
 def report_at_start(sender: Any, **_: Any) -> None:
-    IDENTITY[:] = [WorkerIdentity(str(sender.hostname), sorted(sender.app.amqp.queues.consume_from))]
+    # the job queues it serves: every worker also takes the webhook deliveries, which need no capacity
+    from worker.celery_app import WEBHOOK_QUEUE
+
+    queues = sorted(name for name in sender.app.amqp.queues.consume_from if name != WEBHOOK_QUEUE)
+    IDENTITY[:] = [WorkerIdentity(str(sender.hostname), queues)]
     report_capacity()
 
 
