@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 s3_port="${MCS_TEST_S3_PORT:-9555}"
-s3_up() { curl -sf -o /dev/null "http://127.0.0.1:${s3_port}/moto-api/data.json"; }
+# /moto-api/ (its dashboard) answers whatever the state holds; data.json, a dump of the state, can fail with a 500
+s3_up() { curl -sf -o /dev/null "http://127.0.0.1:${s3_port}/moto-api/"; }
 
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   echo "starting PostgreSQL"
