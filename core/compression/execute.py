@@ -28,7 +28,7 @@ from core.compression.evaluate import STREAMED_BATCH, EvaluationRequest, evaluat
 from core.compression.export_rules import COMPRESSED_TENSORS, GGUF, ONNX
 from core.compression.exports.onnx import export_onnx
 from core.compression.modelio import load_model, load_tokenizer, meta_model, model_class_for, read_model_config
-from core.compression.offload import offloaded_state, save_offloaded
+from core.compression.offload import offloaded_state, return_freed_memory, save_offloaded
 from core.compression.pipeline import StepHooks, run_pipeline
 from core.compression.sequential import block_output_cosines, compress_streaming
 from core.compression.spec import JobSpec
@@ -204,6 +204,7 @@ def _measure_streamed(model_dir: Path, folder: Path, before: dict[str, Any], dev
     blocks, an unusual block signature) leaves them unmeasured (null, with the reason) rather than failing a job
     whose artifact is already written."""
     after = {**before, "size_bytes": metrics.weights_size_bytes(folder)}
+    return_freed_memory()  # what compression freed, before the measurements read blocks again
     try:
         before["output_cosine"], after["output_cosine"] = _streamed_cosine(model_dir, folder, device)
         cosines = block_output_cosines(model_dir, folder)

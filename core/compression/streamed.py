@@ -89,6 +89,7 @@ def streamed_model(folder: Path, device: torch.device | str = "cpu") -> Iterator
         module = model.get_submodule(unit)
         hooks.append(module.register_forward_pre_hook(_loader(reader, unit, device)))
         hooks.append(module.register_forward_hook(_unloader))
+    model.config.use_cache = False  # a KV cache would hold every block's keys and values of the pass
     try:
         yield model.eval()
     finally:
@@ -100,9 +101,10 @@ def streamed_model(folder: Path, device: torch.device | str = "cpu") -> Iterator
 
 def _loader(reader: _FolderReader, name: str, device: torch.device):  # noqa: ANN202 (a forward pre-hook)
     def load(block: nn.Module, args: object) -> None:
-        names = [f"{name}.{key}" for key in block.state_dict(keep_vars=True)]
-        for key, value in reader.read(names).items():
-            assign_tensor(block, key.removeprefix(name + "."), value.to(device))
+        # one tensor at a time: a block's stored (bf16) copy and its float32 one are never both whole in memory
+        for key in block.state_dict(keep_vars=True):
+            value = reader.read([f"{name}.{key}"])[f"{name}.{key}"]
+            assign_tensor(block, key, value.to(device))
     return load
 
 
