@@ -22,8 +22,9 @@ from starlette.types import Scope
 
 from core.errors import InvalidRequest, Unauthorized, Unavailable
 from core.service.db.models import Tenant
-from core.service.db.repositories import Artifacts, Datasets, Jobs, Models, Tenants
+from core.service.db.repositories import Artifacts, Datasets, Jobs, Models
 from core.service.db.session import connect, session_factory, session_scope
+from core.service.keys import Principal, authenticate_key
 from core.service.settings import Settings, get_settings
 from core.service.storage import ArtifactStore, get_store
 
@@ -134,20 +135,29 @@ def bearer_key(scope: Scope) -> str:
     return key.strip() if scheme.lower() == "bearer" else ""
 
 
-async def authenticate(scope: Scope) -> Tenant:
-    """The tenant of the request's API key, looked up on a connection held only for the query."""
+async def authenticate(scope: Scope) -> Principal:
+    """The tenant and scopes of the request's API key, looked up (never cached: a revocation holds at the next
+    request on every process) on a connection held only for the query. Unknown, revoked, expired: `Unauthorized`."""
     key = bearer_key(scope)
     if not key:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` (create one with `mcs keys create`)")
-    tenant = await with_connection(_tenant_for_key, key)
-    if tenant is None:
-        raise Unauthorized("the API key is unknown or revoked")
-    return tenant
+    return await with_connection(_principal_for_key, key)
 
 
-def _tenant_for_key(key: str) -> Tenant | None:
+def _principal_for_key(key: str) -> Principal:
     with session_scope() as session:
-        return Tenants(session).for_api_key(key)
+        return authenticate_key(session, key)
+
+
+READ_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def required_scope(scope: Scope) -> str:
+    """The scope a /v1 request needs, by one rule for every route: `admin` under /v1/admin/, `read` to read,
+    `write` for anything else (submit, upload, cancel, delete)."""
+    if scope["path"].startswith("/v1/admin/"):
+        return "admin"
+    return "read" if scope["method"] in READ_METHODS else "write"
 
 
 async def current_tenant(

@@ -23,6 +23,8 @@ STATUS: dict[type[errors.ServiceError], int] = {
     errors.UnsafeInput: 400,
     errors.PayloadTooLarge: 413,
     errors.Unauthorized: 401,
+    errors.Forbidden: 403,
+    errors.QueueQuotaExceeded: 429,
     errors.NotFound: 404,
     errors.RequestTimeout: 408,
     errors.Conflict: 409,
@@ -37,7 +39,9 @@ STATUS: dict[type[errors.ServiceError], int] = {
 DESCRIPTIONS = {
     400: "Malformed or unsafe input: an unreadable body or multipart form, a refused upload, two Authorization "
          "headers",
-    401: "Missing, unknown or revoked API key",
+    401: "Missing, unknown, expired or revoked API key",
+    403: "The key lacks the scope the request needs (`insufficient_scope`), or a tenant quota is used up "
+         "(`quota_exceeded`; `details`: `quota`, `limit`, `used`)",
     404: "No such id for this tenant (another tenant's id looks the same)",
     408: "The request body stopped arriving for MCS_BODY_TIMEOUT_S",
     409: "Conflicts with the current state (a finished job, an active job, a reused Idempotency-Key, an upload "
@@ -47,11 +51,13 @@ DESCRIPTIONS = {
          "declared sizes and MCS_MAX_MODEL_UPLOAD_BYTES)",
     416: "Malformed or unsatisfiable Range",
     422: "Invalid request: every bad field is listed in `details`",
-    429: "Rate limit of this API key (or, without a valid key, of this client address) exceeded; see Retry-After",
+    429: "Rate limit of this API key (or, without a valid key, of this client address) exceeded, or the tenant's "
+         "queued-jobs quota is full (`quota_exceeded`); see Retry-After",
     500: "Unexpected server error, logged; code `internal_error`",
     503: "Database or job queue (broker) unreachable; see Retry-After",
     507: "The service is out of storage space",
 }
+QUEUE_RETRY_AFTER_S = 30  # a queued job usually starts within a job's length; nothing tells us more precisely
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again", "schema": {"type": "string"}}}
 
 
@@ -61,8 +67,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
                      **({"headers": RETRY_AFTER} if status == 429 else {})} for status in statuses}
 
 
-# Every /v1 route needs one key, validates its input, is rate limited and reads the database.
-V1_ERRORS = error_responses(400, 401, 422, 429, 500, 503)
+# Every /v1 route needs one key with the right scope, validates its input, is rate limited and reads the database.
+V1_ERRORS = error_responses(400, 401, 403, 422, 429, 500, 503)
 
 
 def error_response(status: int, code: str, message: str, details: object = None,
@@ -86,6 +92,10 @@ def service_response(exc: errors.ServiceError) -> JSONResponse:
 def _headers_for(exc: errors.ServiceError) -> dict[str, str] | None:
     if isinstance(exc, errors.Unauthorized):
         return {"WWW-Authenticate": "Bearer"}
+    if isinstance(exc, errors.InsufficientScope) and isinstance(exc.details, dict):  # RFC 6750, section 3
+        return {"WWW-Authenticate": f'Bearer error="insufficient_scope", scope="{exc.details["required_scope"]}"'}
+    if isinstance(exc, errors.QueueQuotaExceeded):
+        return {"Retry-After": str(QUEUE_RETRY_AFTER_S)}
     if isinstance(exc, errors.RangeNotSatisfiable) and isinstance(exc.details, dict):
         return {"Content-Range": f"bytes */{exc.details['size']}"}
     if isinstance(exc, errors.RateLimited) and isinstance(exc.details, dict):

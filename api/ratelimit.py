@@ -1,4 +1,5 @@
-"""Admission, before any body is read: the API key of a /v1 request is checked, then a token bucket per valid key
+"""Admission, before any body is read: the API key of a /v1 request is checked, then its scope
+(`api.deps.required_scope`, after the key's bucket is spent), then a token bucket per valid key
 (per client address for everything else: a missing, unknown or revoked key, /docs) is spent, answered with 429 and
 `Retry-After` when empty; MCS_RATE_LIMIT_PER_MINUTE=0 turns the limit off.
 
@@ -16,10 +17,11 @@ import redis
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.deps import authenticate, bearer_key
+from api.deps import authenticate, bearer_key, required_scope
 from api.errors import service_response
 from core.errors import InvalidRequest, RateLimited, ServiceError, Unauthorized
 from core.service.db.repositories import hash_key
+from core.service.keys import require_scope
 from core.service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -136,11 +138,13 @@ class Admission:
             await self._spend(scope, _address_bucket(scope))
             return
         try:
-            scope.setdefault("state", {})["tenant"] = await authenticate(scope)
+            principal = await authenticate(scope)
         except (InvalidRequest, Unauthorized):
             await self._spend(scope, _address_bucket(scope))  # random keys buy no fresh buckets
             raise
+        scope.setdefault("state", {}).update(tenant=principal.tenant, principal=principal)
         await self._spend(scope, "key:" + hash_key(bearer_key(scope)))
+        require_scope(principal, required_scope(scope))  # after the spend: refused requests are limited too
 
     async def _spend(self, scope: Scope, bucket: str) -> None:
         if self.buckets is None or scope["path"] in EXEMPT:

@@ -10,9 +10,12 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from client import Client, Job
 
 EXIT_USAGE, EXIT_CANCELLED = 2, 3
@@ -50,13 +53,35 @@ def _parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(title="keys commands")
     create = keys.add_parser("create", help="create an API key for a tenant (printed once, last line)")
     create.add_argument("--tenant", required=True)
+    create.add_argument("--scope", action="append", choices=["read", "write", "admin"], dest="scopes",
+                        help="read: GET routes; write (default): also submit, upload, delete; admin: also "
+                             "/v1/admin (repeatable; each includes the ones before it)")
+    create.add_argument("--expires-in", type=_duration, metavar="DURATION", help="e.g. 90d, 12h, 30m, 3600 (s)")
+    create.add_argument("--name", help="a label shown by `keys list`")
     create.set_defaults(run=_keys_create)
-    listing = keys.add_parser("list", help="list a tenant's API keys: prefix, created, revoked")
+    listing = keys.add_parser("list", help="list a tenant's API keys: id, prefix, scopes, created, expiry, state")
     listing.add_argument("--tenant", required=True)
     listing.set_defaults(run=_keys_list)
-    revoke = keys.add_parser("revoke", help="revoke an API key at once, by its prefix (see `keys list`) or value")
-    revoke.add_argument("key", metavar="PREFIX_OR_KEY")
+    revoke = keys.add_parser("revoke", help="revoke an API key at once, by its id or prefix (see `keys list`) or "
+                             "value")
+    revoke.add_argument("key", metavar="KEY")
     revoke.set_defaults(run=_keys_revoke)
+    rotate = keys.add_parser("rotate", help="replace an API key with a new one (same tenant, name, scopes, "
+                             "lifetime; printed once, last line); the old one is revoked, or lapses after --grace")
+    rotate.add_argument("key", metavar="KEY", help="its id, prefix or value")
+    rotate.add_argument("--grace", type=_duration, default=0, metavar="DURATION",
+                        help="the old key keeps working this long (at most 7d; default: revoked at once)")
+    rotate.set_defaults(run=_keys_rotate)
+
+    quotas = sub.add_parser("quotas", help="tenant quotas").add_subparsers(title="quotas commands")
+    show = quotas.add_parser("show", help="a tenant's quotas: limit (0: none) and use")
+    show.add_argument("--tenant", required=True)
+    show.set_defaults(run=_quotas_show)
+    setting = quotas.add_parser("set", help="override a tenant's quotas ('default': back to MCS_QUOTA_*; 0: none)")
+    setting.add_argument("--tenant", required=True)
+    for quota in ("stored-bytes", "running-jobs", "queued-jobs"):
+        setting.add_argument(f"--{quota}", type=_limit, metavar="N|default")
+    setting.set_defaults(run=_quotas_set)
 
     demo = sub.add_parser("demo", help="compress the real all-MiniLM-L6-v2 through the API and print the numbers")
     demo.add_argument("--api-url", default=None, help="use a running API instead of starting the embedded stack")
@@ -393,47 +418,126 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
+    from core.service import keys
+    from core.service.db.models import utcnow
     from core.service.db.repositories import Tenants
     from core.service.db.session import session_scope
 
+    expires_at = utcnow() + args.expires_in if args.expires_in else None
     with session_scope() as session:
-        tenants = Tenants(session)
-        key = tenants.create_api_key(tenants.get_or_create(args.tenant))
-    print(f"API key for tenant {args.tenant!r} (shown once; only its hash is stored):", file=sys.stderr)
+        tenant = Tenants(session).get_or_create(args.tenant)
+        row, key = keys.create_key(session, tenant.id, args.scopes or keys.DEFAULT_SCOPES, expires_at, args.name)
+        summary = _key_line(row)
+    print(f"API key for tenant {args.tenant!r} (shown once; only its hash is stored):\n{summary}", file=sys.stderr)
     print(key)
     return 0
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    from core.errors import NotFound
     from core.service.db.repositories import Tenants
-    from core.service.db.session import session_scope
 
-    try:
-        with session_scope() as session:
-            keys = Tenants(session).api_keys(args.tenant)
-    except NotFound as exc:
-        print(exc.message, file=sys.stderr)
-        return 1
-    for key in keys:
-        revoked = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
-        print(f"{key.prefix}  created {key.created_at:%Y-%m-%d %H:%M}  {revoked}")
-    return 0
+    return _operator(lambda session: [_key_line(key) for key in Tenants(session).api_keys(args.tenant)])
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:
-    from core.errors import Conflict, NotFound
     from core.service.db.repositories import Tenants
+
+    def revoke(session: "Session") -> list[str]:
+        key = Tenants(session).revoke_api_key(args.key)
+        return [f"revoked the API key {key.id} ({key.prefix}…); requests with it now get 401"]
+
+    return _operator(revoke)
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    from core.service import keys
+    from core.service.db.repositories import Tenants
+
+    def rotate(session: "Session") -> list[str]:
+        old = Tenants(session).find_active_key(args.key)
+        row, key = keys.rotate_key(session, old, int(args.grace.total_seconds()) if args.grace else 0)
+        print(f"old: {_key_line(old)}\nnew (shown once; only its hash is stored): {_key_line(row)}",
+              file=sys.stderr)
+        return [key]
+
+    return _operator(rotate)
+
+
+def _quotas_show(args: argparse.Namespace) -> int:
+    from core.service import quotas
+    from core.service.db.repositories import Tenants
+    from core.service.settings import get_settings
+
+    def show(session: "Session") -> list[str]:
+        uses = quotas.usage(session, Tenants(session).named(args.tenant).id, get_settings())
+        return [f"{use.quota:<13} limit {use.limit or 'none':>15}  used {use.used}" for use in uses]
+
+    return _operator(show)
+
+
+def _quotas_set(args: argparse.Namespace) -> int:
+    from core.service.db.repositories import Tenants
+
+    changes = {name: value for name in ("stored_bytes", "running_jobs", "queued_jobs")
+               if (value := getattr(args, name)) is not None}
+
+    def set_limits(session: "Session") -> list[str]:
+        tenants = Tenants(session)
+        tenants.set_quota(tenants.named(args.tenant).id, **{k: None if v == "default" else v
+                                                            for k, v in changes.items()})
+        return []
+
+    code = _operator(set_limits)
+    return _quotas_show(args) if code == 0 else code
+
+
+def _operator(command: Callable[["Session"], list[str]]) -> int:
+    """Run an operator command on the database in one transaction: its lines go to stdout once committed; a
+    `NotFound`, `Conflict` or `InvalidRequest` is a line on stderr and exit 1."""
+    from core.errors import Conflict, InvalidRequest, NotFound
     from core.service.db.session import session_scope
 
     try:
         with session_scope() as session:
-            prefix = Tenants(session).revoke_api_key(args.key).prefix
-    except (NotFound, Conflict) as exc:
-        print(exc.message, file=sys.stderr)
+            lines = command(session)
+    except (NotFound, Conflict, InvalidRequest) as exc:
+        print(f"mcs: {exc.message}", file=sys.stderr)
         return 1
-    print(f"revoked the API key {prefix}…; requests with it now get 401")
+    for line in lines:
+        print(line)
     return 0
+
+
+def _key_line(key: Any) -> str:
+    from core.service.keys import is_expired
+
+    state = (f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else
+             "expired" if is_expired(key) else "active")
+    expires = f"expires {key.expires_at:%Y-%m-%d %H:%M}" if key.expires_at else "no expiry"
+    name = f"{key.name!r}  " if key.name else ""
+    return (f"{key.prefix}  {key.id}  {','.join(key.scopes):<16}  created {key.created_at:%Y-%m-%d %H:%M}  "
+            f"{expires}  {name}{state}")
+
+
+def _duration(text: str) -> timedelta:
+    """`90d`, `12h`, `30m`, `45s` or a number of seconds."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90d, 12h, 30m, 3600)") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("a duration must be positive")
+    return timedelta(seconds=seconds)
+
+
+def _limit(text: str) -> int | str:
+    if text == "default":
+        return text
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"a limit is a whole number (0: none) or 'default', not {text!r}")
+    return int(text)
 
 
 def _demo(args: argparse.Namespace) -> int:

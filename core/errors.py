@@ -46,6 +46,28 @@ class Unauthorized(ServiceError):
     code = "unauthorized"
 
 
+class Forbidden(ServiceError):
+    """A valid key that may not do this."""
+
+    code = "forbidden"
+
+
+class InsufficientScope(Forbidden):
+    """The key lacks the scope the request needs; `details` name it (`required_scope`) and the key's `scopes`."""
+
+    code = "insufficient_scope"
+
+
+class QuotaExceeded(Forbidden):
+    """A tenant quota would be exceeded; `details`: `quota`, `limit` and `used` (core/service/quotas.py)."""
+
+    code = "quota_exceeded"
+
+
+class QueueQuotaExceeded(QuotaExceeded):
+    """Too many of the tenant's jobs are waiting: a 429, since the queue drains by itself."""
+
+
 class NotFound(ServiceError):
     code = "not_found"
 

@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.device",
     "tests.fixtures.api",
     "tests.fixtures.services",
+    "tests.fixtures.browser",
 ]

@@ -9,6 +9,7 @@ from api.schemas import DatasetOut, Page
 from api.stored import delete_with_files, discard_unless_committed
 from core.service.datasets import store_dataset_upload
 from core.service.db.models import new_id
+from core.service.quotas import check_storage
 from core.service.uploads import display_name
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=V1_ERRORS,
@@ -29,6 +30,7 @@ def upload_dataset(
     dataset_id = new_id("dst")
     stored = store_dataset_upload(file.file, dataset_id, format, file.filename, settings, store)
     with discard_unless_committed(store, stored.storage_key):
+        check_storage(session, datasets.tenant_id, stored.size_bytes, settings)
         row = datasets.add(id=dataset_id, name=name or display_name(file.filename, "dataset"), format=stored.format,
                            num_samples=stored.num_samples, size_bytes=stored.size_bytes, sha256=stored.sha256,
                            storage_key=stored.storage_key)

@@ -10,6 +10,7 @@ from api.stored import delete_with_files, discard_unless_committed
 from core.errors import Conflict
 from core.service.db.models import new_id
 from core.service.db.repositories import Jobs
+from core.service.quotas import check_storage
 from core.service.uploads import add_model_row, display_name, store_model_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=V1_ERRORS,
@@ -29,6 +30,7 @@ def upload_model(
     model_id = new_id("mdl")
     stored = store_model_upload(file.file, model_id, settings, store)
     with discard_unless_committed(store, stored.storage_key):
+        check_storage(session, models.tenant_id, stored.size_bytes, settings)
         label = name or display_name(file.filename, "model", (".tar.gz", ".tgz", ".zip"))
         row = add_model_row(models, model_id, label, stored)
         session.commit()

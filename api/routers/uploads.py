@@ -13,6 +13,7 @@ from core.errors import InvalidRequest
 from core.service import chunked_uploads
 from core.service.db.models import Upload, UploadStatus, new_id
 from core.service.db.repositories import Uploads
+from core.service.quotas import check_storage
 from core.service.settings import Settings
 from core.service.uploads import add_model_row
 
@@ -39,6 +40,7 @@ def upload_out(upload: Upload, settings: Settings) -> UploadOut:
 def create_upload(body: UploadCreate, uploads: UploadsDep, session: SessionDep, settings: SettingsDep) -> UploadOut:
     """Start a chunked upload of a model folder: its manifest (file names, sizes, sha256). Then PUT each file."""
     files = [entry.model_dump() for entry in body.files]
+    check_storage(session, uploads.tenant_id, sum(entry.size for entry in body.files), settings)
     upload = chunked_uploads.create_upload(uploads, body.name or "model", files, settings)
     session.commit()
     return upload_out(upload, settings)
@@ -86,6 +88,7 @@ def complete_upload(upload_id: str, uploads: UploadsDep, models: ModelsDep, sess
     model_id = new_id("mdl")
     upload, stored = chunked_uploads.complete_upload(uploads, upload_id, model_id, settings, store)
     with discard_unless_committed(store, stored.storage_key):
+        check_storage(session, models.tenant_id, stored.size_bytes, settings)
         row = add_model_row(models, model_id, upload.name, stored)
         uploads.delete(upload)
         session.commit()

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     metrics_token: str = Field("", description="GET /metrics requires `Authorization: Bearer <this>`; empty: open")
     worker_metrics_port: int = Field(0, ge=0, lt=65536, description="a worker serves its host's metrics on this "
                                                                     "port; 0: off")
+    # Tenant quotas (core/service/quotas.py): the defaults; `mcs quotas set` overrides them per tenant. 0: no limit
+    quota_stored_bytes: int = Field(0, ge=0, description="models, datasets and artifacts a tenant may store")
+    quota_running_jobs: int = Field(8, ge=0, description="a tenant's jobs running at once; more wait in the queue")
+    quota_queued_jobs: int = Field(100, ge=0, description="a tenant's jobs waiting; a submission beyond is a 429")
+    quota_recheck_s: float = Field(5.0, gt=0, description="a job held back by the running-jobs quota is offered "
+                                                          "to the workers again after this long")
     # Live events (core/service/events.py, core/service/webhooks.py)
     events_redis_url: str = Field("", description="Redis for waking SSE streams (pub/sub); empty: MCS_BROKER_URL "
                                                   "when it is Redis, else the streams poll the database")

@@ -1,4 +1,5 @@
-"""A real worker reports its capacity (the heartbeat submission reads) at start and on every sweep."""
+"""A real worker reports its capacity (the heartbeat submission reads: RAM, queues, runtimes) at start and on every
+sweep."""
 
 import time
 
@@ -6,6 +7,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.compression.runtime_rules import installed_runtimes
 from core.service.db.models import Worker
 from core.service.db.session import make_engine
 
@@ -31,5 +33,6 @@ def test_a_started_worker_reports_its_ram_and_queues_then_beats(stack):
     assert len(rows) == 1, "the worker never reported its capacity"
     first = rows[0]
     assert first.queues == ["cpu"] and first.ram_total_bytes > 0 and first.ram_available_bytes > 0
+    assert first.runtimes == installed_runtimes()  # torch, onnxruntime, and llama.cpp where it is installed
     time.sleep(2.5)  # MCS_SWEEP_INTERVAL_S=1 in the stack: the sweeper beats again
     assert worker_rows(url)[0].heartbeat_at > first.heartbeat_at

@@ -66,6 +66,21 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+    # What the key may do (core/service/keys.py: read, write, admin); keys made before scopes existed got read+write
+    scopes: Mapped[list[str]] = mapped_column(JSON, default=lambda: ["read", "write"])
+    expires_at: Mapped[datetime | None]
+    name: Mapped[str | None] = mapped_column(String(200))
+
+
+class TenantQuota(Base):
+    """A tenant's own quota limits; a null limit falls back to the MCS_QUOTA_* setting (core/service/quotas.py)."""
+
+    __tablename__ = "tenant_quotas"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    stored_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    running_jobs: Mapped[int | None]
+    queued_jobs: Mapped[int | None]
 
 
 class Model(Base):
@@ -192,6 +207,8 @@ class Worker(Base):
     ram_available_bytes: Mapped[int] = mapped_column(BigInteger)
     gpu_name: Mapped[str | None] = mapped_column(String(200))
     gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # what jobs can be timed on (core.compression.runtime_rules); null: reported before runtimes were advertised
+    runtimes: Mapped[list[str] | None] = mapped_column(JSON)
     heartbeat_at: Mapped[datetime] = mapped_column(index=True)
 
 

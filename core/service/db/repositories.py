@@ -25,6 +25,7 @@ from core.service.db.models import (
     JobStep,
     Model,
     Tenant,
+    TenantQuota,
     Upload,
     UploadStatus,
     Webhook,
@@ -64,46 +65,118 @@ class Tenants:
             self.session.flush()
         return tenant
 
-    def create_api_key(self, tenant: Tenant) -> str:
-        """Return a new key in plain text (shown once); only its hash is stored."""
-        plaintext = "mcs_" + secrets.token_urlsafe(32)
-        self.session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(plaintext),
-                                prefix=plaintext[:self.prefix_chars]))
-        self.session.flush()
-        return plaintext
+    def create_api_key(self, tenant: Tenant, scopes: Sequence[str] = ("read", "write"),
+                       expires_at: datetime | None = None, name: str | None = None) -> str:
+        """Return a new key in plain text (shown once); only its hash is stored. `scopes` as stored: the caller
+        expands what a scope implies (core/service/keys.py)."""
+        return self.add_api_key(tenant.id, scopes, expires_at, name)[1]
 
-    def for_api_key(self, plaintext: str) -> Tenant | None:
+    def add_api_key(self, tenant_id: str, scopes: Sequence[str], expires_at: datetime | None,
+                    name: str | None) -> tuple[ApiKey, str]:
+        """The new key's row and its plain text."""
+        plaintext = "mcs_" + secrets.token_urlsafe(32)
+        row = ApiKey(tenant_id=tenant_id, key_hash=hash_key(plaintext), prefix=plaintext[:self.prefix_chars],
+                     scopes=list(scopes), expires_at=expires_at, name=name)
+        self.session.add(row)
+        self.session.flush()
+        return row, plaintext
+
+    def for_api_key(self, plaintext: str) -> tuple[Tenant, ApiKey] | None:
+        """The tenant and row of an unrevoked key (expired or not: the caller says which), in one query. Read from
+        the database on every request, never cached, so a revocation holds at the next request on every process."""
         query = (
-            select(Tenant)
+            select(Tenant, ApiKey)
             .join(ApiKey, ApiKey.tenant_id == Tenant.id)
             .where(ApiKey.key_hash == hash_key(plaintext), ApiKey.revoked_at.is_(None))
         )
-        return self.session.scalar(query)
+        row = self.session.execute(query).first()
+        return (row[0], row[1]) if row is not None else None
 
-    def api_keys(self, tenant_name: str) -> Sequence[ApiKey]:
-        """A tenant's keys, newest first, revoked ones included."""
+    def named(self, tenant_name: str) -> Tenant:
         tenant = self.session.scalar(select(Tenant).where(Tenant.name == tenant_name))
         if tenant is None:
             raise NotFound(f"no tenant is named {tenant_name!r}")
+        return tenant
+
+    def api_keys(self, tenant_name: str) -> Sequence[ApiKey]:
+        """A tenant's keys, newest first, revoked ones included."""
+        return self.keys_of(self.named(tenant_name).id)
+
+    def keys_of(self, tenant_id: str) -> Sequence[ApiKey]:
         return self.session.scalars(
-            select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.created_at.desc(), ApiKey.id)
+            select(ApiKey).where(ApiKey.tenant_id == tenant_id).order_by(ApiKey.created_at.desc(), ApiKey.id)
         ).all()
 
-    def revoke_api_key(self, prefix_or_key: str) -> ApiKey:
-        """Revoke the one active key with this prefix (as `mcs keys list` shows it) or this whole key; the next
-        request with it is a 401. Two active keys with one prefix are a `Conflict`: give the whole key."""
-        if len(prefix_or_key) > self.prefix_chars:
-            match = ApiKey.key_hash == hash_key(prefix_or_key)
+    def api_key(self, tenant_id: str, key_id: str) -> ApiKey:
+        """One of the tenant's keys by id; another tenant's key is a 404 like an unknown id."""
+        row = self.session.scalar(select(ApiKey).where(ApiKey.id == key_id, ApiKey.tenant_id == tenant_id)
+                                  ) if "\x00" not in key_id else None
+        if row is None:
+            raise NotFound(f"API key {key_id!r} not found")
+        return row
+
+    def find_active_key(self, reference: str) -> ApiKey:
+        """The one active key with this id (`key_...`), prefix (as `mcs keys list` shows it) or whole value. Two
+        active keys with one prefix are a `Conflict`: give the id or the whole key."""
+        if reference.startswith("key_"):
+            match = ApiKey.id == reference
+        elif len(reference) > self.prefix_chars:
+            match = ApiKey.key_hash == hash_key(reference)
         else:
-            match = ApiKey.prefix == prefix_or_key
+            match = ApiKey.prefix == reference
         keys = self.session.scalars(select(ApiKey).where(match, ApiKey.revoked_at.is_(None))).all()
         if not keys:
-            raise NotFound(f"no active API key has the prefix or value {prefix_or_key[:self.prefix_chars]!r}")
+            raise NotFound(f"no active API key has the id, prefix or value {reference[:self.prefix_chars]!r}")
         if len(keys) > 1:
-            raise Conflict(f"{len(keys)} active keys share the prefix {prefix_or_key!r}; give the whole key")
-        keys[0].revoked_at = utcnow()
-        self.session.flush()
+            raise Conflict(f"{len(keys)} active keys share the prefix {reference!r}; give the key's id")
         return keys[0]
+
+    def revoke_api_key(self, reference: str) -> ApiKey:
+        """Revoke the one active key `find_active_key` finds; the next request with it is a 401."""
+        key = self.find_active_key(reference)
+        key.revoked_at = utcnow()
+        self.session.flush()
+        return key
+
+    def quota(self, tenant_id: str) -> TenantQuota | None:
+        return self.session.get(TenantQuota, tenant_id)
+
+    def set_quota(self, tenant_id: str, **limits: int | None) -> TenantQuota:
+        """Set the named overrides (None: back to the setting's default); others stay as they are."""
+        row = self.quota(tenant_id) or TenantQuota(tenant_id=tenant_id)
+        for name, value in limits.items():
+            setattr(row, name, value)
+        self.session.add(row)
+        self.session.flush()
+        return row
+
+
+class Usage:
+    """What a tenant uses now, for its quotas."""
+
+    def __init__(self, session: Session, tenant_id: str) -> None:
+        self.session = session
+        self.tenant_id = tenant_id
+
+    def stored_bytes(self) -> int:
+        """Bytes of the tenant's models, datasets and artifacts."""
+        total = 0
+        for table in (Model, Dataset, Artifact):
+            total += self.session.scalar(
+                select(func.coalesce(func.sum(table.size_bytes), 0)).where(table.tenant_id == self.tenant_id)
+            ) or 0
+        return int(total)
+
+    def jobs(self, status: JobStatus, other_than: str | None = None) -> int:
+        """The tenant's jobs in `status`, but for `other_than` (a job whose expired lease is being claimed again)."""
+        query = select(func.count()).select_from(Job).where(Job.tenant_id == self.tenant_id, Job.status == status,
+                                                            Job.id != (other_than or ""))
+        return self.session.scalar(query) or 0
+
+    def lock_tenant(self) -> None:
+        """Serialise this tenant's quota checks until the transaction ends (a no-op on SQLite, which has one writer).
+        FOR NO KEY UPDATE: inserts of rows that reference the tenant (their foreign key's KEY SHARE) do not wait."""
+        self.session.execute(select(Tenant.id).where(Tenant.id == self.tenant_id).with_for_update(key_share=True))
 
 
 class _TenantScoped:
@@ -179,7 +252,7 @@ class Jobs(_TenantScoped):
                   estimate=estimate)
         job.steps = [
             JobStep(index=i, type=step["type"], config=step, status=JobStatus.queued)
-            for i, step in enumerate(spec["steps"])
+            for i, step in enumerate(spec.get("steps", []))  # an evaluation job has none
         ]
         self.session.add(job)
         self.session.flush()
@@ -285,10 +358,11 @@ class Workers:
         self.session = session
 
     def report(self, worker_id: str, queues: list[str], ram_total_bytes: int, ram_available_bytes: int,
-               gpu_name: str | None, gpu_memory_bytes: int | None) -> Worker:
+               gpu_name: str | None, gpu_memory_bytes: int | None, runtimes: Sequence[str] = ("torch",)) -> Worker:
         """Insert or refresh the worker's row, stamped now (its heartbeat)."""
         row = self.session.get(Worker, worker_id) or Worker(id=worker_id)
         row.queues, row.gpu_name, row.gpu_memory_bytes = queues, gpu_name, gpu_memory_bytes
+        row.runtimes = list(runtimes)
         row.ram_total_bytes, row.ram_available_bytes = ram_total_bytes, ram_available_bytes
         row.heartbeat_at = utcnow()
         self.session.add(row)
@@ -430,7 +504,7 @@ class JobRuns:
         where = [Job.id == job_id, Job.status == JobStatus.running]
         return where + ([Job.attempts == attempt] if attempt is not None else [])
 
-    def succeed(self, job: Job, metrics: dict[str, Any], artifact: dict[str, Any]) -> bool:
+    def succeed(self, job: Job, metrics: dict[str, Any], artifact: dict[str, Any] | None) -> bool:
         """Record the artifact and end the job in one transaction; the artifact key is fixed per job, so a
         retried job replaces its row instead of leaving a second one. Records nothing and returns False when this
         run no longer holds the job (it ended, or its lease expired and it was requeued or taken by another run), or
@@ -441,6 +515,8 @@ class JobRuns:
             if self._end(job.id, JobStatus.cancelled, job.attempts, Job.cancel_requested.is_(True), error=error):
                 self._end_steps(job.id, JobStatus.cancelled)
             return False
+        if artifact is None:  # an evaluation job makes no artifact
+            return True
         existing = self.session.scalar(select(Artifact).where(Artifact.storage_key == artifact["storage_key"]))
         if existing is not None:
             self.session.delete(existing)
