@@ -184,8 +184,8 @@ Recipes (each with `"export": ["onnx"]`):
   Runtime loop); {PROMPTS} prompts = the first {PROMPT_TOKENS} tokens of lee_background.cor documents after the
   perplexity text, {NEW_TOKENS} new tokens each, vs `generate(do_sample=False)` on the loaded artifact.
   Same greedy tokens: {next((f"{r.same_greedy}/{PROMPTS}" for r in rows if r.same_greedy is not None), "n/a")}.
-- Not measured here: decode speed (no timings on this shared machine); onnxruntime-genai itself (not installed; the
-  job's own `"export": ["onnx"]` still writes the graph without a cache, `model_with_past.onnx` is library-only).
+- Not measured here: decode speed (`bench/runtimes.py` times it); onnxruntime-genai itself (not installed). A
+  causal LM job's own `"export": ["onnx"]` now writes `model_with_past.onnx`, the KV-cache graph checked here.
 """
 
 

@@ -1,5 +1,6 @@
-"""The worker's capacity heartbeat: its RAM and GPU, upserted into `workers` at start and on every sweep, so that
-submission can refuse a job that no live worker of its queue can hold (`core.service.capacity`)."""
+"""The worker's capacity heartbeat: its RAM, GPU and the runtimes it can time jobs on, upserted into `workers` at
+start and on every sweep, so that submission can refuse a job that no live worker of its queue can hold or time
+(`core.service.capacity`)."""
 
 import logging
 import shutil
@@ -10,6 +11,7 @@ from typing import Any
 import psutil
 from celery.signals import worker_ready
 
+from core.compression.runtime_rules import installed_runtimes
 from core.service.db.repositories import Workers
 from core.service.db.session import session_scope
 
@@ -53,7 +55,7 @@ def _report(identity: WorkerIdentity) -> None:
     gpu_name, gpu_bytes = _gpu()
     with session_scope() as session:
         Workers(session).report(identity.hostname, identity.queues, int(memory.total), int(memory.available),
-                                gpu_name, gpu_bytes)
+                                gpu_name, gpu_bytes, installed_runtimes())
 
 
 def _gpu() -> tuple[str | None, int | None]:

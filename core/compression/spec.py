@@ -18,6 +18,7 @@ from core.compression.configs.base import ExportFormat, StepConfig, declared
 from core.compression.configs.quantize import QuantizeRTN
 from core.compression.export_rules import check_exports
 from core.compression.order import check_order
+from core.compression.runtime_rules import Runtime, check_runtimes
 
 # Add a family's CONFIGS here; its first config's method is the family default.
 FAMILIES: tuple[tuple[type[StepConfig], ...], ...] = (
@@ -166,11 +167,19 @@ class JobSpec(BaseModel):
     steps: list[StepSpec] = Field(min_length=1, max_length=32)
     export: list[ExportFormat] = Field(
         default_factory=list, max_length=3,
-        description='extra formats written into the artifact: "onnx" adds model.onnx (runs in onnxruntime); '
+        description='extra formats written into the artifact: "onnx" adds model.onnx (runs in onnxruntime; a '
+                    'causal LM gets model_with_past.onnx, its decoder step with a KV cache, instead); '
                     '"compressed-tensors" adds the folder compressed-tensors/ (transformers and vLLM load it); '
                     '"gguf" adds model.gguf (llama.cpp, Ollama, LM Studio; Llama-family causal LMs)',
     )
     evaluate: EvaluateSpec | None = Field(None, description="measure original and artifact on your own dataset")
+    runtimes: list[Runtime] = Field(
+        default_factory=list, max_length=3,
+        description='runtimes the artifact will be deployed on, each timed on the original and the artifact '
+                    '(encoders: batch latency; causal LMs: prefill and decode tokens/s) with a note where the '
+                    'artifact is not faster or not smaller in memory there: "torch", "onnxruntime" (the ONNX '
+                    'export), "llama.cpp" (the GGUF export). A runtime no live worker of the queue has is refused',
+    )
 
     @model_validator(mode="after")
     def _order_can_work(self) -> Self:
@@ -178,6 +187,7 @@ class JobSpec(BaseModel):
         if len(set(self.export)) != len(self.export):
             raise ValueError(f"export lists a format twice: {self.export}")
         check_exports(self.steps, self.export)
+        check_runtimes(self.steps, self.runtimes)
         if self.evaluate and self.evaluate.dataset_id in step_datasets(self.steps):
             raise ValueError(f"evaluate.dataset_id {self.evaluate.dataset_id!r} is also a dataset the steps "
                              "calibrate or train on; evaluate on held-out data (upload a separate dataset)")

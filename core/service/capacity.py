@@ -1,5 +1,5 @@
 """Pre-flight at submission: estimate a job's memory and time, refuse it when no live worker of its queue can hold
-it, and size its time limits from the estimate.
+it (or has every runtime its `runtimes` names), and size its time limits from the estimate.
 
 Only workers that reported within 3 sweep intervals count: a stopped worker's row must not admit a job. A queue
 with no live worker accepts the job (a fresh deployment must not refuse everything) and says so in the estimate.
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from core.compression.configs.base import StepConfig
 from core.compression.estimate import GB, BlockShape, Estimate, ModelFacts, estimate_job
+from core.compression.runtime_rules import INSTALL, missing_runtimes
 from core.compression.spec import config_class
 from core.errors import InvalidSpec
 from core.service.db.models import Model, Worker, utcnow
@@ -26,16 +27,19 @@ HARD_LIMIT_PER_ESTIMATE = 2.0  # the estimate is a guess: a job may take twice a
 
 def preflight(session: Session, model: Model, spec: dict[str, Any], queue: str, settings: Settings) -> dict[str, Any]:
     """The job's estimate as stored in its row (time limits and the capacity check included); `InvalidSpec` (422)
-    when live workers of `queue` exist and none can hold the job."""
+    when live workers of `queue` exist and none can hold the job, or none has every runtime it names."""
     blocks = BlockShape(**model.block_shape) if model.block_shape else None
     estimate = estimate_job(ModelFacts(model.num_parameters, model.size_bytes, blocks=blocks), _step_classes(spec),
-                            _device(queue), settings.stream_above_bytes, bool(spec.get("export")))
+                            _device(queue), settings.stream_above_bytes,
+                            bool(spec.get("export") or spec.get("runtimes")))  # both hold the whole model
     workers = Workers(session).live(queue, utcnow() - timedelta(seconds=LIVE_SWEEPS * settings.sweep_interval_s))
     notes = list(estimate.notes)
     if not workers:
         notes.append(f"no live worker of queue {queue!r} has reported its capacity: accepted unchecked")
-    elif not any(_holds(worker, estimate) for worker in workers):
-        _refuse(estimate, queue, max(workers, key=lambda w: _capacity(w, estimate)))
+    else:
+        equipped = _equipped(workers, spec, queue)
+        if not any(_holds(worker, estimate) for worker in equipped):
+            _refuse(estimate, queue, max(equipped, key=lambda w: _capacity(w, estimate)))
     soft, hard = time_limits(estimate.seconds, settings)
     return {**asdict(estimate), "notes": notes, "soft_time_limit_s": soft, "hard_time_limit_s": hard}
 
@@ -59,6 +63,22 @@ def _step_classes(spec: dict[str, Any]) -> list[type[StepConfig]]:
 
 def _device(queue: str) -> Literal["cpu", "cuda"]:
     return "cuda" if queue == "gpu" else "cpu"
+
+
+def _equipped(workers: list[Worker], spec: dict[str, Any], queue: str) -> list[Worker]:
+    """The workers that have every runtime the job names; `InvalidSpec` naming the missing ones when none has."""
+    needed = [str(runtime) for runtime in spec.get("runtimes") or []]
+    equipped = [worker for worker in workers if not missing_runtimes(needed, worker.runtimes)]
+    if equipped:
+        return equipped
+    missing = sorted({runtime for worker in workers for runtime in missing_runtimes(needed, worker.runtimes)})
+    install = "; ".join(f"{runtime}: {INSTALL[runtime]}" for runtime in missing if runtime in INSTALL)
+    raise InvalidSpec(
+        f"no live worker of queue {queue!r} has the runtime(s) {', '.join(missing)} that `runtimes` names; install "
+        f"it on a worker of the queue ({install}) or drop it from `runtimes`",
+        {"field": "runtimes", "missing_runtimes": missing,
+         "workers": {worker.id: worker.runtimes or ["torch"] for worker in workers}},
+    )
 
 
 def _holds(worker: Worker, estimate: Estimate) -> bool:

@@ -14,11 +14,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.compression.export_rules import model_export_refusal
+from core.compression.runtime_rules import model_runtime_refusal
 from core.compression.spec import config_class, evaluation_refusal
 from core.errors import Conflict, InvalidSpec, NotFound, Unavailable
 from core.service.capacity import preflight
 from core.service.db.models import Dataset, Job
 from core.service.db.repositories import Datasets, Jobs, Models
+from core.service.quotas import check_submission
 from core.service.settings import Settings
 
 MIN_TRAINING_SAMPLES = 2
@@ -48,9 +50,12 @@ def submit_job(session: Session, tenant_id: str, request: JobRequest, idempotenc
     jobs, models = Jobs(session, tenant_id), Models(session, tenant_id)
     if idempotency_key and (existing := jobs.by_idempotency_key(idempotency_key)):
         return _replay(existing, request.request_hash)
+    check_submission(session, tenant_id, settings)
     model = models.get_for_new_job(request.model_id)
     if reason := model_export_refusal(request.spec.get("export") or [], model.architecture):
         raise InvalidSpec(reason, [{"field": "export", "message": reason}])
+    if reason := model_runtime_refusal(request.spec.get("runtimes") or [], model.architecture):
+        raise InvalidSpec(reason, [{"field": "runtimes", "message": reason}])
     evaluate = request.spec.get("evaluate") or {}
     if reason := evaluation_refusal(evaluate.get("metrics") or [], model.architecture):
         raise InvalidSpec(reason, [{"field": "evaluate.metrics", "message": reason}])

@@ -186,6 +186,8 @@ def test_job_reports_onnx_size_and_notes(tmp_path: Path) -> None:
     after = outcome.metrics["after"]
     assert 0 < after["onnx_bytes"] < original.stat().st_size
     assert after["onnx"]["matmul_nbits_layers"] == 14
+    # a causal LM's export is its KV-cache graph, whose greedy tokens were checked against the torch artifact's
+    assert after["onnx"]["file"] == "model_with_past.onnx" and after["onnx"]["greedy_tokens_match_torch"] is True
     assert after["onnx_output_cosine"] == pytest.approx(after["output_cosine"], abs=1e-5)  # the artifact's quality
     assert any("sparse weights stay dense in ONNX" in note for note in after["onnx"]["notes"])
 
