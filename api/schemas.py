@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core import errors
 from core.compression.presets import expand_preset
-from core.compression.spec import JobSpec
+from core.compression.spec import EvaluateSpec, JobSpec
 from core.service.db.models import DeliveryStatus, JobEventType, JobStatus, UploadStatus
 
 # The codes a job's `error` can carry: the user's faults found while running, then the job machine's own endings.
@@ -150,6 +150,46 @@ class JobOut(BaseModel):
     finished_at: datetime | None
 
 
+class EvaluationCreate(BaseModel):
+    """A standalone evaluation on the tenant's own dataset: a model alone (each metric with its CI), or an artifact
+    (by `artifact_id`, or the artifact of `job_id`) against the original model its job started from (every delta
+    with its paired CI)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_id: str | None = Field(None, min_length=1, max_length=40)
+    artifact_id: str | None = Field(None, min_length=1, max_length=40)
+    job_id: str | None = Field(None, min_length=1, max_length=40)
+    evaluate: EvaluateSpec
+    queue: Literal["cpu", "gpu"] | None = Field(None, description="worker pool; default from MCS_DEFAULT_QUEUE")
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> "EvaluationCreate":
+        given = [name for name in ("model_id", "artifact_id", "job_id") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of model_id, artifact_id, job_id (got {', '.join(given) or 'none'})")
+        return self
+
+
+class EvaluationOut(BaseModel):
+    """An evaluation job: its status like any job's (GET /v1/jobs/{id} shows it too, with no steps) and, once it
+    succeeded, `result` (core.compression.evaluate: per metric the values, deltas and 95% CIs)."""
+
+    id: str
+    status: JobStatus
+    queue: str
+    progress: float
+    message: str | None
+    subject: dict[str, str] = Field(description="model_id, and for an artifact artifact_id and job_id")
+    evaluate: dict[str, Any]
+    result: dict[str, Any] | None
+    warnings: list[str]
+    error: ErrorDetail | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
 T = TypeVar("T")
 
 
@@ -252,3 +292,54 @@ class DeliveryOut(BaseModel):
     attempt_log: list[DeliveryAttempt]
     created_at: datetime
     delivered_at: datetime | None
+
+
+Scope = Literal["read", "write", "admin"]
+
+
+class ApiKeyOut(BaseModel):
+    """An API key, without its value (only its hash is stored)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    prefix: str = Field(description="the key's first characters, to recognise it")
+    name: str | None
+    scopes: list[Scope] = Field(description="read: GET routes; write: also submit, upload, cancel, delete; "
+                                            "admin: also /v1/admin")
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="`mcs_...`: the key itself; shown only in this response")
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    scopes: list[Scope] = Field(["read", "write"], min_length=1, description="each grants the ones before it: "
+                                                                             "write includes read, admin both")
+    expires_at: datetime | None = Field(None, description="when the key stops working (with a time zone); "
+                                                          "null: never")
+
+    @model_validator(mode="after")
+    def _aware(self) -> "ApiKeyCreate":
+        if self.expires_at is not None and self.expires_at.tzinfo is None:
+            raise ValueError("expires_at needs a time zone, e.g. 2027-01-01T00:00:00Z")
+        return self
+
+
+class ApiKeyRotate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    grace_s: int = Field(0, ge=0, le=7 * 24 * 3600, description="the old key keeps working this long (at most a "
+                                                                  "week); 0: revoked at once")
+
+
+class QuotaOut(BaseModel):
+    quota: Literal["stored_bytes", "running_jobs", "queued_jobs"]
+    limit: int = Field(description="0: no limit")
+    used: int

@@ -20,16 +20,18 @@ from celery.signals import task_failure, worker_process_init, worker_ready, work
 
 from core import __version__
 from core.compression.evaluate import EvaluationRequest
-from core.compression.execute import execute_job, load_input, reading_input
+from core.compression.execute import evaluate_standalone, execute_job, load_input, reading_input
 from core.compression.pipeline import StepHooks
-from core.compression.spec import JobSpec, StepConfig, step_datasets
+from core.compression.spec import EvaluateSpec, JobSpec, StepConfig, step_datasets
 from core.compression.state import StepContext, StepReport
 from core.service.datasets import read_rows, read_texts
 from core.service.db.models import Job, JobStatus, utcnow
-from core.service.db.repositories import Datasets, JobRuns, Models
+from core.service.db.repositories import Artifacts, Datasets, JobRuns, Models
 from core.service.db.session import engine, session_scope
+from core.service.evaluations import EVALUATION, is_evaluation, source_steps
 from core.service.logs import bind, bound
 from core.service.metrics import JOB_DURATION, STEP_DURATION
+from core.service.quotas import running_room
 from core.service.settings import Settings, get_settings
 from core.service.storage import ArtifactStore, get_store
 from worker.celery_app import RUN_JOB_TASK, app, send_options
@@ -65,10 +67,16 @@ def _claim(job_id: str, settings: Settings) -> Job | None:
     lease = timedelta(seconds=settings.job_lease_s)
     with session_scope() as session:
         runs = JobRuns(session)
-        job = runs.claim(job_id, lease, settings.job_max_attempts)
-        if job is None:
+        job, options = runs.get(job_id), None
+        if job is not None and not running_room(session, job, settings):
+            options = send_options(job, settings)  # its tenant runs its quota of jobs: offer it later
+            job = None
+        elif (job := runs.claim(job_id, lease, settings.job_max_attempts)) is None:
             log.info("job %s not claimed: %s", job_id, runs.settle_unclaimed(job_id, settings.job_max_attempts))
-        return job
+    if options is not None:
+        log.info("job %s waits: its tenant runs as many jobs as its running-jobs quota allows", job_id)
+        app.send_task(RUN_JOB_TASK, args=[job_id], countdown=settings.quota_recheck_s, **options)
+    return job
 
 
 def _run_claimed(job: Job, settings: Settings) -> None:
@@ -97,6 +105,9 @@ def _run_claimed(job: Job, settings: Settings) -> None:
 def _execute(job: Job, store: ArtifactStore, work_dir: Path) -> None:
     """Inputs come from the store into this worker's own scratch (`work_dir`) unless the store is a local disk;
     the artifact goes back through the store: nothing assumes a disk shared with the API."""
+    if is_evaluation(job):
+        _execute_evaluation(job, store, work_dir)
+        return
     spec = JobSpec.model_validate(job.spec)
     with session_scope() as session:
         model = JobRuns(session).model_of(job)
@@ -104,7 +115,9 @@ def _execute(job: Job, store: ArtifactStore, work_dir: Path) -> None:
         store.local_tree(model.storage_key, work_dir / "input"), spec, work_dir, _context(job, work_dir),
         _hooks(job.id, job.attempts),
         {"job_id": job.id, "input_sha256": model.sha256, "service_version": __version__},
-        get_settings().stream_above_bytes, _evaluation_request(job.tenant_id, spec, work_dir),
+        get_settings().stream_above_bytes,
+        None if spec.evaluate is None else _evaluation_request(job.tenant_id, spec.evaluate, list(spec.steps),
+                                                               work_dir),
     )
     # One key per attempt: a run that lost its lease deletes its own file without touching the winner's.
     key = f"artifacts/{job.id}/attempt-{job.attempts}/model.zip"
@@ -117,6 +130,27 @@ def _execute(job: Job, store: ArtifactStore, work_dir: Path) -> None:
         log.warning("job %s: attempt %d lost its lease before it finished; its result is dropped", job.id,
                     job.attempts)
         store.delete(key)
+
+
+def _execute_evaluation(job: Job, store: ArtifactStore, work_dir: Path) -> None:
+    """An evaluation job (core.service.evaluations): the model alone, or a job's artifact against the model it was
+    made from; the result goes into the job's metrics, no artifact is made."""
+    subject = job.spec[EVALUATION]
+    with session_scope() as session:
+        model = JobRuns(session).model_of(job)
+        artifact = Artifacts(session, job.tenant_id).get(subject["artifact_id"]) if "artifact_id" in subject else None
+        steps = source_steps(session, job.tenant_id, job)
+    request = _evaluation_request(job.tenant_id, EvaluateSpec.model_validate(job.spec["evaluate"]), steps, work_dir)
+    artifact_zip = store.local_file(artifact.storage_key, work_dir / "artifact.zip") if artifact else None
+    result = evaluate_standalone(store.local_tree(model.storage_key, work_dir / "input"), artifact_zip, request,
+                                 work_dir, _context(job, work_dir), get_settings().stream_above_bytes)
+    metrics = {"evaluation": result, "subject": subject}
+    if warning := result.get("overlap", {}).get("warning"):
+        log.warning("%s", warning)
+        metrics["warnings"] = [warning]
+    with session_scope() as session:
+        if not JobRuns(session).succeed(job, metrics, None):
+            log.warning("job %s: attempt %d lost its lease before it finished", job.id, job.attempts)
 
 
 def _end(job_id: str, error: dict[str, Any], status: JobStatus = JobStatus.failed, attempt: int | None = None) -> None:
@@ -188,20 +222,19 @@ def _dataset_texts(tenant_id: str, work_dir: Path) -> Callable[[str | None], lis
     return texts
 
 
-def _evaluation_request(tenant_id: str, spec: JobSpec, work_dir: Path) -> EvaluationRequest | None:
+def _evaluation_request(tenant_id: str, evaluate: EvaluateSpec, steps: list[StepConfig],
+                        work_dir: Path) -> EvaluationRequest:
     """The evaluation dataset's first `max_samples` rows, and the texts the steps calibrate or train on (the
     default corpus for a step without a dataset) so that overlap between them is flagged."""
-    if spec.evaluate is None:
-        return None
-    dataset_id = spec.evaluate.dataset_id
+    dataset_id = evaluate.dataset_id
     with session_scope() as session:
         dataset = Datasets(session, tenant_id).get(dataset_id)
     path = get_store().local_file(dataset.storage_key, work_dir / f"dataset-{dataset_id}.jsonl")
     with reading_input(f"dataset {dataset_id!r}"):
-        rows = read_rows(path, spec.evaluate.max_samples)
+        rows = read_rows(path, evaluate.max_samples)
     texts = _dataset_texts(tenant_id, work_dir)
-    references = {name or "default corpus": texts(name) for name in step_datasets(list(spec.steps))}
-    return EvaluationRequest(dataset_id, tuple(spec.evaluate.metrics), rows, references)
+    references = {name or "default corpus": texts(name) for name in step_datasets(steps)}
+    return EvaluationRequest(dataset_id, tuple(evaluate.metrics), rows, references)
 
 
 def _hooks(job_id: str, attempt: int) -> StepHooks:

@@ -457,3 +457,80 @@ STATISTICS: dict[str, Statistic] = {
     "perplexity": token_weighted_perplexity, "accuracy": mean, "generation_agreement": mean,
     "embedding_cosine": mean, "sts_spearman": spearman, "classification_accuracy": mean, "macro_f1": macro_f1,
 }
+
+
+# ---- one model alone, and the per-step waterfall's subset ----------------------------------------------------
+
+# These compare a model with an original by definition: a model evaluated alone has none.
+COMPARATIVE = ("embedding_cosine", "generation_agreement")
+WATERFALL_SAMPLES = 32  # rows the per-step waterfall measures after every step (the final evaluation uses them all)
+
+
+def evaluate_model(request: EvaluationRequest, open_model: ModelOpener, tokenizer: PreTrainedTokenizerBase | None,
+                   batch: int = BATCH) -> dict[str, Any]:
+    """Measure one model alone (a standalone evaluation of an uploaded model): each metric's value with the
+    bootstrap 95% CI of that value. InvalidSpec for a metric that needs an original to compare with."""
+    if unfit := [metric for metric in request.metrics if metric in COMPARATIVE]:
+        message = (f"evaluation metric(s) {', '.join(unfit)} compare a model with its original; evaluate a job's "
+                   "artifact (artifact_id or job_id) to measure them")
+        raise InvalidSpec(message, [{"field": "evaluate.metrics", "message": message}])
+    if tokenizer is None:
+        raise InvalidSpec("evaluation needs the model's tokenizer files; the uploaded model has none")
+    for metric in request.metrics:
+        check_rows(metric, request.rows)
+    setup = _Setup(tokenizer, batch)
+    with open_model() as model, torch.no_grad():
+        _check_fits(model, request.metrics)
+        measured = {m: MEASURES[m](model, setup, request.rows, None) for m in request.metrics}
+    return {
+        "dataset_id": request.dataset_id,
+        "samples": len(request.rows),
+        "metrics": {m: describe(m, measured[m].values) for m in request.metrics},
+        "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED, "confidence": CONFIDENCE,
+                      "method": "percentile bootstrap of the statistic over resampled samples"},
+    }
+
+
+def describe(metric: str, values: np.ndarray) -> dict[str, Any]:
+    """One model's statistic and its bootstrap 95% CI (the same resamples as `paired_bootstrap`)."""
+    statistic = STATISTICS[metric]
+    resampled, _ = paired_bootstrap(values, values, statistic)
+    result: dict[str, Any] = {"value": _number(statistic(values)), "ci95": _interval(resampled), "n": len(values),
+                              "note": NOTES[metric]}
+    if metric == "perplexity":
+        result["n_tokens"] = int(values[:, 1].sum())
+    return result
+
+
+class StepQuality:
+    """The per-step waterfall's quality numbers: the original measured once on the first `samples` rows (before any
+    step changes it), then each later state of the model on the same rows, compared with it. No CI: a cheap subset
+    says which step cost what; the job's final evaluation on every row carries the CIs. Nothing of the original is
+    kept but what its metrics need (token ids, embeddings, continuations), never a copy of the model.
+
+    Example: `quality = StepQuality(request, model, tokenizer)`, then `quality.measure(model)` after each step."""
+
+    def __init__(self, request: EvaluationRequest, original: nn.Module, tokenizer: PreTrainedTokenizerBase | None,
+                 samples: int = WATERFALL_SAMPLES, batch: int = BATCH) -> None:
+        if tokenizer is None:
+            raise InvalidSpec("evaluation needs the model's tokenizer files; the uploaded model has none")
+        self.rows = request.rows[:samples]
+        for metric in request.metrics:
+            check_rows(metric, self.rows)
+        self.subset = (f"the first {len(self.rows)} of the {len(request.rows)} evaluation rows of dataset "
+                       f"{request.dataset_id} (the final evaluation uses all of them, with CIs)")
+        self._setup = _Setup(tokenizer, batch)
+        _check_fits(original, request.metrics)
+        with torch.no_grad():
+            self._original = {m: MEASURES[m](original, self._setup, self.rows, None) for m in request.metrics}
+
+    def measure(self, model: nn.Module) -> dict[str, dict[str, float | None]]:
+        """{metric: {"original", "value", "delta"}} of `model` on the subset."""
+        found = {}
+        with torch.no_grad():
+            for metric, original in self._original.items():
+                statistic = STATISTICS[metric]
+                values = MEASURES[metric](model, self._setup, self.rows, original.kept).values
+                before, after = statistic(original.values), statistic(values)
+                found[metric] = {"original": _number(before), "value": _number(after), "delta": _number(after - before)}
+        return found

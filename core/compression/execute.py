@@ -22,18 +22,35 @@ from safetensors import SafetensorError
 from transformers import PreTrainedTokenizerBase
 
 from core.compression import metrics
+from core.compression.archive import ARTIFACT_LIMITS, extract_archive
 from core.compression.artifact import load_compressed, save_compressed
 from core.compression.estimate import Engine, ModelFacts, choose_engine
-from core.compression.evaluate import STREAMED_BATCH, EvaluationRequest, evaluate_models
+from core.compression.evaluate import (
+    BATCH,
+    STREAMED_BATCH,
+    EvaluationRequest,
+    StepQuality,
+    evaluate_model,
+    evaluate_models,
+)
 from core.compression.export_rules import COMPRESSED_TENSORS, GGUF, ONNX
-from core.compression.exports.onnx import export_onnx
+from core.compression.exports.onnx import CACHE_ONNX_FILE, export_onnx, export_onnx_with_past
 from core.compression.modelio import load_model, load_tokenizer, meta_model, model_class_for, read_model_config
 from core.compression.offload import offloaded_state, return_freed_memory, save_offloaded
 from core.compression.pipeline import StepHooks, run_pipeline
+from core.compression.runtimes import (
+    RuntimeModels,
+    empty_cache,
+    measure_runtimes,
+    onnx_session,
+    same_greedy,
+    workload_for,
+)
 from core.compression.sequential import block_output_cosines, compress_streaming
-from core.compression.spec import JobSpec
+from core.compression.spec import JobSpec, model_kind
 from core.compression.state import ModelState, StepContext, StepReport
 from core.compression.streamed import streamed_model
+from core.compression.waterfall import WATERFALL, Waterfall, byte_breakdown, skipped, weight_errors
 from core.errors import InputUnreadable, ServiceError, StepFailed, UnsupportedModel
 
 log = logging.getLogger(__name__)
@@ -94,8 +111,9 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     before = _measure(model, probe, metrics.weights_size_bytes(model_dir))
     ctx.report(PIPELINE_SHARE[0], "measured the original model")
     state = ModelState(model, tokenizer=tokenizer)
+    quality = StepQuality(evaluation, model, tokenizer) if evaluation is not None else None
     reports = run_pipeline(state, spec.steps, _scaled(_with_teacher(ctx, model_dir), *PIPELINE_SHARE, work_dir), hooks,
-                           evaluate=lambda s: {"output_cosine": probe.cosine(s.model)})
+                           evaluate=Waterfall.start(state, probe.cosine, probe.inputs, quality))
     ctx.report(PIPELINE_SHARE[1], "saving the artifact")
     folder = work_dir / "model"
     save_compressed(state, folder, _manifest(spec, reports, before, provenance), source_dir=model_dir)
@@ -103,9 +121,11 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     ctx.report(0.9, "measuring the saved artifact")
     loaded = load_compressed(folder).to(ctx.device)
     after = _measure(loaded, probe, metrics.weights_size_bytes(folder))
-    before["latency_ms"], after["latency_ms"] = metrics.interleaved_latency_ms(
-        [load_input(model_dir, ctx.device), loaded], probe.inputs
-    )
+    reference = load_input(model_dir, ctx.device)
+    before["latency_ms"], after["latency_ms"] = metrics.interleaved_latency_ms([reference, loaded], probe.inputs)
+    layers = {"metric": "relative_weight_error", "values": weight_errors(reference, loaded),
+              "note": "||W_artifact - W_original|| / ||W_original|| of each matrix kept under its name and shape"}
+    del reference
     if ONNX in spec.export:
         ctx.report(0.95, "exporting to ONNX")
         after.update(_export_onnx(loaded, folder, probe))
@@ -115,16 +135,19 @@ def execute_job(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext
     if GGUF in spec.export:
         ctx.report(0.97, "exporting to GGUF")
         after.update(_export_gguf(folder, loaded, probe, ctx.device))
+    timed = _runtimes(spec, model_dir, work_dir, loaded, tokenizer, probe, ctx) if spec.runtimes else {}
     archive = _zip_folder(folder, work_dir / "model.zip")
-    return _evaluated(JobOutcome(archive, {**_summary(before, after, archive, ctx), "engine": "in_memory"}),
-                      evaluation, model_dir, ctx, loaded)
+    outcome = JobOutcome(archive, {**_summary(before, after, archive, ctx), "engine": "in_memory", "layers": layers,
+                                   **timed})
+    return _evaluated(outcome, evaluation, model_dir, ctx, loaded)
 
 
 def engine_for(model_dir: Path, spec: JobSpec, stream_above_bytes: int | None) -> Engine:
     """The engine `execute_job` runs this job on, chosen as the pre-flight estimate chooses it (`choose_engine`):
     the size is that of the weight files, so nothing is loaded to decide."""
     facts = ModelFacts(num_parameters=0, weight_bytes=metrics.weights_size_bytes(model_dir))
-    return choose_engine(facts, [type(step) for step in spec.steps], stream_above_bytes, bool(spec.export))
+    return choose_engine(facts, [type(step) for step in spec.steps], stream_above_bytes,
+                         bool(spec.export or spec.runtimes))  # both need the whole model in memory
 
 
 def _execute_streaming(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: StepContext, hooks: StepHooks,
@@ -144,6 +167,7 @@ def _execute_streaming(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: Step
     reports = compress_streaming(model_dir, list(spec.steps), folder, _scaled(ctx, *PIPELINE_SHARE, work_dir),
                                  lambda step_reports: _manifest(spec, step_reports, before, provenance))
     for index, report in enumerate(reports):
+        report.metrics[WATERFALL] = skipped("layer_by_layer")
         hooks.finished(index, report)
     ctx.report(0.9, "measuring the saved artifact block by block")
     after = _measure_streamed(model_dir, folder, before, ctx.device)
@@ -164,7 +188,8 @@ def _execute_offloaded(model_dir: Path, spec: JobSpec, work_dir: Path, ctx: Step
     before = {"size_bytes": metrics.weights_size_bytes(model_dir), "parameters": metrics.count_parameters(state.model),
               "output_cosine": None, "latency_ms": None}
     ctx.report(PIPELINE_SHARE[0], "read the model's embeddings and head; blocks are read one at a time")
-    reports = run_pipeline(state, spec.steps, _scaled(ctx, *PIPELINE_SHARE, work_dir), hooks)
+    reports = run_pipeline(state, spec.steps, _scaled(ctx, *PIPELINE_SHARE, work_dir), hooks,
+                           evaluate=lambda _: {WATERFALL: skipped("offloaded")})
     ctx.report(PIPELINE_SHARE[1], "saving the artifact block by block")
     save_offloaded(state, folder, _manifest(spec, reports, before, provenance), source_dir=model_dir)
     del state
@@ -198,6 +223,37 @@ def _evaluated(outcome: JobOutcome, request: EvaluationRequest | None, model_dir
     return outcome
 
 
+def evaluate_standalone(model_dir: Path, artifact_zip: Path | None, request: EvaluationRequest, work_dir: Path,
+                        ctx: StepContext, stream_above_bytes: int | None = None) -> dict[str, Any]:
+    """A standalone evaluation (an evaluation job, no steps): with `artifact_zip`, that artifact against the original
+    it was made from, as a job's own `evaluate` measures them; without, the model of `model_dir` alone (values with
+    CIs, no deltas). A model whose weight files exceed `stream_above_bytes` runs one block in memory at a time.
+    Example: `evaluate_standalone(folder, work / "model.zip", request, work, StepContext(), 2 * 1024**3)`."""
+    streams = stream_above_bytes is not None and metrics.weights_size_bytes(model_dir) > stream_above_bytes
+    tokenizer = _tokenizer(model_dir)
+    ctx.report(0.05, f"evaluating on dataset {request.dataset_id}")
+    if artifact_zip is None:
+        opener = (lambda: streamed_model(model_dir, ctx.device)) if streams else (
+            lambda: nullcontext(load_input(model_dir, ctx.device)))
+        return {**evaluate_model(request, opener, tokenizer, STREAMED_BATCH if streams else BATCH),
+                "engine": "layer_by_layer" if streams else "in_memory"}
+    shutil.rmtree(work_dir / "artifact", ignore_errors=True)
+    with reading_input("the artifact"):
+        folder = extract_archive(artifact_zip, work_dir / "artifact", ARTIFACT_LIMITS)
+    if streams:
+        result = evaluate_models(request, lambda: streamed_model(model_dir, ctx.device),
+                                 lambda: streamed_model(folder, ctx.device), tokenizer, STREAMED_BATCH)
+    else:
+        result = evaluate_models(request, lambda: nullcontext(load_input(model_dir, ctx.device)),
+                                 lambda: nullcontext(_artifact_on(folder, ctx.device)), tokenizer)
+    return {**result, "engine": "layer_by_layer" if streams else "in_memory"}
+
+
+def _artifact_on(folder: Path, device: torch.device) -> Any:
+    """The saved artifact loaded back from its folder, on `device`."""
+    return load_compressed(folder).to(device)  # type: ignore[arg-type]  # (transformers types .to's first argument)
+
+
 def _measure_streamed(model_dir: Path, folder: Path, before: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """The artifact's numbers from its files: its size, its output cosine on the probe (`_streamed_cosine`), and the
     lowest and mean block output cosine. A model whose blocks cannot run this way (a multimodal model's vision
@@ -213,7 +269,8 @@ def _measure_streamed(model_dir: Path, folder: Path, before: dict[str, Any], dev
         return {**after, "block_output_cosine_min": None, "block_output_cosine_mean": None,
                 "block_output_cosine_error": f"{type(exc).__name__}: {exc}"}
     return {**after, "block_output_cosine_min": min(cosines, default=None),
-            "block_output_cosine_mean": sum(cosines) / len(cosines) if cosines else None}
+            "block_output_cosine_mean": sum(cosines) / len(cosines) if cosines else None,
+            "block_output_cosines": cosines}
 
 
 def _streamed_cosine(model_dir: Path, folder: Path, device: torch.device) -> tuple[float, float]:
@@ -251,26 +308,48 @@ def load_input(model_dir: Path, device: str | torch.device) -> Any:
 
 
 def _export_onnx(model: Any, folder: Path, probe: "_Probe") -> dict[str, Any]:
-    """Write model.onnx beside the weights, weight-only integer layers as MatMulNBits with the artifact's own codes
-    (`onnx_nbits`), and check it in ONNX Runtime: the cosine of its outputs vs the original model's on the probe
-    inputs, its size in bytes and what went out as MatMulNBits (with notes) go into the job's metrics."""
-    import onnxruntime
-
+    """Write the ONNX export beside the weights, weight-only integer layers as MatMulNBits with the artifact's own
+    codes (`onnx_nbits`): a causal LM's decoder step with a KV cache (model_with_past.onnx, so a generation loop
+    decodes one token per step; model.onnx without a cache if that export fails), any other model as model.onnx.
+    It is checked in ONNX Runtime: the cosine of its outputs vs the original model's on the probe inputs (and for
+    the KV-cache graph, whether its greedy tokens equal the torch artifact's) go into the job's metrics with its
+    file, its size in bytes and what went out as MatMulNBits (with notes)."""
     from core.compression.artifact import read_manifest, stored_encodings
     from core.compression.exports.onnx_nbits import plan_nbits
 
     model = model.cpu()
     plan = plan_nbits(model, stored_encodings(folder), read_manifest(folder).aliases)
+    notes, path = plan.notes(), None
+    if model_kind(type(model).__name__) == "causal_lm":
+        try:
+            path = export_onnx_with_past(model, folder, plan)
+        except RuntimeError as exc:
+            notes.append(f"no KV-cache graph ({str(exc)[:300]}): model.onnx runs without a cache")
     try:
-        path = export_onnx(model, folder, {k: v.cpu() for k, v in probe.inputs.items()}, plan)
+        path = path or export_onnx(model, folder, {k: v.cpu() for k, v in probe.inputs.items()}, plan)
     except (RuntimeError, ValueError) as exc:
         raise StepFailed(f"ONNX export failed: {exc}") from exc
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: probe.inputs[i.name].cpu().numpy() for i in session.get_inputs()}
-    outputs = torch.from_numpy(session.run(None, feeds)[0])
+    session = onnx_session(path, torch.get_num_threads())
+    feeds = {i.name: probe.inputs[i.name].cpu().numpy() for i in session.get_inputs() if i.name in probe.inputs}
+    outputs = torch.from_numpy(session.run(None, {**feeds, **empty_cache(session, len(probe.inputs["input_ids"]))})[0])
     cosine = metrics.output_cosine(probe.reference.cpu(), outputs, probe.inputs.get("attention_mask"))
+    cached = path.name == CACHE_ONNX_FILE
+    checked = {"greedy_tokens_match_torch": same_greedy(model, session, probe.inputs)} if cached else {}
     return {"onnx_output_cosine": cosine, "onnx_bytes": path.stat().st_size,
-            "onnx": {"file_bytes": path.stat().st_size, **plan.summary(), "notes": plan.notes()}}
+            "onnx": {"file": path.name, "file_bytes": path.stat().st_size, **checked, **plan.summary(),
+                     "notes": notes}}
+
+
+def _runtimes(spec: JobSpec, model_dir: Path, work_dir: Path, loaded: Any, tokenizer: PreTrainedTokenizerBase | None,
+              probe: "_Probe", ctx: StepContext) -> dict[str, Any]:
+    """The job's `runtimes` timed (`core.compression.runtimes`): one record per runtime, and the job's `notes`
+    naming each runtime where the artifact is not faster or not smaller in memory."""
+    ctx.report(0.975, f"timing on {', '.join(spec.runtimes)}")
+    workload, inputs = workload_for(loaded, tokenizer, probe.inputs)
+    models = RuntimeModels(load_input(model_dir, ctx.device), loaded.to(ctx.device), work_dir / "model", model_dir,
+                           work_dir / "runtimes", workload, inputs)
+    results = measure_runtimes(spec.runtimes, models)
+    return {"runtimes": results, "notes": [note for record in results.values() for note in record["notes"]]}
 
 
 def _export_compressed_tensors(folder: Path, probe: "_Probe", device: torch.device) -> dict[str, Any]:
@@ -375,6 +454,7 @@ def _summary(before: dict, after: dict, archive: Path, ctx: StepContext) -> dict
         "speedup": _speedup(before["latency_ms"], after["latency_ms"]),
         "output_cosine": after["output_cosine"],
         "artifact_bytes": archive.stat().st_size,
+        "bytes": byte_breakdown(archive.parent / "model"),  # the folder `_zip_folder` zipped
         "device": str(ctx.device),
         "note": "after = the saved artifact loaded back with core.load_compressed; cosine vs the original outputs "
                 "on fixed probe inputs; latency = median forward of the probe batch, original and artifact "

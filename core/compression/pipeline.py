@@ -3,6 +3,7 @@
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from core.compression.registry import handler_for
 from core.compression.select import held_back_note
@@ -24,7 +25,7 @@ def run_pipeline(
     steps: Sequence[StepConfig],
     ctx: StepContext,
     hooks: StepHooks | None = None,
-    evaluate: Callable[[ModelState], dict[str, float]] | None = None,
+    evaluate: Callable[[ModelState], dict[str, Any]] | None = None,
 ) -> list[StepReport]:
     """Apply `steps` to `state` in place and return one report per step.
 

@@ -118,9 +118,10 @@ def _let_go(state: ModelState, block: tuple[str, nn.Module], keep: bool) -> None
 
 @dataclass
 class StepReport:
-    """What a step tells the user: numeric metrics (stored per step) and plain-language notes."""
+    """What a step tells the user: metrics (stored per step; mostly numbers, the `waterfall` record a dict) and
+    plain-language notes."""
 
-    metrics: dict[str, float | int | str] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
