@@ -10,7 +10,11 @@ from api import errors
 from api.limits import BodyLimits, Cap
 from api.observability import BindTenant, Observe
 from api.ratelimit import Admission, rate_limit_buckets
-from api.routers import artifacts, datasets, events, health, jobs, metrics, models, presets, uploads, webhooks
+from api.routers import artifacts, datasets, events, health, jobs, metrics, models, presets, ui, uploads, webhooks
+from api.routers.evaluations import router as evaluations_router
+from api.routers.keys import router as keys_router
+from api.routers.quotas import router as quotas_router
+from api.routers.reports import router as reports_router
 from core.service.logs import configure_logging
 from core.service.scratch import remove_stale_scratch
 from core.service.settings import get_settings
@@ -49,8 +53,12 @@ def create_app() -> FastAPI:
     # outermost: request id, access log and HTTP metrics cover the requests Admission refuses too
     app.add_middleware(Observe, routed=app)
     errors.install(app)
-    for module in (health, metrics, models, uploads, datasets, jobs, events, artifacts, webhooks, presets):
+    for module in (health, metrics, models, uploads, datasets, jobs, events, artifacts, webhooks, presets, ui):
         app.include_router(module.router)
+    app.include_router(evaluations_router)
+    app.include_router(reports_router)
+    app.include_router(keys_router)
+    app.include_router(quotas_router)
     return app
 
 
