@@ -12,9 +12,11 @@ from api.observability import BindTenant, Observe
 from api.ratelimit import Admission, rate_limit_buckets
 from api.routers import artifacts, datasets, events, health, jobs, metrics, models, presets, ui, uploads, webhooks
 from api.routers.evaluations import router as evaluations_router
+from api.routers.imports import router as imports_router
 from api.routers.keys import router as keys_router
 from api.routers.quotas import router as quotas_router
 from api.routers.reports import router as reports_router
+from api.routers.searches import router as searches_router
 from core.service.logs import configure_logging
 from core.service.scratch import remove_stale_scratch
 from core.service.settings import get_settings
@@ -57,8 +59,10 @@ def create_app() -> FastAPI:
         app.include_router(module.router)
     app.include_router(evaluations_router)
     app.include_router(reports_router)
+    app.include_router(searches_router)
     app.include_router(keys_router)
     app.include_router(quotas_router)
+    app.include_router(imports_router)
     return app
 
 

@@ -7,9 +7,10 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core import errors
-from core.compression.presets import expand_preset
+from core.compression.presets import preset_job
+from core.compression.search import SearchSpec
 from core.compression.spec import EvaluateSpec, JobSpec
-from core.service.db.models import DeliveryStatus, JobEventType, JobStatus, UploadStatus
+from core.service.db.models import DeliveryStatus, JobEventType, JobStatus, SearchStatus, UploadStatus
 
 # The codes a job's `error` can carry: the user's faults found while running, then the job machine's own endings.
 JOB_FAILURE_CODES = tuple(cls.code for cls in (
@@ -78,15 +79,17 @@ class JobCreate(JobSpec):
         if "steps" in data:
             raise ValueError("give either `steps` or a `preset` (with `overrides`), not both")
         try:
-            return {**data, "steps": expand_preset(data["preset"], data.get("overrides"))}
+            recipe = preset_job(data["preset"], data.get("overrides"))
         except errors.InvalidSpec as exc:
             raise ValueError(exc.message) from exc
+        return {**recipe, **data, "steps": recipe["steps"]}  # an `export` of the request wins over the preset's
 
 
 class PresetOut(BaseModel):
     name: str
     summary: str
     steps: list[dict[str, Any]]
+    export: list[str] = Field(default_factory=list, description="formats a job of the preset adds to its artifact")
     measured: str = Field(description="what the benchmarks measured with it (docs/benchmarks.md)")
 
 
@@ -343,3 +346,32 @@ class QuotaOut(BaseModel):
     quota: Literal["stored_bytes", "running_jobs", "queued_jobs"]
     limit: int = Field(description="0: no limit")
     used: int
+
+
+class SearchCreate(SearchSpec):
+    """A search to a quality budget: trials (ordinary jobs, each with `evaluate`) until the budget is spent; the
+    smallest (or fastest) recipe that meets the constraint wins. See core.compression.search for the space."""
+
+    model_id: str = Field(min_length=1, max_length=40)
+    queue: Literal["cpu", "gpu"] | None = Field(None, description="worker pool; default from MCS_DEFAULT_QUEUE")
+
+
+class SearchOut(BaseModel):
+    """A search: its request (with the space it got), every trial (recipe, job, size, the constrained metric with
+    its 95% CI, whether it met the constraint), the per-weight sensitivity trial 0 measured, and `best`."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    model_id: str | None
+    status: SearchStatus
+    queue: str
+    spec: dict[str, Any]
+    trials: list[dict[str, Any]]
+    best: dict[str, Any] | None = Field(description="the best trial that met the constraint: its recipe (`steps`), "
+                                        "job, artifact, size and metric; null while none has")
+    sensitivity: dict[str, Any] | None = Field(description="per weight: parameters, modules and 1 - output cosine "
+                                               "with it alone quantized at each width")
+    message: str | None
+    created_at: datetime
+    finished_at: datetime | None

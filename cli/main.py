@@ -152,6 +152,18 @@ def _client_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     cancel.add_argument("--wait", action="store_true", help="wait until it ended (exit 3 once cancelled)")
     cancel.set_defaults(run=_client_command(_jobs_cancel))
 
+    searches = _group(sub, "searches", "search for the smallest recipe that meets a quality constraint")
+    start = searches.add_parser("submit", parents=[options], help="start a search: a YAML/JSON file with objective, "
+                                "constraint, evaluate and optionally space, budget, parallelism")
+    start.add_argument("--model", required=True, metavar="MODEL_ID")
+    start.add_argument("request", metavar="FILE")
+    start.add_argument("--queue", choices=["cpu", "gpu"])
+    start.set_defaults(run=_client_command(_searches_submit))
+    for verb, text in (("show", "a search's trials and best recipe"), ("cancel", "cancel a search and its trials")):
+        command = searches.add_parser(verb, parents=[options], help=text)
+        command.add_argument("search", metavar="SEARCH_ID")
+        command.set_defaults(run=_client_command(_searches_show if verb == "show" else _searches_cancel))
+
     presets = _group(sub, "presets", "the named recipes")
     presets.add_parser("list", parents=[options], help="list the presets, with what the benchmarks measured"
                        ).set_defaults(run=_client_command(_presets_list))
@@ -361,6 +373,33 @@ def _jobs_show(client: "Client", args: argparse.Namespace) -> int:
         print(f"error: {job.error.code}: {job.error.message}")
     for artifact in job.artifacts:
         print(f"artifact {artifact.id}  {artifact.name}  {artifact.size_bytes / 1e6:.1f} MB  sha256 {artifact.sha256}")
+    return 0
+
+
+def _searches_submit(client: "Client", args: argparse.Namespace) -> int:
+    return _print_search(client.searches.submit(args.model, args.request, queue=args.queue), args)
+
+
+def _searches_show(client: "Client", args: argparse.Namespace) -> int:
+    return _print_search(client.searches.get(args.search), args)
+
+
+def _searches_cancel(client: "Client", args: argparse.Namespace) -> int:
+    return _print_search(client.searches.cancel(args.search), args)
+
+
+def _print_search(search: Any, args: argparse.Namespace) -> int:
+    if args.json:
+        _print_json(search)
+        return 0
+    print(f"{search.id}  {search.status}  model {search.model_id}  {len(search.trials)} trial(s)  "
+          f"{search.message or ''}".rstrip())
+    for trial in search.trials:
+        print(f"  trial {trial['number']:<3} {trial['status']:<9} size {trial.get('size_ratio') or 0:.4f}  "
+              f"value {trial.get('value') or 0:.4g}  met {trial.get('feasible')}  job {trial.get('job_id')}")
+    if search.best:
+        print(f"best: trial {search.best['number']}, size {search.best['size_ratio']:.4f}, artifact "
+              f"{search.best['artifact_id']}\n{json.dumps({'steps': search.best['steps']})}")
     return 0
 
 

@@ -10,6 +10,7 @@ from client.config import resolve
 from client.http import Http
 from client.jobs import Jobs
 from client.presets import Presets
+from client.searches import Searches
 from client.uploads import Datasets, Models
 
 
@@ -40,6 +41,7 @@ class Client:
         self.jobs = Jobs(self)
         self.artifacts = Artifacts(self)
         self.presets = Presets(self)
+        self.searches = Searches(self)
 
     def close(self) -> None:
         """Close the connection pool."""

@@ -26,12 +26,13 @@ from core.compression.spec import EvaluateSpec, JobSpec, StepConfig, step_datase
 from core.compression.state import StepContext, StepReport
 from core.service.datasets import read_rows, read_texts
 from core.service.db.models import Job, JobStatus, utcnow
-from core.service.db.repositories import Artifacts, Datasets, JobRuns, Models
+from core.service.db.repositories import Artifacts, Datasets, JobRuns, Models, search_of_job
 from core.service.db.session import engine, session_scope
 from core.service.evaluations import EVALUATION, is_evaluation, source_steps
 from core.service.logs import bind, bound
 from core.service.metrics import JOB_DURATION, STEP_DURATION
 from core.service.quotas import running_room
+from core.service.searches import advance_search
 from core.service.settings import Settings, get_settings
 from core.service.storage import ArtifactStore, get_store
 from worker.celery_app import RUN_JOB_TASK, app, send_options
@@ -44,7 +45,31 @@ SWEEPERS: list[Sweeper] = []
 @app.task(name=RUN_JOB_TASK, bind=True, max_retries=5)
 def run_job(self: Task, job_id: str) -> None:
     with bound(job_id=job_id, tenant_id=None, step=None):  # every log line of the run names the job
-        _run_job(self, job_id)
+        try:
+            _run_job(self, job_id)
+        finally:
+            _advance_search(job_id)
+
+
+def _advance_search(job_id: str) -> None:
+    """A job that is a search's trial and ended: record it and start the search's next trials (nothing waits for
+    trials; core/service/searches.py). A failure here is logged: the next trial that ends advances the search."""
+    try:
+        with session_scope() as session:
+            if (found := search_of_job(session, job_id)) is not None:
+                advance_search(session, *found, _enqueue, get_settings())
+    except Exception:
+        log.exception("job %s: could not advance its search", job_id)
+
+
+def _enqueue(job: Job) -> bool:
+    """Send a trial job to its queue, like the API's submission (api/queue.py)."""
+    try:
+        app.send_task(RUN_JOB_TASK, args=[job.id], **send_options(job, get_settings()))
+        return True
+    except Exception as exc:  # broker unreachable
+        log.warning("could not enqueue job %s: %s", job.id, exc)
+        return False
 
 
 def _run_job(self: Task, job_id: str) -> None:

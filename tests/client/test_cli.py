@@ -156,3 +156,23 @@ def test_a_preset_job_from_the_readme(mcs, live, model, tmp_path):
 
     unknown = mcs("jobs", "submit", "--model", model.id, "--preset", "w8a16-rtn", "--override", "sparsity=0.5")
     assert unknown.returncode == 1 and "sparsity" in unknown.stderr
+
+
+def test_a_search_is_submitted_shown_and_cancelled(mcs, api, model, tmp_path):
+    texts = tmp_path / "held-out.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": f"the {word} sat on the mat"}) for word in ("cat", "dog", "fox")))
+    dataset = api.datasets.upload(texts, progress=False).id
+    request = recipe(tmp_path, "objective: min_size\nconstraint: {metric: cosine, min: 0.99}\n"
+                               f"evaluate: {{dataset_id: {dataset}, metrics: [embedding_cosine]}}\n"
+                               "space: {methods: [rtn], bits: [2, 3, 4, 5, 6, 8], group_sizes: [32, 64, null], "
+                               "symmetric: [true, false], sensitivity_scan: false}\n"
+                               "budget: {max_trials: 20}\n")
+    # A space of 36 recipes, one trial at a time: the search is still running when the cancel arrives.
+    started = mcs("searches", "submit", "--model", model.id, request, "--json")
+    assert started.returncode == 0, started.stderr
+    search = json.loads(started.stdout)
+    assert search["status"] == "running" and search["trials"][0]["steps"][0]["method"] == "rtn"
+    cancelled = mcs("searches", "cancel", search["id"])
+    assert cancelled.returncode == 0 and f"{search['id']}  cancelled" in cancelled.stdout, cancelled.stderr
+    shown = json.loads(mcs("searches", "show", search["id"], "--json").stdout)
+    assert shown["status"] == "cancelled" and shown["spec"]["constraint"]["min"] == 0.99

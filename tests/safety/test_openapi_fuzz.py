@@ -23,11 +23,12 @@ EXAMPLES_PER_OPERATION = int(os.environ.get("MCS_FUZZ_EXAMPLES", "25"))
 #   out as the text "null", a number as its digits, an empty field means "not given"); tests/safety/test_requests.py
 #   covers hostile forms instead.
 # - A webhook URL must resolve to public addresses (SSRF), so schema-valid URLs are rightly refused (422).
-# - An evaluation names ids of the tenant's own rows and a metric fitting the model: random ones are 404 / 409 / 422.
+# - An evaluation (or a search) names ids of the tenant's own rows and a metric fitting the model: random ones are
+#   404 / 409 / 422.
 UPLOAD = [positive_data_acceptance, negative_data_rejection]
 NOT_APPLICABLE = {"POST /v1/models": UPLOAD, "POST /v1/datasets": UPLOAD, "POST /v1/jobs": [positive_data_acceptance],
                   "POST /v1/uploads": [positive_data_acceptance], "POST /v1/webhooks": [positive_data_acceptance],
-                  "POST /v1/evaluations": [positive_data_acceptance]}
+                  "POST /v1/evaluations": [positive_data_acceptance], "POST /v1/searches": [positive_data_acceptance]}
 
 
 def _operations() -> list[str]:

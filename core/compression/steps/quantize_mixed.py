@@ -105,6 +105,9 @@ def _report(
     metrics = quantize_metrics(state, weights)
     total = sum(shared.weight.numel() for shared in weights)
     metrics["avg_bits"] = sum(chosen[shared.name] * shared.weight.numel() for shared in weights) / total
+    for shared in weights:  # sizes and users beside the scan: a search (core.compression.search) plans from them
+        metrics[f"params/{shared.name}"] = shared.weight.numel()
+        metrics[f"modules/{shared.name}"] = ",".join(shared.modules)
     for name, by_width in sensitivities.items():
         metrics[f"bits/{name}"] = chosen[name]
         metrics.update({f"sensitivity/{name}/int{bits}": value for bits, value in by_width.items()})

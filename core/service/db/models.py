@@ -139,6 +139,8 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     lease_expires_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    # the search this job is a trial of (core/service/searches.py); null for a job submitted on its own
+    search_id: Mapped[str | None] = mapped_column(ForeignKey("searches.id", ondelete="SET NULL"), index=True)
 
     steps: Mapped[list["JobStep"]] = relationship(
         order_by="JobStep.index", cascade="all, delete-orphan", lazy="selectin"
@@ -258,3 +260,31 @@ class WebhookDelivery(Base):
     attempt_log: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     delivered_at: Mapped[datetime | None]
+
+
+class SearchStatus(StrEnum):
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class Search(Base):
+    """A search to a quality budget (core/service/searches.py): its request, every trial (an ordinary job linked by
+    `Job.search_id`) with its recipe and measurements, the per-weight sensitivity trial 0 measured, and the best
+    recipe that met the constraint. Trials change under this row's lock (SELECT ... FOR UPDATE)."""
+
+    __tablename__ = "searches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("srch"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default=SearchStatus.running, index=True)
+    queue: Mapped[str] = mapped_column(String(32))
+    spec: Mapped[dict[str, Any]]
+    trials: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    sensitivity: Mapped[dict[str, Any] | None]
+    best: Mapped[dict[str, Any] | None]
+    message: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    finished_at: Mapped[datetime | None]

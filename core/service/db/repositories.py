@@ -24,6 +24,7 @@ from core.service.db.models import (
     JobStatus,
     JobStep,
     Model,
+    Search,
     Tenant,
     TenantQuota,
     Upload,
@@ -182,7 +183,7 @@ class Usage:
 class _TenantScoped:
     """Base for repositories that only ever see one tenant's rows."""
 
-    row_type: type[Model] | type[Job] | type[Dataset] | type[Artifact] | type[Webhook]
+    row_type: type[Model] | type[Job] | type[Dataset] | type[Artifact] | type[Webhook] | type[Search]
     noun: str
 
     def __init__(self, session: Session, tenant_id: str) -> None:
@@ -710,3 +711,40 @@ class Deliveries:
         if status == DeliveryStatus.succeeded:
             delivery.delivered_at = utcnow()
         self.session.flush()
+
+
+class Searches(_TenantScoped):
+    """A tenant's searches (core/service/searches.py) and the jobs that are their trials."""
+
+    row_type = Search
+    noun = "search"
+
+    def locked(self, search_id: str) -> Search:
+        """The search, locked for update until the transaction ends: trials are recorded and planned one
+        transaction at a time, whichever worker or request gets there first."""
+        row = self.session.scalar(select(Search).where(Search.id == search_id, Search.tenant_id == self.tenant_id)
+                                  .with_for_update().execution_options(populate_existing=True)
+                                  ) if "\x00" not in search_id else None
+        if row is None:
+            raise NotFound(f"search {search_id!r} not found")
+        return row
+
+    def trial_jobs(self, search_id: str) -> dict[str, Job]:
+        rows = self.session.scalars(select(Job).where(Job.search_id == search_id, Job.tenant_id == self.tenant_id))
+        return {job.id: job for job in rows}
+
+    def link(self, job_id: str, search_id: str) -> None:
+        self.session.execute(update(Job).where(Job.id == job_id, Job.tenant_id == self.tenant_id)
+                             .values(search_id=search_id))
+
+
+def search_of_job(session: Session, job_id: str) -> tuple[str, str] | None:
+    """(tenant id, search id) of a job that is a search's trial; None for any other job."""
+    row = session.execute(select(Job.tenant_id, Job.search_id).where(Job.id == job_id)).one_or_none()
+    return None if row is None or row[1] is None else (row[0], row[1])
+
+
+def running_searches(session: Session) -> list[tuple[str, str]]:
+    """(tenant id, search id) of every running search, for the sweeper's advance (worker/faults.py)."""
+    rows = session.execute(select(Search.tenant_id, Search.id).where(Search.status == "running")).all()
+    return [(row[0], row[1]) for row in rows]
