@@ -27,11 +27,15 @@ from core.errors import (
     StorageFailed,
     Unavailable,
 )
-from core.service.db.models import JobStatus
+from core.service.db.models import Job, JobStatus
 from core.service.db.repositories import JobRuns
 from core.service.db.session import session_scope
+from core.service.s3_staging import remove_orphaned_staging
 from core.service.scratch import remove_stale_scratch
+from core.service.searches import advance_running_searches
 from core.service.settings import Settings
+from core.service.storage import get_store
+from core.service.storage.s3 import S3ArtifactStore
 from core.service.uploads import DISK_FULL
 from worker.capacity import report_capacity
 from worker.celery_app import job_time_limits, send_options
@@ -146,11 +150,21 @@ class Sweeper:
         self.stopped.set()
         self.thread.join(timeout=10)
 
+    def _enqueue(self, job: Job) -> bool:
+        """Send a search's next trial (core.service.searches), as the API's submission does."""
+        try:
+            self.celery.send_task(self.task_name, args=[job.id], **send_options(job, self.settings))
+            return True
+        except Exception as exc:  # broker unreachable: the job is withdrawn, the trial recorded as refused
+            log.warning("could not enqueue job %s: %s", job.id, exc)
+            return False
+
     def _loop(self) -> None:
         while not self.stopped.wait(self.settings.sweep_interval_s):
             report_capacity()
             try:
                 sweep(self.celery, self.task_name, self.settings)
+                advance_running_searches(self._enqueue, self.settings)
             except Exception as exc:  # the database is down: try again next round
                 log.warning("sweep skipped: %s", exc)
 
@@ -166,4 +180,15 @@ def sweep(celery: Celery, task_name: str, settings: Settings) -> tuple[int, int]
     for job_id, options in requeued:  # after the commit, like the API: the delivery must find the row queued
         celery.send_task(task_name, args=[job_id], **options)
         log.warning("job %s lost its worker; requeued", job_id)
+    _sweep_upload_staging(settings)
     return len(requeued), remove_stale_scratch(settings, running)
+
+
+def _sweep_upload_staging(settings: Settings) -> None:
+    """In the bucket: the staging of chunked uploads whose row is gone (on local disk: remove_stale_scratch)."""
+    store = get_store()
+    if isinstance(store, S3ArtifactStore):
+        with session_scope() as session:
+            removed = remove_orphaned_staging(session, store, settings)
+        if removed:
+            log.warning("removed the staging of %d chunked upload(s) that had no row", removed)

@@ -4,11 +4,14 @@ A client declares a manifest (file names, sizes, sha256), PUTs each file (resumi
 connection), then completes: the folder is validated exactly as an extracted archive is (`store_model_folder`) and
 stored as a model. Progress is the size of the staging files, so a chunk costs no database write.
 
-Staging of an upload, under MCS_ARTIFACT_DIR/tmp (same filesystem as the artifacts):
+Staging of an upload on the local store, under MCS_ARTIFACT_DIR/tmp (same filesystem as the artifacts):
     chunked-<upload id>/parts/<name>   bytes received so far (appended to, one writer at a time)
     chunked-<upload id>/files/<name>   a file whose sha256 matched the manifest (renamed from parts/)
 A failed validation at completion discards the upload: its manifest is fixed and its files match it, so the same files
 would fail again; the client starts a new upload with the fixed files.
+
+With the S3 store (MCS_ARTIFACT_URL=s3://...) the staging is in the bucket instead (core/service/s3_staging.py): any
+API host of a fleet takes any PUT of any upload, and completes it.
 """
 
 import asyncio
@@ -22,14 +25,14 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import anyio
 
-from core.compression.modelio import plain_file_name
+from core.compression.modelio import ModelInfo, inspect_model_folder, plain_file_name
 from core.errors import (
     ChecksumMismatch,
     Conflict,
@@ -43,10 +46,12 @@ from core.errors import (
 from core.service.db.models import Upload, UploadStatus
 from core.service.db.repositories import Uploads
 from core.service.db.session import session_scope
+from core.service.s3_staging import FileLock, FileState, S3Staging, file_lock, keep_digest, part_size, take_digest
 from core.service.scratch import CHUNKED_PREFIX
 from core.service.settings import Settings
-from core.service.storage import ArtifactStore
-from core.service.uploads import CHUNK, DISK_FULL, StoredUpload, store_model_folder
+from core.service.storage import ArtifactStore, get_store
+from core.service.storage.s3 import S3ArtifactStore
+from core.service.uploads import CHUNK, DISK_FULL, StoredUpload, model_storage_key, scratch_dir, store_model_folder
 
 CONTENT_RANGE = re.compile(r"^bytes (\d{1,20})-(\d{1,20})/(\d{1,20})$")
 # The sha256 of each part file as far as this process wrote it, so the next PUT of the same file continues the hash
@@ -74,6 +79,7 @@ class FileTarget:
     size: int
     sha256: str
     staging: Path
+    s3: S3Staging | None = field(default=None, compare=False)  # the upload's staging in the bucket, if S3
 
     @property
     def part(self) -> Path:
@@ -86,6 +92,12 @@ class FileTarget:
 
 def staging_dir(settings: Settings, upload_id: str) -> Path:
     return settings.work_dir / f"{CHUNKED_PREFIX}{upload_id}"
+
+
+def s3_staging(settings: Settings, upload_id: str) -> S3Staging | None:
+    """The upload's staging in the bucket when the store is S3; None: a staging folder on this host."""
+    store = get_store()
+    return S3Staging(store, upload_id, settings) if isinstance(store, S3ArtifactStore) else None
 
 
 def check_manifest(files: list[dict[str, Any]], settings: Settings) -> None:
@@ -124,8 +136,9 @@ def create_upload(uploads: Uploads, name: str, files: list[dict[str, Any]], sett
     manifest = [{"path": f["path"], "size": f["size"], "sha256": f["sha256"].lower()} for f in files]
     remove_expired(uploads, settings)
     row = uploads.add(name, manifest, timedelta(seconds=settings.upload_ttl_s))
-    for sub in ("parts", "files"):
-        (staging_dir(settings, row.id) / sub).mkdir(parents=True)
+    if s3_staging(settings, row.id) is None:  # objects need no folder
+        for sub in ("parts", "files"):
+            (staging_dir(settings, row.id) / sub).mkdir(parents=True)
     return row
 
 
@@ -134,16 +147,25 @@ def remove_expired(uploads: Uploads, settings: Settings) -> None:
     if expired:
         uploads.delete_ids(expired)
         for upload_id in expired:
-            shutil.rmtree(staging_dir(settings, upload_id), ignore_errors=True)
+            remove_staging(settings, upload_id)
 
 
 def progress(upload: Upload, settings: Settings) -> list[FileProgress]:
-    """Bytes received of each file, read from the staging files."""
-    return [_file_progress(_target(upload, entry, settings)) for entry in upload.manifest]
+    """Bytes received of each file, read from the staging files (objects)."""
+    staging = s3_staging(settings, upload.id)
+    if staging is None:
+        return [_file_progress(_target(upload, entry, settings)) for entry in upload.manifest]
+    states = staging.states([entry["path"] for entry in upload.manifest])
+    return [_s3_progress(entry, states[entry["path"]]) for entry in upload.manifest]
+
+
+def _s3_progress(entry: dict[str, Any], state: FileState) -> FileProgress:
+    return FileProgress(entry["path"], entry["size"], entry["sha256"], state.received(entry["size"]), state.verified)
 
 
 def _target(upload: Upload, entry: dict[str, Any], settings: Settings) -> FileTarget:
-    return FileTarget(entry["path"], entry["size"], entry["sha256"], staging_dir(settings, upload.id))
+    return FileTarget(entry["path"], entry["size"], entry["sha256"], staging_dir(settings, upload.id),
+                      s3_staging(settings, upload.id))
 
 
 def _file_progress(target: FileTarget) -> FileProgress:
@@ -180,6 +202,8 @@ async def receive_file(target: FileTarget, content_range: str | None, content_le
     if content_length is not None and start + content_length > end:
         raise PayloadTooLarge(f"a body of {content_length:,} bytes at offset {start:,} runs past byte {end:,} of "
                               f"{target.path!r}", {"path": target.path, "size": target.size})
+    if target.s3 is not None:
+        return await _receive_s3(target, target.s3, start, end, chunks)
     with _writer(target) as writer:
         writer.expect_offset(start)
         await anyio.to_thread.run_sync(writer.hash_prefix)
@@ -204,7 +228,7 @@ def _range(content_range: str | None, size: int) -> tuple[int, int]:
     return first, last + 1
 
 
-async def _append(writer: "_Writer", chunks: AsyncIterator[bytes], end: int) -> None:
+async def _append(writer: "_Writer | _S3Writer", chunks: AsyncIterator[bytes], end: int) -> None:
     """Write the body in pieces of CHUNK bytes. Each piece is written and hashed in a worker thread while the next
     one arrives (hashlib and file writes let go of the GIL), so receiving, hashing and writing overlap; at most one
     piece is in flight, so memory stays at two pieces."""
@@ -327,12 +351,111 @@ def _disk_errors() -> Iterator[None]:
         raise StorageFailed("the service is out of storage space for uploads; try again later") from exc
 
 
+async def _receive_s3(target: FileTarget, staging: S3Staging, start: int, end: int,
+                      chunks: AsyncIterator[bytes]) -> FileProgress:
+    """`receive_file` into the bucket: the same offsets, errors and overlap of receiving and writing; what arrived
+    before a dropped connection is kept (as parts and a tail), for any host to resume."""
+    lock = FileLock(staging.settings, staging.file_key(target.path))
+    if not await anyio.to_thread.run_sync(lock.acquire):
+        raise Conflict(f"another request is uploading {target.path!r} right now", {"path": target.path})
+    writer: _S3Writer | None = None
+    try:
+        writer = await anyio.to_thread.run_sync(_S3Writer.open, target, staging, lock)
+        writer.expect_offset(start)
+        await _append(writer, chunks, end)
+        if writer.received == target.size:
+            await anyio.to_thread.run_sync(writer.finish)
+        return FileProgress(target.path, target.size, target.sha256, writer.received, writer.state.verified)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_close_s3, writer, lock)
+
+
+def _close_s3(writer: "_S3Writer | None", lock: FileLock) -> None:
+    try:
+        if writer is not None:
+            writer.close()
+    finally:
+        lock.release()
+
+
+class _S3Writer:
+    """Appends to one file staged in the bucket: full parts as they fill, the rest as the file's tail at the end of
+    the request, hashing as it goes when this process hashed what came before."""
+
+    def __init__(self, target: FileTarget, staging: S3Staging, lock: FileLock, state: FileState) -> None:
+        self.target, self.staging, self.lock, self.state = target, staging, lock, state
+        self.part = state.part_size or part_size(staging.settings, target.size)
+        self.received = self.start = state.received(target.size)
+        self.buffer = bytearray(staging.tail_bytes(state))
+        self.digest = take_digest(staging.file_key(target.path), state, self.received)
+        self.discarded = self.changed = False
+
+    @classmethod
+    def open(cls, target: FileTarget, staging: S3Staging, lock: FileLock) -> "_S3Writer":
+        """The writer of the file as the bucket holds it. Refused when complete; an assembled file that was never
+        verified (a host died in between) is verified now; one whose every byte arrived is assembled now."""
+        state = staging.states([target.path])[target.path]
+        writer = cls(target, staging, lock, state)
+        if not state.verified and writer.received == target.size:
+            try:
+                writer.finish()
+            except ChecksumMismatch:  # reset to 0 bytes: this PUT starts it again
+                return cls(target, staging, lock, FileState())
+        if state.verified:
+            raise Conflict(f"{target.path!r} is already complete", {"path": target.path, "received": target.size})
+        return writer
+
+    def expect_offset(self, start: int) -> None:
+        if start != self.received:
+            raise Conflict(f"{self.target.path!r} has {self.received:,} bytes; resume at that offset "
+                           f"(Content-Range: bytes {self.received}-...), not at {start:,}",
+                           {"path": self.target.path, "received": self.received, "size": self.target.size})
+
+    def write(self, data: bytes) -> None:
+        self.buffer += data
+        self.received += len(data)
+        self.changed = True
+        if self.digest is not None:
+            self.digest.update(data)
+        while len(self.buffer) >= self.part:
+            self.staging.upload_part(self.target.path, self.state, bytes(self.buffer[:self.part]))
+            del self.buffer[:self.part]
+        self.lock.renew()
+
+    def discard_request(self) -> None:
+        """A body longer than announced: what it brought in full parts stays (the bytes of their offsets); its
+        tail is not written, nor its hash kept, so the sha256 is read back from the bucket at the end."""
+        self.discarded = True
+
+    def finish(self) -> None:
+        if not self.state.assembled:
+            self.staging.assemble(self.target.path, self.state, bytes(self.buffer))
+            self.buffer.clear()
+        digest = self.digest.hexdigest() if self.digest is not None and not self.discarded else None
+        self.digest = None
+        self.staging.verify(self.target.path, self.target.sha256, digest)
+        self.state.verified = True
+
+    def close(self) -> None:
+        """At the end of the request, whatever ended it: the bytes after the last full part become the file's tail,
+        and this process keeps the hash for the file's next PUT."""
+        if self.discarded or self.state.assembled or not self.changed:
+            return
+        self.staging.save_tail(self.target.path, self.state, bytes(self.buffer))
+        if self.digest is not None:
+            keep_digest(self.staging.file_key(self.target.path), self.state, self.received, self.digest)
+
+
 def complete_upload(uploads: Uploads, upload_id: str, model_id: str, settings: Settings,
                     store: ArtifactStore) -> tuple[Upload, StoredUpload]:
     """Validate the complete folder as an archive's is and store it under the model's key (the caller adds the
     model's row, deletes the upload and commits, then calls `remove_staging`). A model the validation refuses
     discards the upload; any other failure leaves it open, to complete again."""
     upload = uploads.get(upload_id)
+    staging = s3_staging(settings, upload_id)
+    if staging is not None:
+        _verify_assembled(upload, staging)
     incomplete = [vars(f) for f in progress(upload, settings) if not f.complete]
     if incomplete:
         raise Conflict(f"{len(incomplete)} file(s) of upload {upload_id} are not complete", {"incomplete": incomplete})
@@ -340,7 +463,10 @@ def complete_upload(uploads: Uploads, upload_id: str, model_id: str, settings: S
         raise Conflict(f"upload {upload_id} is being completed by another request")
     uploads.session.commit()  # the claim is seen by concurrent PUTs, completes and deletes
     try:
-        info, key = store_model_folder(staging_dir(settings, upload_id) / "files", model_id, settings, store)
+        if staging is None:
+            info, key = store_model_folder(staging_dir(settings, upload_id) / "files", model_id, settings, store)
+        else:
+            info, key = _store_staged(upload, staging, model_id, settings)
     except (UnsupportedModel, UnsafeInput):
         discard(uploads, upload, settings)
         raise
@@ -351,6 +477,28 @@ def complete_upload(uploads: Uploads, upload_id: str, model_id: str, settings: S
     total = sum(entry["size"] for entry in upload.manifest)
     return upload, StoredUpload(info=info, sha256=manifest_sha256(upload.manifest), size_bytes=total,
                                 storage_key=key)
+
+
+def _verify_assembled(upload: Upload, staging: S3Staging) -> None:
+    """Verify the files assembled in the bucket whose verification a host did not live to write (or raises
+    ChecksumMismatch for the first that does not match, which it resets)."""
+    names = [entry["path"] for entry in upload.manifest]
+    for name, state in staging.states(names).items():
+        if state.assembled and not state.verified:
+            with file_lock(staging.settings, staging.file_key(name), name):
+                staging.verify(name, next(e["sha256"] for e in upload.manifest if e["path"] == name))
+
+
+def _store_staged(upload: Upload, staging: S3Staging, model_id: str, settings: Settings) -> tuple[ModelInfo, str]:
+    """Validate the staged files as an archive's are, from a copy in this host's scratch (the validation reads
+    every weight), then store them as the model's folder by copies inside the bucket."""
+    names = [entry["path"] for entry in upload.manifest]
+    with scratch_dir(settings, "upload") as scratch:
+        staging.download(names, scratch)
+        info = inspect_model_folder(scratch, settings.max_model_parameters)
+    key = model_storage_key(model_id)
+    staging.publish(key, names)
+    return info, key
 
 
 def manifest_sha256(manifest: list[dict[str, Any]]) -> str:
@@ -376,4 +524,8 @@ def discard(uploads: Uploads, upload: Upload, settings: Settings) -> None:
 
 
 def remove_staging(settings: Settings, upload_id: str) -> None:
-    shutil.rmtree(staging_dir(settings, upload_id), ignore_errors=True)
+    staging = s3_staging(settings, upload_id)
+    if staging is None:
+        shutil.rmtree(staging_dir(settings, upload_id), ignore_errors=True)
+    else:
+        staging.remove()

@@ -3,15 +3,18 @@ for evaluation `text_pair` + `score` for STS pairs) or multiple-choice rows (`qu
 text is the question), or plain text with one sample per line. Validated while streaming, stored normalised as JSONL,
 read back as a list of texts (or of rows, for evaluation)."""
 
+import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, TextIO
+from typing import Any, BinaryIO, Literal
 
-from core.errors import InvalidRequest, PayloadTooLarge
+from core.errors import InvalidRequest, PayloadTooLarge, StorageFailed
 from core.service.settings import Settings
 from core.service.storage import ArtifactStore
-from core.service.uploads import scratch_dir, spool_upload
+from core.service.uploads import CHUNK, DISK_FULL
 
 DatasetFormat = Literal["auto", "jsonl", "text"]
 MAX_LINE_BYTES = 1 << 20
@@ -34,14 +37,65 @@ def dataset_storage_key(dataset_id: str) -> str:
 
 def store_dataset_upload(source: BinaryIO, dataset_id: str, declared: DatasetFormat, filename: str | None,
                          settings: Settings, store: ArtifactStore) -> StoredDataset:
-    """Spool the upload (size-capped, hashed), validate every line, store it as JSONL. Nothing is left on failure."""
-    with scratch_dir(settings, "dataset") as scratch:
-        sha256, size = spool_upload(source, scratch / "upload", settings.max_dataset_bytes)
-        fmt = _detect_format(scratch / "upload", declared, filename)
-        count = _normalise(scratch / "upload", scratch / "data.jsonl", fmt)
-        key = dataset_storage_key(dataset_id)
-        store.put_file(key, scratch / "data.jsonl")
-        return StoredDataset(fmt, count, size, sha256, key)
+    """Validate every line of the upload (size-capped, hashed as it is read) and stream it, normalised to JSONL,
+    into the store: no copy in scratch, one part in memory (S3). Nothing is stored on failure."""
+    fmt = _detect_format(source, declared, filename)
+    reader = _CappedReader(source, settings.max_dataset_bytes)
+    key = dataset_storage_key(dataset_id)
+    counted: list[int] = []
+    with _disk_errors():
+        store.put_stream(key, _normalised(reader, fmt, counted))
+    return StoredDataset(fmt, counted[0], reader.size, reader.digest.hexdigest(), key)
+
+
+class _CappedReader:
+    """The upload's lines, hashed and counted as they are read; PayloadTooLarge past `max_bytes`."""
+
+    def __init__(self, source: BinaryIO, max_bytes: int) -> None:
+        self.source, self.max_bytes, self.size, self.digest = source, max_bytes, 0, hashlib.sha256()
+
+    def __iter__(self) -> Iterator[bytes]:
+        # at most one byte past MAX_LINE_BYTES per read: a body without newlines is refused by _parse_line, never
+        # held in memory whole
+        for raw in iter(lambda: self.source.readline(MAX_LINE_BYTES + 1), b""):
+            self.size += len(raw)
+            if self.size > self.max_bytes:
+                raise PayloadTooLarge(f"the upload exceeds the limit of {self.max_bytes:,} bytes", {"field": "file"})
+            self.digest.update(raw)
+            yield raw
+
+
+def _normalised(lines: _CappedReader, fmt: str, counted: list[int]) -> Iterator[bytes]:
+    """The JSONL records of the lines, in batches of about CHUNK bytes; the count goes to `counted`."""
+    count, batch = 0, bytearray()
+    for number, raw in enumerate(lines, start=1):
+        record = _parse_line(raw, number, fmt)
+        if record is None:
+            continue
+        count += 1
+        if count > MAX_SAMPLES:
+            raise PayloadTooLarge(f"dataset has more than {MAX_SAMPLES:,} samples", {"field": "file"})
+        batch += _record_bytes(record, number)
+        if len(batch) >= CHUNK:
+            yield bytes(batch)
+            batch.clear()
+    if lines.size == 0:
+        raise InvalidRequest("the uploaded file is empty", {"field": "file"})
+    if count == 0:
+        raise InvalidRequest("the dataset has no samples (every line is empty)", {"field": "file"})
+    counted.append(count)
+    yield bytes(batch)
+
+
+@contextmanager
+def _disk_errors() -> Iterator[None]:
+    """A full disk under the local store is the service's problem (507), not the client's."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        raise StorageFailed("the service is out of storage space for uploads; try again later") from exc
 
 
 def read_texts(path: Path) -> list[str]:
@@ -61,35 +115,20 @@ def read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def _detect_format(path: Path, declared: DatasetFormat, filename: str | None) -> str:
+def _detect_format(source: BinaryIO, declared: DatasetFormat, filename: str | None) -> str:
+    """The declared format, else from the name, else from the first bytes (the source is rewound)."""
     if declared != "auto":
         return declared
     if filename and filename.lower().endswith((".jsonl", ".json", ".ndjson")):
         return "jsonl"
-    with path.open("rb") as handle:
-        head = handle.read(4096).lstrip()
+    head = source.read(4096).lstrip()
+    source.seek(0)
     return "jsonl" if head.startswith(b"{") else "text"
 
 
-def _normalise(source: Path, target: Path, fmt: str) -> int:
-    count = 0
-    with source.open("rb") as lines, target.open("w", encoding="utf-8") as out:
-        for number, raw in enumerate(lines, start=1):
-            record = _parse_line(raw, number, fmt)
-            if record is None:
-                continue
-            count += 1
-            if count > MAX_SAMPLES:
-                raise PayloadTooLarge(f"dataset has more than {MAX_SAMPLES:,} samples", {"field": "file"})
-            _write_record(out, record, number)
-    if count == 0:
-        raise InvalidRequest("the dataset has no samples (every line is empty)", {"field": "file"})
-    return count
-
-
-def _write_record(out: TextIO, record: dict[str, Any], number: int) -> None:
+def _record_bytes(record: dict[str, Any], number: int) -> bytes:
     try:
-        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
     except UnicodeEncodeError as exc:  # JSON's "\\ud800" escape decodes to a lone surrogate, which is not text
         raise InvalidRequest(f"line {number} holds a lone UTF-16 surrogate ({exc.object[exc.start:exc.end]!r}), "
                              "which is not a character", {"line": number}) from exc

@@ -90,6 +90,15 @@ class Settings(BaseSettings):
                                                   "when it is Redis, else the streams poll the database")
     sse_keepalive_s: float = Field(15.0, gt=0, description="an SSE stream sends a comment after this much silence")
     sse_poll_s: float = Field(1.0, gt=0, description="an SSE stream reads the events table at least this often")
+    # Imports (POST /v1/models/import, core/service/imports.py): models already in a bucket or a local HF cache
+    import_s3_buckets: str = Field("", description="comma-separated buckets that s3:// imports may read (never the "
+                                                   "artifact bucket); empty: no s3:// imports")
+    import_s3_profile: str = Field("", description="the AWS profile s3:// imports use when a request brings no "
+                                                   "credentials; empty: such a request is refused")
+    import_allow_private: bool = Field(False, description="allow an import's S3 endpoint on loopback, private or "
+                                                          "link-local addresses (tests, private deployments)")
+    hf_mirror_dir: str = Field("", description="a Hugging Face hub cache that hf:// imports read offline; empty: "
+                                               "HF_HUB_CACHE (the service never downloads from the Hub)")
     webhook_allow_private: bool = Field(False, description="allow webhook URLs that resolve to loopback, private or "
                                                            "link-local addresses (tests, private deployments)")
     webhook_max_attempts: int = Field(8, ge=1, description="tries of one delivery before it is `failed`")

@@ -70,20 +70,26 @@ def check_url(url: str, allow_private: bool) -> None:
         raise UnsafeUrl("a webhook URL must be http:// or https:// with a host", [{"field": "url", "message": url}])
     if allow_private:
         return
+    check_public_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), "webhook",
+                      "MCS_WEBHOOK_ALLOW_PRIVATE")
+
+
+def check_public_host(hostname: str, port: int, what: str, setting: str) -> None:
+    """Refuse a host that resolves to any address that is not public (SSRF): webhooks, and S3 endpoints of
+    imports (core/service/imports.py)."""
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80),
-                                   type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(hostname, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
-        raise UnsafeUrl(f"the webhook host {parts.hostname!r} does not resolve: {exc}",
+        raise UnsafeUrl(f"the {what} host {hostname!r} does not resolve: {exc}",
                         [{"field": "url", "message": "does not resolve"}]) from exc
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
             address = address.ipv4_mapped
         if not address.is_global or address.is_multicast:
-            raise UnsafeUrl(f"the webhook host {parts.hostname!r} resolves to {address}, which is not a public "
-                            "address (loopback, private, link-local or reserved); an operator can allow it with "
-                            "MCS_WEBHOOK_ALLOW_PRIVATE", [{"field": "url", "message": f"resolves to {address}"}])
+            raise UnsafeUrl(f"the {what} host {hostname!r} resolves to {address}, which is not a public "
+                            f"address (loopback, private, link-local or reserved); an operator can allow it with "
+                            f"{setting}", [{"field": "url", "message": f"resolves to {address}"}])
 
 
 def create_webhook(session: Session, tenant_id: str, url: str, events: list[str],

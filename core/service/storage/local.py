@@ -35,6 +35,24 @@ class LocalArtifactStore:
             staging.unlink(missing_ok=True)
             raise
 
+    def put_stream(self, key: str, chunks: Iterator[bytes]) -> int:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        size = 0
+        try:
+            with staging.open("xb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    size += len(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(staging, target)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            raise
+        return size
+
     def put_tree(self, key: str, source_dir: Path) -> None:
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)

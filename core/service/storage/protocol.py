@@ -7,6 +7,10 @@ class ArtifactStore(Protocol):
     def put_file(self, key: str, source: Path) -> None:
         """Store `source` under `key` atomically (readers see the old object or the new one, never half)."""
 
+    def put_stream(self, key: str, chunks: Iterator[bytes]) -> int:
+        """Store the bytes `chunks` yields under `key` atomically, holding at most one part in memory and nothing on
+        local disk but the store's own files; if the iterator raises, nothing is stored. Returns the size."""
+
     def put_tree(self, key: str, source_dir: Path) -> None:
         """Store a whole folder under `key`, atomically replacing any previous one. `source_dir` is consumed (moved
         into place where it can be, so a big model is not copied; removed once uploaded otherwise)."""

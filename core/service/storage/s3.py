@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -73,17 +73,82 @@ class S3ArtifactStore:
         with _s3_errors(key):
             self.client.upload_file(str(source), self.bucket, self.object_key(key), Config=self.transfer)
 
+    def put_stream(self, key: str, chunks: Iterator[bytes]) -> int:
+        """One PUT when the bytes fit in a part, else a multipart upload of `multipart_chunk` parts sent one at a
+        time (one part in memory), aborted if the iterator raises: nothing half-written is ever visible."""
+        target, part = self.object_key(key), self.transfer.multipart_chunksize
+        buffer, parts, upload_id, size = bytearray(), list[dict[str, Any]](), "", 0
+        with _s3_errors(key):
+            try:
+                for chunk in chunks:
+                    buffer += chunk
+                    size += len(chunk)
+                    while len(buffer) >= part:
+                        upload_id = upload_id or self.client.create_multipart_upload(
+                            Bucket=self.bucket, Key=target)["UploadId"]
+                        parts.append(self._upload_part(target, upload_id, len(parts) + 1, bytes(buffer[:part])))
+                        del buffer[:part]
+                if not upload_id:
+                    self.client.put_object(Bucket=self.bucket, Key=target, Body=bytes(buffer))
+                    return size
+                if buffer:
+                    parts.append(self._upload_part(target, upload_id, len(parts) + 1, bytes(buffer)))
+                self.client.complete_multipart_upload(Bucket=self.bucket, Key=target, UploadId=upload_id,
+                                                      MultipartUpload={"Parts": parts})
+            except BaseException:
+                if upload_id:
+                    self._abort_quietly(target, upload_id)
+                raise
+        return size
+
+    def _abort_quietly(self, target: str, upload_id: str) -> None:
+        """A cleanup after a failure, which must not hide it (a bucket lifecycle rule aborts what is left)."""
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=target, UploadId=upload_id)
+        except Exception:
+            log.warning("could not abort the multipart upload of %s", target, exc_info=True)
+
+    def _upload_part(self, target: str, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+        etag = self.client.upload_part(Bucket=self.bucket, Key=target, PartNumber=number, UploadId=upload_id,
+                                       Body=data)["ETag"]
+        return {"PartNumber": number, "ETag": etag}
+
     def put_tree(self, key: str, source_dir: Path) -> None:
-        """Upload every file under a new version, publish it in tree.json, then drop the version it replaced; the
-        local folder is consumed (removed) once stored. A failed upload removes what it had uploaded."""
-        base, version = self.object_key(key), uuid.uuid4().hex
+        """Upload every file under a new version, published as `_publish_tree` says; the local folder is consumed
+        (removed) once stored."""
         files = sorted(path for path in source_dir.rglob("*") if path.is_file() and not path.is_symlink())
         names = {path.relative_to(source_dir).as_posix(): path.stat().st_size for path in files}
+
+        def upload(version_prefix: str) -> None:
+            for name, path in zip(names, files, strict=True):
+                self.client.upload_file(str(path), self.bucket, f"{version_prefix}{name}", Config=self.transfer)
+
+        self._publish_tree(key, names, upload)
+        shutil.rmtree(source_dir, ignore_errors=True)
+
+    def copy_tree(self, key: str, sources: dict[str, str]) -> None:
+        """Store objects of this bucket (file name -> object key) as the folder `key`, published as `put_tree`
+        publishes; copied inside the store (multipart copies for big objects), so no byte passes through this host.
+        The chunked uploads staged here become a model this way."""
+        with _s3_errors(key):
+            names = {name: int(self.client.head_object(Bucket=self.bucket, Key=source)["ContentLength"])
+                     for name, source in sources.items()}
+
+        def copy(version_prefix: str) -> None:
+            for name, source in sources.items():
+                self.client.copy({"Bucket": self.bucket, "Key": source}, self.bucket, f"{version_prefix}{name}",
+                                 Config=self.transfer)
+
+        self._publish_tree(key, names, copy)
+
+    def _publish_tree(self, key: str, names: dict[str, int], write: Callable[[str], None]) -> None:
+        """`write` the files under a new version, publish it in tree.json, then drop the version it replaced; a
+        failed write removes what it had written."""
+        base, version = self.object_key(key), uuid.uuid4().hex
         with _s3_errors(key):
             previous = self._manifest_or_none(key)
             try:
-                for name, path in zip(names, files, strict=True):
-                    self.client.upload_file(str(path), self.bucket, f"{base}/{version}/{name}", Config=self.transfer)
+                write(f"{base}/{version}/")
                 manifest = json.dumps({"version": version, "files": names}).encode()
                 self.client.put_object(Bucket=self.bucket, Key=f"{base}/{TREE_MANIFEST}", Body=manifest,
                                        ContentType="application/json")
@@ -92,7 +157,6 @@ class S3ArtifactStore:
                 raise
             if previous is not None and previous["version"] != version:
                 self._delete_prefix(f"{base}/{previous['version']}/")
-        shutil.rmtree(source_dir, ignore_errors=True)
 
     def delete(self, key: str) -> None:
         base = self.object_key(key)
