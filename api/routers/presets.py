@@ -12,4 +12,5 @@ router = APIRouter(prefix="/v1/presets", tags=["presets"], responses=V1_ERRORS, 
 def list_presets() -> list[PresetOut]:
     """The named recipes a job can ask for with `"preset": NAME` (and `overrides`), with what the benchmarks
     measured with each."""
-    return [PresetOut(name=p.name, summary=p.summary, steps=p.steps, measured=p.measured) for p in PRESETS.values()]
+    return [PresetOut(name=p.name, summary=p.summary, steps=p.steps, export=p.export, measured=p.measured)
+            for p in PRESETS.values()]

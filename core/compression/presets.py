@@ -6,7 +6,7 @@ step that has the field (`{"calibration": {"dataset_id": "dst_..."}}` calibrates
 what moves pruning and low-bit results the most).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from core.compression.spec import config_class
@@ -14,6 +14,13 @@ from core.errors import InvalidSpec
 
 GPTQ_CALIBRATION = {"num_samples": 256, "seq_len": 512}
 SPARSEGPT_CALIBRATION = {"num_samples": 64, "seq_len": 512}
+# The recovery training of bench.distill_minilm (its checkpoint_every, raised there only to time the run, is left
+# at the default here so a restarted job resumes)
+DISTILL = {"type": "distill", "lr": 0.0007, "batch_size": 8, "seq_len": 32}
+DEEP_DISTILL = {**DISTILL, "train_embeddings": True, "loss": {"hidden_mse": 1.0}}
+# bench.gguf_smollm2's recipes: groups of 32 (GGUF's block), the embedding / lm_head in int8 (Q8_0)
+GGUF_EMBEDDING = {"type": "quantize", "method": "rtn", "bits": 8, "granularity": "per_group", "group_size": 32,
+                  "targets": ["model.embed_tokens", "lm_head"]}
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,7 @@ class Preset:
     summary: str
     steps: list[dict[str, Any]]
     measured: str  # what the benchmarks measured with it, and where
+    export: list[str] = field(default_factory=list)  # formats the job adds to the artifact (JobSpec.export)
 
 
 PRESETS = {preset.name: preset for preset in [
@@ -55,6 +63,46 @@ PRESETS = {preset.name: preset for preset in [
     Preset("2of4-sparsegpt", "2:4 semi-structured sparsity (SparseGPT): the pattern sparse tensor cores run",
            [{"type": "prune", "method": "sparsegpt", "pattern": "2:4", "calibration": SPARSEGPT_CALIBRATION}],
            "SmolLM2-135M, calibrated in domain: perplexity 3.00x fp32 (bench.prune_smollm2)"),
+    Preset("half-depth-distill", "a student with every other transformer layer (half the depth, the last layer "
+           "kept), distilled from the original for 2,400 steps: about half the latency; the loss is the model "
+           "kind's default (hidden states for encoders, token distributions for causal LMs); train on your own "
+           "text with overrides {\"dataset_id\": ...} (the default corpus is Wikipedia)",
+           [{**DISTILL, "student": {"fraction": 0.5}, "max_steps": 2400}],
+           "all-MiniLM-L6-v2 (3 of 6 layers, hidden-state loss): latency 0.50x fp32, 0.766x size, embedding "
+           "cosine 0.908 on held-out training text, 0.883 on review sentences (bench.distill_minilm --only "
+           "student)"),
+    Preset("deep-compression", "Han et al.'s chain for BERT-family encoders (its patterns name BertModel's "
+           "modules): 50% global magnitude pruning with the embeddings, distilled; 4-bit k-means codebooks on the "
+           "feed-forward layers, distilled; then on the embeddings and attention, distilled; Huffman-coded storage",
+           [{"type": "prune", "method": "magnitude", "sparsity": 0.5, "scope": "global", "include_embeddings": True,
+             "exclude": ["embeddings.position_embeddings", "embeddings.token_type_embeddings"]},
+            {**DEEP_DISTILL, "max_steps": 3000},
+            {"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_channel",
+             "targets": ["*.intermediate.dense", "*.output.dense"], "exclude": ["*.attention.*"]},
+            {**DEEP_DISTILL, "max_steps": 1000},
+            {"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_column",
+             "targets": ["embeddings.word_embeddings", "embeddings.position_embeddings"]},
+            {"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_tensor",
+             "targets": ["embeddings.token_type_embeddings", "*.attention.*", "pooler.*"]},
+            {**DEEP_DISTILL, "max_steps": 1000},
+            {"type": "encode", "method": "huffman"}],
+           "all-MiniLM-L6-v2: 0.099x size (8.96 of 90.87 MB), embedding cosine 0.951 on held-out training text, "
+           "0.940 on review sentences (bench.distill_minilm --only chain)"),
+    Preset("gguf-q4", "a GGUF file for llama.cpp / Ollama (Llama-family causal LMs): GPTQ int4 in groups of 32 "
+           "(Q4_0) on every Linear of the blocks, the embedding / lm_head int8 (Q8_0)",
+           [{"type": "quantize", "method": "gptq", "bits": 4, "granularity": "per_group", "group_size": 32,
+             "exclude": ["model.embed_tokens", "lm_head"], "calibration": {"num_samples": 32, "seq_len": 512}},
+            GGUF_EMBEDDING],
+           "SmolLM2-135M: model.gguf 91.7 MB, 0.170x the fp32 weights, perplexity 41.78 (1.264x fp32), every "
+           "tensor bit-exact with the artifact (bench.gguf_smollm2)",
+           export=["gguf"]),
+    Preset("gguf-q8", "a GGUF file for llama.cpp / Ollama (Llama-family causal LMs): int8 in groups of 32 (Q8_0) "
+           "on every Linear and the embedding, round to nearest, no calibration",
+           [{"type": "quantize", "method": "rtn", "bits": 8, "granularity": "per_group", "group_size": 32,
+             "targets": ["*", "lm_head"], "include_embeddings": True}],
+           "SmolLM2-135M: model.gguf 144.8 MB, 0.269x the fp32 weights, perplexity 33.08 (1.001x fp32), every "
+           "tensor bit-exact with the artifact (bench.gguf_smollm2)",
+           export=["gguf"]),
 ]}
 
 
@@ -82,6 +130,16 @@ def expand_preset(name: str, overrides: dict[str, Any] | None = None) -> list[di
         raise InvalidSpec(f"preset {name!r} has no step that takes {', '.join(sorted(unused))}",
                           details={"preset": name, "unused_overrides": sorted(unused)})
     return steps
+
+
+def preset_job(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job fields of preset `name`: its `steps` (`expand_preset`) and, when it writes one, its `export`.
+
+    Example: `preset_job("gguf-q8")` gives `{"steps": [...], "export": ["gguf"]}`.
+    """
+    steps = expand_preset(name, overrides)
+    export = PRESETS[name].export
+    return {"steps": steps, **({"export": list(export)} if export else {})}
 
 
 def _merged(base: Any, value: Any) -> Any:

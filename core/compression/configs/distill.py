@@ -1,18 +1,31 @@
 """Knowledge distillation step config: `{"type": "distill", ...}`."""
 
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core.compression.configs.training import DistillLoss, TrainingStep
 
 
 class StudentLayers(BaseModel):
-    """A shallower student: keep `layers` of the model's transformer layers (evenly spaced, the last one kept)."""
+    """A shallower student: keep `layers` of the model's transformer layers, or a `fraction` of them (rounded, at
+    least one: `{"fraction": 0.5}` keeps 3 of MiniLM's 6 and 15 of SmolLM2's 30), evenly spaced, the last one kept.
+    Give exactly one of the two."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    layers: int = Field(ge=1, le=256)
+    layers: int | None = Field(None, ge=1, le=256)
+    fraction: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _layers_or_fraction(self) -> Self:
+        if (self.layers is None) == (self.fraction is None):
+            raise ValueError("student: give either layers or fraction")
+        return self
+
+    def count(self, total: int) -> int:
+        """How many of the model's `total` layers the student keeps."""
+        return self.layers if self.layers is not None else max(1, round(total * (self.fraction or 0)))
 
 
 class Distill(TrainingStep):

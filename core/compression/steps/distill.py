@@ -31,7 +31,7 @@ def distill_step(state: ModelState, config: Distill, ctx: StepContext) -> StepRe
     notes = []
     layer_map = list(range(len(student.layer_stack(state.model)[1])))
     if config.student != "self":
-        layer_map = student.shrink(state, config.student.layers)
+        layer_map = student.shrink(state, config.student.count(len(layer_map)))
         notes.append(f"student keeps layers {layer_map} of {len(student.layer_stack(teacher)[1])}")
     candidates = _candidates(state.model, config)
     sparsity_before = pruned_sparsity(state)
