@@ -402,7 +402,12 @@ def _generation_agreement(model: nn.Module, setup: _Setup, rows: list[dict[str, 
 
 
 def _embeddings(model: nn.Module, setup: _Setup, texts: list[str]) -> torch.Tensor:
-    return base_metrics.sentence_embeddings(model, setup.tokenizer, texts, batch_size=setup.batch).cpu()
+    """One embedding per text, each distinct text embedded once: STS datasets pair the same texts many times
+    (gensim's lee.cor gives 1,225 pairs of 50 documents, 49x fewer forward passes)."""
+    distinct = list(dict.fromkeys(texts))
+    embedded = base_metrics.sentence_embeddings(model, setup.tokenizer, distinct, batch_size=setup.batch).cpu()
+    position = {text: index for index, text in enumerate(distinct)}
+    return embedded[[position[text] for text in texts]]
 
 
 def _embedding_cosine(model: nn.Module, setup: _Setup, rows: list[dict[str, Any]], kept: Any) -> _Measured:
@@ -413,8 +418,8 @@ def _embedding_cosine(model: nn.Module, setup: _Setup, rows: list[dict[str, Any]
 
 
 def _sts_spearman(model: nn.Module, setup: _Setup, rows: list[dict[str, Any]], kept: Any) -> _Measured:
-    first = _embeddings(model, setup, [row["text"] for row in rows])
-    second = _embeddings(model, setup, [row["text_pair"] for row in rows])
+    embedded = _embeddings(model, setup, [row["text"] for row in rows] + [row["text_pair"] for row in rows])
+    first, second = embedded[: len(rows)], embedded[len(rows):]
     similarity = base_metrics.row_cosines(first, second).double().numpy()
     return _Measured(np.stack([similarity, np.array([float(row["score"]) for row in rows])], axis=1))
 

@@ -153,6 +153,22 @@ def test_spearman_and_macro_f1_match_scipy_and_sklearn() -> None:
     assert macro_f1(labels) == pytest.approx(f1_score(labels[:, 1], labels[:, 0], average="macro"), abs=1e-12)
 
 
+def test_sts_embeds_each_distinct_text_once_and_scores_as_every_row_embedded() -> None:
+    # 12 pairs of 4 texts (an STS dataset pairs the same documents many times): 4 texts embedded, not 24
+    texts = [row["text"] for row in PAIR_ROWS[:4]]
+    rows = [{"text": a, "text_pair": b, "score": float(i)} for i, (a, b) in enumerate(
+        (a, b) for a in texts for b in texts if a != b)]
+    model, embedded = tiny_bert(), []
+    model.register_forward_hook(lambda module, args, output: embedded.append(output.last_hidden_state.shape[0]))
+    result = evaluate(model, model, rows, ("sts_spearman",))["metrics"]["sts_spearman"]
+    assert embedded == [4, 4]  # the original, then the artifact: one batch of the 4 distinct texts each
+    first = metrics.sentence_embeddings(model, tiny_tokenizer(), [row["text"] for row in rows])
+    second = metrics.sentence_embeddings(model, tiny_tokenizer(), [row["text_pair"] for row in rows])
+    pairs = np.stack([metrics.row_cosines(first, second).detach().double().numpy(),
+                      [row["score"] for row in rows]], axis=1)
+    assert result["original"] == pytest.approx(spearman(pairs), abs=1e-9) and result["n"] == 12
+
+
 def test_overlap_compares_normalised_texts() -> None:
     rows = [{"text": "Hello   World"}, {"text": "something else", "text_pair": "THE pair\ttext"}, {"text": "new"}]
     found = overlap(rows, {"dst_cal": ["hello world", "the pair text"], "default corpus": ["unrelated"]})
