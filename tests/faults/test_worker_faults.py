@@ -80,8 +80,10 @@ def test_limits_raised_by_the_estimate_reach_the_worker(stack, slow_model):
         "timeout", 5, 6), job
     expected = f"soft time limit of 5 s (estimated {job['estimate']['seconds']:.0f} s; raised by the estimate"
     assert expected in job["error"]["message"]
+    # `started_at` is stamped once the worker has set the job up, a little after the limits' clock starts: the
+    # proof is that it ran past the worker's own hard limit (3 s), not an exact 5 s.
     ran = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
-    assert ran.total_seconds() >= 5 and job["attempts"] == 1 and scratch(services) == []
+    assert ran.total_seconds() > 3 and job["attempts"] == 1 and scratch(services) == []
 
 
 # A worker whose steps never see the soft limit, like a step stuck in native code that never returns to Python:
