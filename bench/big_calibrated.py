@@ -76,7 +76,7 @@ def estimated_peak(source: Path, step: dict[str, Any], threshold: int = 0) -> in
 
     info = inspect_model_folder(source, 10**12)
     spec = JobSpec(steps=[step])
-    return estimate_job(info.facts(), [type(s) for s in spec.steps], "cpu", threshold).peak_host_bytes
+    return estimate_job(info.facts(), spec.steps, "cpu", threshold).peak_host_bytes
 
 
 def smollm2_peak_rows(tmp: Path) -> list[list[str]]:

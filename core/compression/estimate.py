@@ -43,7 +43,7 @@ MEASURED_BLOCK_COPIES = 1.5
 STATISTICS_BYTES_PER_HESSIAN_ELEMENT = {"quantize:gptq": 4, "prune:sparsegpt": 8, "decompose:svd_llm": 8}
 SOLVER_BYTES_PER_HESSIAN_ELEMENT = {"quantize:gptq": 10, "prune:sparsegpt": 10, "decompose:svd_llm": 10,
                                     "decompose:asvd": 4}
-DEFAULT_CALIBRATION_TOKENS = 32 * 512  # the calibration block's defaults; the estimate does not see the recipe's
+DEFAULT_CALIBRATION_TOKENS = 32 * 512  # the calibration block's defaults, assumed when only a step's class is given
 ACTIVATION_COPIES = 2  # a block's inputs and its outputs, carried to the next block
 BLOCK_COPIES = 1.3  # the float32 block plus the stored tensor being upcast
 # The artifact's part outside the blocks is written together (tied weights are stored once): in float32, in the
@@ -55,7 +55,13 @@ CUDA_CONTEXT_BYTES = int(0.5 * GB)
 # Seconds per parameter and step, on a CPU worker; a GPU runs the same step about 10x faster (guesses on the safe side).
 # The pool process has torch imported already; loading and saving the weights are in the per-parameter cost.
 STARTUP_SECONDS = 1.0
-SECONDS_PER_PARAM = {"plain": 5e-8, "calibrated": 1e-6, "trains": 1e-5}
+SECONDS_PER_PARAM = {"plain": 5e-8, "trains": 1e-5}
+# Calibrated steps run every calibration token through every block: seconds per parameter and token (1e-6 s per
+# parameter at the default 32 x 512 tokens; SmolLM2-135M's gptq on 256 x 512 tokens took 1004 s, this gives 1080 s).
+CALIBRATED_SECONDS_PER_PARAM_TOKEN = 1e-6 / DEFAULT_CALIBRATION_TOKENS
+# Block reconstruction trains the block on those tokens for `epochs` (forward, backward, Adam): SmolLM2-135M's
+# sparsegpt on 64 x 512 tokens with 2 epochs took 2059 s, about 1790 s of it reconstructing.
+RECONSTRUCT_SECONDS_PER_PARAM_TOKEN_EPOCH = 2e-10
 GPU_SPEEDUP = 10.0
 
 
@@ -108,10 +114,14 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
 
 
-def estimate_job(model: ModelFacts, steps: Sequence[type[StepConfig]], device: Literal["cpu", "cuda"],
+StepLike = StepConfig | type[StepConfig]
+
+
+def estimate_job(model: ModelFacts, steps: Sequence[StepLike], device: Literal["cpu", "cuda"],
                  streaming_threshold: int, exports: bool = False) -> Estimate:
-    """Peak host RAM, peak GPU memory and run time of a job running `steps` (their config classes) on `model`;
-    `exports`: the job asks for an export (which needs the whole model in memory)."""
+    """Peak host RAM, peak GPU memory and run time of a job running `steps` on `model`: the job's step configs (their
+    calibration sizes count), or only their classes (the default calibration assumed); `exports`: the job asks for
+    an export (which needs the whole model in memory)."""
     engine = choose_engine(model, steps, streaming_threshold, exports)
     seconds = _seconds(model, steps, device)
     if engine == "streaming":
@@ -121,14 +131,14 @@ def estimate_job(model: ModelFacts, steps: Sequence[type[StepConfig]], device: L
         host, gpu = _offloaded_peak(model.blocks, steps, device)
         return Estimate(host, gpu, seconds, engine, [
             "block-offloading engine: one decoder block in float32 (the embeddings and head only while a step or a "
-            f"measurement reads them), its calibration activations ({DEFAULT_CALIBRATION_TOKENS:,} tokens assumed) "
+            f"measurement reads them), its calibration activations ({_carried_tokens(steps):,} tokens) "
             "and its per-layer statistics at a time"])
     host = _in_memory_peak(model, steps)
     gpu = host - IMPORTS_BYTES + CUDA_CONTEXT_BYTES if device == "cuda" else 0
     return Estimate(host, gpu, seconds, engine, _in_memory_notes(steps))
 
 
-def choose_engine(model: ModelFacts, steps: Sequence[type[StepConfig]], streaming_threshold: int | None,
+def choose_engine(model: ModelFacts, steps: Sequence[StepLike], streaming_threshold: int | None,
                   exports: bool = False) -> Engine:
     """The engine `execute_job` runs a job on: for weights over `streaming_threshold` (None: never) and no export,
     "streaming" when every step encodes tensor by tensor, "offloaded" when every step runs block by block;
@@ -149,12 +159,12 @@ def _streaming_peak(model: ModelFacts) -> int:
     return IMPORTS_BYTES + STREAM_SHARD_BYTES + 2 * largest + measuring + PROBE_BYTES
 
 
-def _offloaded_peak(blocks: BlockShape, steps: Sequence[type[StepConfig]], device: str) -> tuple[int, int]:
+def _offloaded_peak(blocks: BlockShape, steps: Sequence[StepLike], device: str) -> tuple[int, int]:
     """(host, GPU) peak of the block-offloading engine, the larger of its two phases. Compressing: one float32
     block, the carried activations and the steps' statistics, plus the larger of the two transients (a block's
     forward on a mini-batch, a solver's float64 work on the largest Hessian). Measuring: one block, or the
     embeddings or head (about half the part outside the blocks of an untied Llama), read and upcast."""
-    carried = ACTIVATION_COPIES * DEFAULT_CALIBRATION_TOKENS * blocks.hidden_size * FP32_BYTES
+    carried = ACTIVATION_COPIES * _carried_tokens(steps) * blocks.hidden_size * FP32_BYTES
     stats = max(STATISTICS_BYTES_PER_HESSIAN_ELEMENT.get(step.tag(), 0) for step in steps) * blocks.hessian_elements
     solver = max(SOLVER_BYTES_PER_HESSIAN_ELEMENT.get(step.tag(), 0) for step in steps) * blocks.hessian_elements
     forward = FORWARD_BYTES_PER_TOKEN_FEATURE * FORWARD_TOKENS * blocks.hidden_size
@@ -167,34 +177,58 @@ def _offloaded_peak(blocks: BlockShape, steps: Sequence[type[StepConfig]], devic
     return IMPORTS_BYTES + on_device, 0
 
 
-def _in_memory_peak(model: ModelFacts, steps: Sequence[type[StepConfig]]) -> int:
+def _in_memory_peak(model: ModelFacts, steps: Sequence[StepLike]) -> int:
     per_param = IN_MEMORY_BYTES_PER_PARAM + max((_extra_per_param(step) for step in steps), default=0.0)
     return IMPORTS_BYTES + PROBE_BYTES + int(model.num_parameters * per_param)
 
 
-def _extra_per_param(step: type[StepConfig]) -> float:
+def _extra_per_param(step: StepLike) -> float:
     if step.traits.trains:
         return TRAINING_EXTRA_BYTES_PER_PARAM
     return CALIBRATION_EXTRA_BYTES_PER_PARAM if _calibrated(step) else 0.0
 
 
-def _calibrated(step: type[StepConfig]) -> bool:
-    return "calibration" in step.model_fields
+def _calibrated(step: StepLike) -> bool:
+    return "calibration" in _config_class(step).model_fields
 
 
-def _kind(step: type[StepConfig]) -> str:
+def _config_class(step: StepLike) -> type[StepConfig]:
+    return step if isinstance(step, type) else type(step)
+
+
+def _calibration_tokens(step: StepLike) -> int:
+    """Tokens a calibrated step runs through each block: its own calibration size; a bare class, the defaults."""
+    data = None if isinstance(step, type) else getattr(step, "calibration", None)
+    return data.num_samples * data.seq_len if data is not None else DEFAULT_CALIBRATION_TOKENS
+
+
+def _carried_tokens(steps: Sequence[StepLike]) -> int:
+    return max((_calibration_tokens(step) for step in steps if _calibrated(step)), default=DEFAULT_CALIBRATION_TOKENS)
+
+
+def _kind(step: StepLike) -> str:
     if step.traits.trains:
         return "trains"
     return "calibrated" if _calibrated(step) else "plain"
 
 
-def _seconds(model: ModelFacts, steps: Sequence[type[StepConfig]], device: str) -> float:
-    per_param = sum(SECONDS_PER_PARAM[_kind(step)] for step in steps)
+def _seconds(model: ModelFacts, steps: Sequence[StepLike], device: str) -> float:
     speedup = GPU_SPEEDUP if device == "cuda" else 1.0
-    return STARTUP_SECONDS + model.num_parameters * per_param / speedup
+    return STARTUP_SECONDS + sum(_step_seconds(model.num_parameters, step) for step in steps) / speedup
 
 
-def _in_memory_notes(steps: Sequence[type[StepConfig]]) -> list[str]:
+def _step_seconds(num_parameters: int, step: StepLike) -> float:
+    kind = _kind(step)
+    if kind != "calibrated":
+        return num_parameters * SECONDS_PER_PARAM[kind]
+    tokens = _calibration_tokens(step)
+    reconstruct = None if isinstance(step, type) else getattr(step, "reconstruct", None)
+    epochs = reconstruct.epochs if reconstruct is not None else 0
+    return num_parameters * tokens * (CALIBRATED_SECONDS_PER_PARAM_TOKEN
+                                      + epochs * RECONSTRUCT_SECONDS_PER_PARAM_TOKEN_EPOCH)
+
+
+def _in_memory_notes(steps: Sequence[StepLike]) -> list[str]:
     notes = ["in-memory engine: the fp32 model and the job's measuring copies are held at once"]
     if any(step.traits.trains for step in steps):
         notes.append("a training step holds teacher, student and optimizer state (about 4 fp32 models)")

@@ -29,7 +29,7 @@ def preflight(session: Session, model: Model, spec: dict[str, Any], queue: str, 
     """The job's estimate as stored in its row (time limits and the capacity check included); `InvalidSpec` (422)
     when live workers of `queue` exist and none can hold the job, or none has every runtime it names."""
     blocks = BlockShape(**model.block_shape) if model.block_shape else None
-    estimate = estimate_job(ModelFacts(model.num_parameters, model.size_bytes, blocks=blocks), _step_classes(spec),
+    estimate = estimate_job(ModelFacts(model.num_parameters, model.size_bytes, blocks=blocks), _step_configs(spec),
                             _device(queue), settings.stream_above_bytes,
                             bool(spec.get("export") or spec.get("runtimes")))  # both hold the whole model
     workers = Workers(session).live(queue, utcnow() - timedelta(seconds=LIVE_SWEEPS * settings.sweep_interval_s))
@@ -56,9 +56,13 @@ def time_limits(seconds: float, settings: Settings) -> tuple[int, int]:
     return max(floor[0], int(0.9 * hard)), max(floor[1], hard)
 
 
-def _step_classes(spec: dict[str, Any]) -> list[type[StepConfig]]:
-    classes = (config_class(step) for step in spec.get("steps", []))
-    return [cls for cls in classes if cls is not None]
+def _step_configs(spec: dict[str, Any]) -> list[StepConfig]:
+    """The job's validated steps as configs: their calibration sizes set the time estimate."""
+    configs = []
+    for step in spec.get("steps", []):
+        if (cls := config_class(step)) is not None:
+            configs.append(cls.model_validate(step))
+    return configs
 
 
 def _device(queue: str) -> Literal["cpu", "cuda"]:

@@ -5,6 +5,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from core.compression.configs.distill import Distill
+from core.compression.configs.prune import PruneSparseGPT
 from core.compression.configs.quantize import QuantizeGPTQ, QuantizeMixed, QuantizeRTN
 from core.compression.estimate import GB, BlockShape, ModelFacts, block_shape, estimate_job
 from core.compression.modelio import meta_model
@@ -57,6 +58,21 @@ def test_gpu_memory_only_for_a_cuda_job() -> None:
 
 def test_a_7b_gptq_on_a_cpu_is_estimated_past_the_one_hour_default_limit() -> None:
     assert estimate_job(llama(7e9), [QuantizeGPTQ], "cpu", 2 * GIB).seconds > 3600
+
+
+def test_the_time_follows_the_recipes_calibration_size_and_reconstruction() -> None:
+    # SmolLM2-135M on this kind of CPU: gptq on 256 x 512 tokens took 1004 s, sparsegpt on 64 x 512 tokens with two
+    # epochs of block reconstruction 2059 s (the presets through the API were killed by a 136 s estimate's limits)
+    smollm2 = ModelFacts(num_parameters=134_515_008, weight_bytes=538_000_000)
+    gptq = QuantizeGPTQ.model_validate({"type": "quantize", "method": "gptq", "bits": 4,
+                                        "calibration": {"num_samples": 256, "seq_len": 512}})
+    sparsegpt = PruneSparseGPT.model_validate({"type": "prune", "method": "sparsegpt", "sparsity": 0.5,
+                                               "calibration": {"num_samples": 64, "seq_len": 512},
+                                               "reconstruct": {"epochs": 2}})
+    assert 0.75 * 1004 <= estimate_job(smollm2, [gptq], "cpu", 2 * GIB).seconds <= 1.25 * 1004
+    assert 0.75 * 2059 <= estimate_job(smollm2, [sparsegpt], "cpu", 2 * GIB).seconds <= 1.25 * 2059
+    # a bare class assumes the default 32 x 512 tokens
+    assert estimate_job(smollm2, [QuantizeGPTQ], "cpu", 2 * GIB).seconds < 200
 
 
 def test_the_block_shape_is_read_from_the_meta_model() -> None:
