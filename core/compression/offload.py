@@ -14,7 +14,6 @@ Peak memory is the part outside the blocks, one block in float32, the calibratio
 statistics (GPTQ's Hessians), not the model.
 """
 
-import ctypes
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +35,6 @@ from core.compression.artifact import (
     save_configs,
     write_manifest,
 )
-from core.compression.encoding import decode
 from core.compression.modelio import (
     check_named_files,
     model_class_for,
@@ -50,7 +48,9 @@ from core.compression.sequential import (
     ShardWriter,
     check_coverage,
     checked_tensor,
+    decoded,
     plan_tensors,
+    return_freed_memory,
     source_files,
 )
 from core.compression.sparsity.blockwise import transformer_blocks
@@ -81,7 +81,7 @@ class DiskBlocks:
         if self.in_blocks(name):
             self._drop_forward_parts(state)
         values = self._released(name, state) if name in self.released else self._original(name, block)
-        wanted = _not_loaded(block)
+        wanted = not_loaded(block)
         for key, value in values.items():
             if key.removeprefix(name + ".") in wanted:
                 assign_tensor(block, key.removeprefix(name + "."), value.to(self.device))
@@ -93,7 +93,7 @@ class DiskBlocks:
 
     def _forward_loader(self, part: str, state: ModelState) -> Callable[[nn.Module, Any], None]:
         def load(module: nn.Module, args: Any) -> None:
-            if _not_loaded(module):
+            if not_loaded(module):
                 self.load(part, module, state)
                 self.in_forward[part] = module
         return load
@@ -174,7 +174,7 @@ class DiskBlocks:
             tensors = {part: stored.pop(f"{key}.{part}") for part in record["tensors"]}
             state.encodings[key] = Encoding(record["format"], {part: t.to(self.device) for part, t in tensors.items()},
                                             record["meta"])
-            values[key] = decode(state.encodings[key])
+            values[key] = decoded(state.encodings[key])
         return {**stored, **values}
 
 
@@ -186,7 +186,7 @@ def outside_parts(model: nn.Module, prefix: str) -> list[str]:
             and any(param is not None for param in module._parameters.values())]
 
 
-def _not_loaded(module: nn.Module) -> set[str]:
+def not_loaded(module: nn.Module) -> set[str]:
     """The state_dict keys of `module` a load must fill: its parameters still on the meta device, and its
     buffers (the stored value, not the constructor's)."""
     return {key for key, tensor in module.state_dict(keep_vars=True).items()
@@ -197,16 +197,6 @@ def unload_block(block: nn.Module) -> None:
     """Return the block's parameters to the meta device, keeping the Parameter objects."""
     for param in block.parameters():
         swap_tensors(param, nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad))
-
-
-def return_freed_memory() -> None:
-    """glibc keeps freed heap memory for reuse, so without this the worker's RSS (what the pre-flight estimate and
-    an operator's memory limit see) would climb to the high-water mark of every block before it; after a block is
-    released, what it freed goes back to the system. A no-op where the C library has no malloc_trim (musl, macOS)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        return
 
 
 def _on_meta(encoding: Encoding) -> Encoding:

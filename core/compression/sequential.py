@@ -11,11 +11,13 @@ engines write the same artifact. Only steps whose traits say `streams_per_tensor
 """
 
 import copy
+import ctypes
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import groupby
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ from core.compression.artifact import (
 )
 from core.compression.configs.base import StepConfig
 from core.compression.configs.quantize import QuantizeFP8, QuantizeRTN
-from core.compression.encoding import decode, quantize_rtn
+from core.compression.encoding import INT8_RTN, PACKED_INT, decode, quantize_rtn
 from core.compression.modelio import (
     WEIGHTS_INDEX,
     check_named_files,
@@ -61,6 +63,8 @@ DEFAULT_SHARD_BYTES = 256 * 1024**2
 # copy and the arithmetic's temporaries (~4x the float32 size for int4 groups) of a 70 B model's 1 B-parameter
 # embedding would otherwise need ~20 GB at once; 4 M elements keep them near 80 MB.
 CHUNK_ELEMENTS = 1 << 22
+# The stored dtypes `read_upcast` reads by chunks of rows (safetensors' names).
+FLOAT_DTYPES = frozenset({"BF16", "F16", "F32", "F64"})
 # A name inside a numbered block (`model.layers.3.mlp.up_proj.weight`) belongs to that block (`model.layers.3`).
 BLOCK_PREFIX = re.compile(r"^(.*?\.\d+)\.")
 
@@ -244,10 +248,28 @@ def _stream_blocks(tensors: list[PlannedTensor], sources: Mapping[str, Path], st
     for index, block in enumerate(blocks):
         if ctx.should_stop():
             raise JobCancelled(f"cancelled while compressing, before {_block_of(block[0].names[0])}")
-        for tensor, weight in _read_block(block, sources):
-            writer.add(_output_tensors(tensor, weight, steps, totals))
+        _write_block(block, sources, steps, writer, totals)
+        return_freed_memory()
         ctx.report((index + 1) / len(blocks), f"compressed {_block_of(block[0].names[0])}")
     writer.finish()
+
+
+def _write_block(block: list[PlannedTensor], sources: Mapping[str, Path], steps: list[StepConfig],
+                 writer: ShardWriter, totals: _Totals) -> None:
+    """Encode and queue each tensor of one block. Its own function so that the last stored tensor read (a view
+    that keeps its file pages resident: the 7B head's 0.26 GB) is let go before the last shard is written."""
+    for tensor, weight in _read_block(block, sources):
+        writer.add(_output_tensors(tensor, weight, steps, totals))
+
+
+def return_freed_memory() -> None:
+    """glibc keeps freed heap memory for reuse, so without this the worker's RSS (what the pre-flight estimate and
+    an operator's memory limit see) would climb to the high-water mark of every block before it; after a block is
+    released, what it freed goes back to the system. A no-op where the C library has no malloc_trim (musl, macOS)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        return
 
 
 def _block_of(name: str) -> str:
@@ -258,12 +280,37 @@ def _block_of(name: str) -> str:
 def _read_block(block: list[PlannedTensor],
                 sources: Mapping[str, Path]) -> Iterator[tuple[PlannedTensor, torch.Tensor]]:
     """Each tensor of the block in its stored dtype, as a view of its memory-mapped file: its pages are read as the
-    encoder reaches them and let go once the tensor is dropped, so pages of the input never pile up in memory."""
-    located = [(tensor, next(name for name in tensor.names if name in sources)) for tensor in block]
-    for file, entries in groupby(located, key=lambda entry: sources[entry[1]]):
+    encoder reaches them. The file is opened for each tensor: an open handle keeps every page read through it
+    resident until it closes (a 7B block's 0.4 GB of bf16 pages), a closed one lets them go with the tensor."""
+    for tensor in block:
+        name = next(name for name in tensor.names if name in sources)
+        if tensor.is_float and not tensor.steps:  # stored in float32 as it is: no view needed
+            yield tensor, checked_tensor(tensor, name, read_upcast(sources[name], name))
+            continue
+        with safe_open(sources[name], framework="pt") as handle:
+            value = handle.get_tensor(name)
+        yield tensor, checked_tensor(tensor, name, value)
+
+
+def read_upcast(file: Path, name: str) -> torch.Tensor:
+    """Tensor `name` of safetensors `file`, a float one in float32, read by chunks of rows (each through its own
+    handle) when it is over `CHUNK_ELEMENTS`: an upcast through one view kept the whole stored copy resident beside
+    the float32 one (0.26 GB more for a 7B model's bf16 head). The values are those of `.float()`.
+
+    Example: `read_upcast(Path("llama-7b/model-00003.safetensors"), "lm_head.weight")`.
+    """
+    with safe_open(file, framework="pt") as handle:
+        part = handle.get_slice(name)
+        shape, dtype = part.get_shape(), part.get_dtype()
+        if dtype not in FLOAT_DTYPES or len(shape) < 2 or prod(shape) <= CHUNK_ELEMENTS:
+            value = handle.get_tensor(name)
+            return value.float() if value.is_floating_point() else value
+    out = torch.empty(shape, dtype=torch.float32)
+    rows = max(1, CHUNK_ELEMENTS // (prod(shape) // shape[0]))
+    for start in range(0, shape[0], rows):
         with safe_open(file, framework="pt") as handle:
-            for tensor, name in entries:
-                yield tensor, checked_tensor(tensor, name, handle.get_tensor(name))
+            out[start:start + rows] = handle.get_slice(name)[start:start + rows]
+    return out
 
 
 def checked_tensor(tensor: PlannedTensor, name: str, value: torch.Tensor) -> torch.Tensor:
@@ -360,10 +407,11 @@ def block_output_cosines(model_dir: Path, artifact_dir: Path, tokens: int = 64, 
     extra = _block_arguments(model, hidden)
     cosines = []
     for prefix in _numbered_blocks(model):
-        block, artifact_block = model.get_submodule(prefix), rebuilt.get_submodule(prefix)
-        reference = _run_block(block, prefix, _stored_tensors(_names(block, prefix), original), hidden, extra)
-        candidate = _run_block(artifact_block, prefix, artifact_tensors(_names(artifact_block, prefix), compressed,
-                                                                         manifest.encodings), hidden, extra)
+        reference = _run_block(model.get_submodule(prefix), prefix,
+                               lambda name: _stored_tensors([name], original)[name], hidden, extra)
+        candidate = _run_block(rebuilt.get_submodule(prefix), prefix,
+                               lambda name: artifact_tensors([name], compressed, manifest.encodings)[name], hidden,
+                               extra)
         cosines.append(metrics.output_cosine(reference - hidden, candidate - hidden))
     return cosines
 
@@ -405,22 +453,95 @@ def artifact_tensors(names: list[str], sources: Mapping[str, Path],
             record = encodings[name]
             packed = _stored_tensors([f"{name}.{key}" for key in record.tensors], sources)
             encoding = Encoding(record.format, {key: packed[f"{name}.{key}"] for key in record.tensors}, record.meta)
-            tensors[name] = decode(encoding)
+            tensors[name] = decoded(encoding)
     return tensors
 
 
+def decoded(encoding: Encoding) -> torch.Tensor:
+    """`decode(encoding)`, by chunks of rows into one float32 tensor when each row is encoded on its own (packed_int
+    per channel or per group, int8 per channel) and the weight is over `CHUNK_ELEMENTS`: a whole-tensor decode's
+    temporaries (codes, expanded scales, products: ~4x the float32 size) were 1.9 GB for the int4 embedding of a
+    7B model, a chunk's are ~80 MB. Each row is decoded by the same arithmetic, so the values are the same.
+
+    Example: `decoded(quantize_rtn(weight, 4, "per_group", group_size=128))`.
+    """
+    shape = _row_encoded_shape(encoding)
+    if shape is None or shape[0] * shape[1] <= CHUNK_ELEMENTS:
+        return decode(encoding)
+    out = torch.empty(shape, dtype=torch.float32, device=encoding.tensors["scale"].device)
+    rows = max(8, CHUNK_ELEMENTS // shape[1] // 8 * 8)  # a multiple of 8 rows starts on a byte of packed codes
+    for start in range(0, shape[0], rows):
+        out[start:start + rows] = decode(_rows(encoding, start, min(start + rows, shape[0]), shape[1]))
+    return out
+
+
+def _row_encoded_shape(encoding: Encoding) -> tuple[int, int] | None:
+    """(rows, columns) of an encoding whose rows decode on their own; None for any other."""
+    if encoding.format == PACKED_INT and encoding.meta["granularity"] != "per_tensor":
+        rows, columns = encoding.meta["shape"]
+        return rows, columns
+    codes, scale = encoding.tensors.get("qweight"), encoding.tensors.get("scale")
+    if (encoding.format == INT8_RTN and encoding.meta.get("granularity") == "per_channel" and codes is not None
+            and codes.ndim == 2 and scale is not None and scale.ndim == 2 and scale.shape[0] == codes.shape[0]):
+        return codes.shape[0], codes.shape[1]
+    return None
+
+
+def _rows(encoding: Encoding, start: int, stop: int, columns: int) -> Encoding:
+    """The encoding of rows `start:stop` (the inverse of `_concatenated`): per-row tensors sliced, and packed_int's
+    flat codes from the byte where row `start` begins."""
+    tensors = {key: tensor[start:stop] for key, tensor in encoding.tensors.items()}
+    if encoding.format != PACKED_INT:
+        return Encoding(encoding.format, tensors, encoding.meta)
+    bits, codes = encoding.meta["bits"], encoding.tensors["qweight"]
+    last = codes.numel() if stop == encoding.meta["shape"][0] else stop * columns * bits // 8
+    tensors["qweight"] = codes[start * columns * bits // 8:last]
+    return Encoding(PACKED_INT, tensors, {**encoding.meta, "shape": [stop - start, columns]})
+
+
 @torch.no_grad()
-def _run_block(block: torch.nn.Module, prefix: str, tensors: dict[str, torch.Tensor], hidden: torch.Tensor,
+def _run_block(block: torch.nn.Module, prefix: str,
+               tensors: dict[str, torch.Tensor] | Callable[[str], torch.Tensor], hidden: torch.Tensor,
                extra: Mapping[str, Any]) -> torch.Tensor:
-    """The meta block `prefix` materialised on the CPU in float32 with `tensors` (full names, consumed: each stored
-    tensor is dropped once upcast) and run on `hidden`. The upcast tensors become the block's own (`assign`), so a
-    7B block costs its float32 size once, not twice."""
-    local = {}
-    for name in list(tensors):
-        tensor = tensors.pop(name)
-        local[name[len(prefix) + 1:]] = tensor.float() if tensor.is_floating_point() else tensor
+    """The meta block `prefix` run on the CPU in float32 on `hidden`, with its tensors from `tensors` (full names to
+    stored tensors, consumed; or a function that reads one by full name). Each module that holds parameters of its
+    own gets them (upcast as each is read) just before it runs and lets them go just after, so a 7B block costs its
+    largest layer's float32 size (180 MB), not the block's (0.8 GB)."""
+    read = tensors if callable(tensors) else tensors.pop
     real = copy.deepcopy(block)
-    real.load_state_dict(local, strict=True, assign=True)
-    del local
+    holders = parameter_holders(real)
+    rest = [key for key in real.state_dict() if not any(not name or key.startswith(f"{name}.") for name in holders)]
+    real.load_state_dict(_upcast(prefix, rest, read), strict=False, assign=True)  # buffers of modules without weights
+    for name in holders:
+        module = real.get_submodule(name)
+        module.register_forward_pre_hook(_materialise(read, f"{prefix}.{name}" if name else prefix))
+        module.register_forward_hook(_dematerialise)
     output = real(hidden, **extra)
     return output[0] if isinstance(output, tuple) else output
+
+
+def parameter_holders(model: torch.nn.Module) -> list[str]:
+    """The modules that hold parameters of their own (`model.layers.0.self_attn.q_proj`, `model.norm`, `lm_head`),
+    in model order: the units a forward pass reads one at a time (`_run_block`, `streamed_model`)."""
+    return [name for name, module in model.named_modules()
+            if any(param is not None for param in module._parameters.values())]
+
+
+def _materialise(read: Callable[[str], torch.Tensor], prefix: str) -> Callable[[torch.nn.Module, Any], None]:
+    def load(module: torch.nn.Module, args: Any) -> None:
+        missing = [key for key, tensor in module.state_dict().items() if tensor.is_meta]
+        module.load_state_dict(_upcast(prefix, missing, read), strict=False, assign=True)
+    return load
+
+
+def _dematerialise(module: torch.nn.Module, args: Any, output: Any) -> None:
+    module.to("meta")
+
+
+def _upcast(prefix: str, keys: list[str], read: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """{key: the tensor of `prefix.key`, float32 when it is a float} for each of `keys`."""
+    values = {}
+    for key in keys:
+        tensor = read(f"{prefix}.{key}")
+        values[key] = tensor.float() if tensor.is_floating_point() else tensor
+    return values

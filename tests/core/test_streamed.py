@@ -48,18 +48,21 @@ def test_an_artifact_streamed_computes_what_load_compressed_computes(llama: Path
         assert torch.equal(metrics.model_outputs(streamed, inputs), metrics.model_outputs(loaded, inputs))
 
 
-def test_one_block_holds_weights_at_a_time_and_none_after(llama: Path) -> None:
+def test_one_layer_holds_weights_at_a_time_and_none_after(llama: Path) -> None:
     with streamed_model(llama) as streamed:
-        blocks = streamed.model.layers
-        loaded_during: list[int] = []
-        hooks = [block.register_forward_pre_hook(
-            lambda *_: loaded_during.append(sum(not b.self_attn.q_proj.weight.is_meta for b in blocks)))
-            for block in blocks]
-        with torch.no_grad():  # as every measurement runs: autograd would keep the block's weights referenced
+        layers = [module for module in streamed.modules() if list(module.parameters(recurse=False))]
+        only_its_own: list[bool] = []
+
+        def check_loaded(layer: torch.nn.Module, args: object) -> None:  # by identity: tied embeddings and head
+            loaded = {id(p) for module in layers for p in module.parameters(recurse=False) if not p.is_meta}
+            only_its_own.append(loaded == {id(p) for p in layer.parameters(recurse=False)})
+
+        hooks = [layer.register_forward_pre_hook(check_loaded) for layer in layers]
+        with torch.no_grad():  # as every measurement runs: autograd would keep the layer's weights referenced
             streamed(**metrics.probe_inputs(streamed, None))
         for hook in hooks:
             hook.remove()
-        assert loaded_during == [1] * len(blocks)  # each block's own loader ran first
+        assert only_its_own == [True] * len(layers)  # each layer's own loader ran first, no other layer's weights
         assert all(parameter.is_meta for parameter in streamed.parameters())  # the embeddings and head too
 
 
