@@ -17,13 +17,14 @@ from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 from starlette.types import Scope
 
 from core.errors import InvalidRequest, Unauthorized, Unavailable
 from core.service.db.models import Tenant
 from core.service.db.repositories import Artifacts, Datasets, Jobs, Models
-from core.service.db.session import connect, session_factory, session_scope
+from core.service.db.session import async_read_scope, connect, read_scope, session_factory
 from core.service.keys import Principal, authenticate_key
 from core.service.settings import Settings, get_settings
 from core.service.storage import ArtifactStore, get_store
@@ -93,12 +94,12 @@ async def reject_unknown_query(request: Request) -> None:
     """A misspelt query parameter (`?pagesize=5`) would otherwise be ignored and the default used without a word:
     refuse it with the usual 422 listing each unknown name and the names the route accepts."""
     dependant = getattr(request.scope.get("route"), "dependant", None)
-    if dependant is None:
+    if dependant is None or not request.scope["query_string"]:
         return
     known = sorted(_query_names(dependant))
-    allowed = ", ".join(known) or "none"
     unknown = sorted(set(request.query_params) - set(known))
     if unknown:
+        allowed = ", ".join(known) or "none"
         raise RequestValidationError([
             {"loc": ("query", name), "msg": f"unknown query parameter (this route accepts: {allowed})",
              "type": "extra_forbidden"}
@@ -141,12 +142,23 @@ async def authenticate(scope: Scope) -> Principal:
     key = bearer_key(scope)
     if not key:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>` (create one with `mcs keys create`)")
-    return await with_connection(_principal_for_key, key)
+    return await read(scope, lambda session: authenticate_key(session, key))
 
 
-def _principal_for_key(key: str) -> Principal:
-    with session_scope() as session:
-        return authenticate_key(session, key)
+async def read(scope: Scope, function: Callable[[Session], T]) -> T:
+    """`function(session)` on a read-only session: on the app's asyncio engine (`api.main.lifespan`) when it has
+    one, with no thread hop; else in one thread hop once a slot is free. For the key check and the routes clients
+    poll, where `SessionDep` and a sync route cost three hops (take the connection, run the route, give it back)."""
+    engine: AsyncEngine | None = getattr(scope["app"].state, "read_engine", None)
+    if engine is None:
+        return await with_connection(_read, function)
+    async with async_read_scope(engine) as session:
+        return await session.run_sync(function)
+
+
+def _read(function: Callable[[Session], T]) -> T:
+    with read_scope() as session:
+        return function(session)
 
 
 READ_METHODS = ("GET", "HEAD", "OPTIONS")

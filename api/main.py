@@ -17,6 +17,7 @@ from api.routers.keys import router as keys_router
 from api.routers.quotas import router as quotas_router
 from api.routers.reports import router as reports_router
 from api.routers.searches import router as searches_router
+from core.service.db.session import make_async_read_engine
 from core.service.logs import configure_logging
 from core.service.scratch import remove_stale_scratch
 from core.service.settings import get_settings
@@ -25,13 +26,22 @@ log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
-async def sweep_at_startup(app: FastAPI) -> AsyncIterator[None]:
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """An API process killed mid-upload leaves its scratch folder behind: remove stale ones when an API starts, so
-    that a deployment without workers on this volume is swept too (workers also sweep every MCS_SWEEP_INTERVAL_S)."""
-    removed = remove_stale_scratch(get_settings())
+    that a deployment without workers on this volume is swept too (workers also sweep every MCS_SWEEP_INTERVAL_S).
+    The asyncio engine for the hot reads (`api.deps.read`) lives as long as the event loop that serves them."""
+    settings = get_settings()
+    removed = remove_stale_scratch(settings)
     if removed:
         log.warning("removed %d stale upload folder(s) left by a stopped API process", removed)
-    yield
+    app.state.read_engine = make_async_read_engine(settings.database_url, settings.db_pool_size,
+                                                   settings.db_max_overflow)
+    try:
+        yield
+    finally:
+        if app.state.read_engine is not None:
+            await app.state.read_engine.dispose()
+        app.state.read_engine = None
 
 
 def create_app() -> FastAPI:
@@ -41,7 +51,7 @@ def create_app() -> FastAPI:
         title="Model compression service",
         version="0.1.0",
         description="Upload a Hugging Face model, run a compression recipe on a worker, download the result.",
-        lifespan=sweep_at_startup,
+        lifespan=lifespan,
         form_limits={"max_files": settings.max_form_files, "max_fields": settings.max_form_fields,
                      "max_part_size": settings.max_form_field_bytes},
     )

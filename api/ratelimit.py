@@ -6,14 +6,17 @@
 With Redis as the broker, the buckets live in Redis and every API process shares them (one atomic Lua script per
 request). The embedded default has no Redis: its buckets live in the API process, which is then the only one."""
 
+import asyncio
 import logging
 import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
-import anyio
 import redis
+import redis.asyncio
+from redis.commands.core import AsyncScript
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -26,7 +29,6 @@ from core.service.settings import Settings
 
 log = logging.getLogger(__name__)
 MAX_TRACKED = 100_000  # least recently seen local buckets are dropped beyond this: memory stays bounded
-REDIS_THREADS = 16
 EXEMPT = ("/healthz", "/readyz")
 REDIS_PREFIX = "mcs:ratelimit:"
 # Refill by the time elapsed on Redis's own clock (API hosts' clocks need not agree), spend one token or return the
@@ -81,28 +83,33 @@ class RedisBuckets:
     process's own buckets: requests are still limited, and not refused because a limiter is down."""
 
     def __init__(self, url: str, per_minute: int, burst: int) -> None:
-        # a sync client run in a worker thread: an asyncio client would be bound to one event loop
-        self.client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-        self.script = self.client.register_script(BUCKET_SCRIPT)
+        self.url = url
         self.rate, self.burst = per_minute / 60, burst
         self.fallback = LocalBuckets(per_minute, burst)
         self.redis_up = True
-        # its own threads: a slow Redis then never holds the threads that routes run on
-        self.threads = anyio.CapacityLimiter(REDIS_THREADS)
+        # an asyncio client per event loop (its connections belong to the loop that opened them): no thread hop,
+        # which under CPU contention costs more than the round trip itself
+        self.scripts: WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncScript] = WeakKeyDictionary()
 
     async def take(self, key: str) -> float:
-        return await anyio.to_thread.run_sync(self.take_now, key, limiter=self.threads)
-
-    def take_now(self, key: str) -> float:
+        """Spend one token; return 0, or the seconds until a token is available."""
         try:
-            wait_s = float(self.script(keys=[REDIS_PREFIX + key], args=[self.rate, self.burst]))
-        except redis.RedisError as exc:
+            wait_s = float(await self._script()(keys=[REDIS_PREFIX + key], args=[self.rate, self.burst]))
+        except (redis.RedisError, OSError) as exc:
             if self.redis_up:  # log the change, not every request
                 log.warning("rate limit: Redis unreachable (%s); limiting per process until it is back", exc)
             self.redis_up = False
             return self.fallback.take_now(key)
         self.redis_up = True
         return wait_s
+
+    def _script(self) -> AsyncScript:
+        loop = asyncio.get_running_loop()
+        script = self.scripts.get(loop)
+        if script is None:
+            client = redis.asyncio.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
+            script = self.scripts[loop] = client.register_script(BUCKET_SCRIPT)
+        return script
 
 
 def rate_limit_buckets(settings: Settings) -> LocalBuckets | RedisBuckets | None:

@@ -3,10 +3,12 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request, Response
 
 from api import queue
-from api.deps import V1_DEPENDENCIES, JobsDep, PageNumber, PageSize, SessionDep, SettingsDep
+from api.deps import V1_DEPENDENCIES, JobsDep, PageNumber, PageSize, SessionDep, SettingsDep, TenantDep, read
 from api.errors import V1_ERRORS, error_responses
+from api.routers.artifacts import artifact_url
 from api.schemas import JobCreate, JobOut, Page
 from core.service.db.models import Job, JobStatus
+from core.service.db.repositories import Jobs
 from core.service.jobs import JobRequest, submit_job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS,
@@ -51,8 +53,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(404))
-def get_job(job_id: str, jobs: JobsDep, request: Request) -> JobOut:
-    return job_out(jobs.get(job_id), request)
+async def get_job(job_id: str, tenant: TenantDep, request: Request) -> JobOut:
+    job = await read(request.scope, lambda session: Jobs(session, tenant.id).get_whole(job_id))
+    return job_out(job, request)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409))
@@ -68,5 +71,5 @@ def cancel_job(job_id: str, jobs: JobsDep, session: SessionDep, request: Request
 def job_out(job: Job, request: Request) -> JobOut:
     out = JobOut.model_validate(job)
     for artifact in out.artifacts:
-        artifact.url = str(request.url_for("download_artifact", artifact_id=artifact.id))
+        artifact.url = artifact_url(request, artifact.id)
     return out

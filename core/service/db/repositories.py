@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import CursorResult, Executable, delete, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from core.errors import Conflict, JobCancelled, NotFound, Unavailable, WorkerLost
 from core.service.db.models import (
@@ -191,11 +191,13 @@ class _TenantScoped:
         self.tenant_id = tenant_id
 
     def get(self, row_id: str) -> Any:
+        return self._one(row_id)
+
+    def _one(self, row_id: str, *options: Any) -> Any:
         if "\x00" in row_id:  # PostgreSQL text cannot hold a NUL, so no such row exists (and the query would fail)
             raise NotFound(f"{self.noun} {row_id!r} not found")
-        row = self.session.scalar(
-            select(self.row_type).where(self.row_type.id == row_id, self.row_type.tenant_id == self.tenant_id)
-        )
+        query = select(self.row_type).where(self.row_type.id == row_id, self.row_type.tenant_id == self.tenant_id)
+        row = self.session.scalars(query.options(*options)).unique().first()
         if row is None:
             raise NotFound(f"{self.noun} {row_id!r} not found")
         return row
@@ -262,6 +264,12 @@ class Jobs(_TenantScoped):
 
     def by_idempotency_key(self, key: str) -> Job | None:
         return self.session.scalar(select(Job).where(Job.tenant_id == self.tenant_id, Job.idempotency_key == key))
+
+    def get_whole(self, job_id: str) -> Job:
+        """The job with its steps and artifacts in one statement (joined, where `get` loads them in two more): one
+        round trip for the status poll that clients repeat, and one snapshot under `read_scope`."""
+        job: Job = self._one(job_id, joinedload(Job.steps), joinedload(Job.artifacts))
+        return job
 
     def active_for_model(self, model_id: str) -> int:
         """Queued or running jobs of the model. The model row is locked for update first, until the transaction
