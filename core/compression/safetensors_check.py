@@ -50,14 +50,23 @@ def check_safetensors(path: Path) -> dict[str, dict[str, Any]]:
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
     size = path.stat().st_size
     with path.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise UnsafeInput("not a safetensors file (shorter than its 8-byte header length)")
-        (length,) = struct.unpack("<Q", prefix)
-        if length < 2 or length > MAX_HEADER_BYTES or 8 + length > size:
-            raise UnsafeInput(f"header length {length:,} is invalid (file: {size:,} bytes, "
-                              f"limit: {MAX_HEADER_BYTES:,})")
+        length = header_length(handle.read(8), size)
         raw = handle.read(length)
+    return parse_header(raw), 8 + length
+
+
+def header_length(prefix: bytes, size: int) -> int:
+    """The header's length from a file's first 8 bytes (`size`: the whole file's)."""
+    if len(prefix) < 8:
+        raise UnsafeInput("not a safetensors file (shorter than its 8-byte header length)")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length < 2 or length > MAX_HEADER_BYTES or 8 + length > size:
+        raise UnsafeInput(f"header length {length:,} is invalid (file: {size:,} bytes, "
+                          f"limit: {MAX_HEADER_BYTES:,})")
+    return int(length)
+
+
+def parse_header(raw: bytes) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError as exc:
@@ -66,7 +75,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], int]:
         raise UnsafeInput(f"header is not valid JSON ({exc})") from exc
     if not isinstance(header, dict):
         raise UnsafeInput("header must be a JSON object")
-    return header, 8 + length
+    return header
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -150,3 +159,80 @@ def _check_finite(path: Path, tensors: dict[str, dict[str, Any]], data_start: in
         if bad:
             raise UnsafeInput(f"tensor {name!r} holds {bad:,} NaN or Inf values of {count:,}; refusing to "
                               "compress non-finite weights")
+
+
+
+class StreamCheck:
+    """`check_safetensors` over a file's bytes as they arrive in order (an upload in flight), so that the values
+    need not be read again once stored: the header and layout as soon as the header is in, each float tensor's
+    values as they pass. It never raises: the first problem is kept in `problem`, and `header` (the file's first
+    8 + header-length bytes) is set only once all `size` bytes passed every check.
+
+    Example: `check = StreamCheck(size)`, `check.update(piece)` for each piece in order, then `check.header`."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.seen = size, 0
+        self.head = bytearray()  # the header while it arrives
+        self.data_start = 0
+        self.ranges: list[tuple[int, int, Any, int]] = []  # float tensors: absolute begin, end, dtype, mask
+        self.next = 0  # the first entry of `ranges` not yet checked to its end
+        self.carry = b""  # the start of a value split between two pieces
+        self.problem: str | None = None
+        self.header: bytes | None = None
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        if self.problem is not None:
+            return
+        try:
+            self._update(memoryview(data).cast("B"))
+        except UnsafeInput as exc:
+            self.problem = exc.message
+
+    def _update(self, view: memoryview) -> None:
+        start, self.seen = self.seen, self.seen + len(view)
+        if self.seen > self.size:
+            raise UnsafeInput(f"more than the declared {self.size:,} bytes")
+        view, start = self._take_header(view, start)
+        if view:
+            self._check_values(view, start)
+        if self.seen == self.size:
+            if not self.data_start:
+                raise UnsafeInput("the file ends inside its header")
+            self.header = bytes(self.head)
+
+    def _take_header(self, view: memoryview, start: int) -> tuple[memoryview, int]:
+        """Collect the header; once complete, check it and the layout. Returns what follows it in `view`."""
+        while view and not self.data_start:
+            wanted = 8 if len(self.head) < 8 else 8 + header_length(bytes(self.head[:8]), self.size)
+            taken = min(wanted - len(self.head), len(view))
+            self.head += view[:taken]
+            view, start = view[taken:], start + taken
+            if len(self.head) == wanted > 8:
+                self._read_layout()
+        return view, start
+
+    def _read_layout(self) -> None:
+        tensors = _tensor_entries(parse_header(bytes(self.head[8:])))
+        self.data_start = len(self.head)
+        _check_layout(tensors, self.size - self.data_start)
+        floats = [entry for entry in tensors.values()
+                  if entry["dtype"] in NON_FINITE_MASKS and entry["data_offsets"][0] < entry["data_offsets"][1]]
+        self.ranges = sorted((self.data_start + entry["data_offsets"][0], self.data_start + entry["data_offsets"][1],
+                              *NON_FINITE_MASKS[entry["dtype"]]) for entry in floats)
+
+    def _check_values(self, view: memoryview, start: int) -> None:
+        """The float values in `view` (bytes `start`... of the file); a value split at its end waits in `carry`."""
+        end = start + len(view)
+        while self.next < len(self.ranges) and self.ranges[self.next][0] < end:
+            begin, stop, dtype, mask = self.ranges[self.next]
+            lo, hi = max(begin, start), min(stop, end)
+            piece = self.carry + view[lo - start:hi - start] if self.carry else view[lo - start:hi - start]
+            itemsize = np.dtype(dtype).itemsize
+            count = len(piece) // itemsize
+            if np.count_nonzero((np.frombuffer(piece, dtype=dtype, count=count) & mask) == mask):
+                raise UnsafeInput(f"the tensor at bytes {begin:,}-{stop:,} holds NaN or Inf values; refusing to "
+                                  "compress non-finite weights")
+            self.carry = bytes(piece[count * itemsize:])
+            if hi < stop:
+                return
+            self.next += 1

@@ -64,7 +64,7 @@ def test_a_file_in_pieces_is_staged_as_parts_and_tails_then_becomes_a_model(clie
     assert [a["received"] for a in answers] == [min(i * PIECE, weights.stat().st_size) for i in range(1, 5)]
     assert [a["complete"] for a in answers] == [False, False, False, True]
     staged = object_keys(get_store(), f"uploads/{upload['id']}/")
-    assert staged == [f"uploads/{upload['id']}/{where}/model.safetensors" for where in ("files", "verified")]
+    assert staged == [f"uploads/{upload['id']}/{where}/model.safetensors" for where in ("checked", "files", "verified")]
     assert put(client, auth, upload["id"], "config.json", (big_bert / "config.json").read_bytes()).status_code == 200
     response = client.post(f"/v1/uploads/{upload['id']}/complete", headers=auth)
     assert response.status_code == 201, response.text
