@@ -230,3 +230,28 @@ def test_kv_cache_export_generates_greedily_like_transformers(tmp_path: Path) ->
         with torch.no_grad():
             expected_logits = loaded(tokens[:, :stop]).logits[:, start:stop]
         torch.testing.assert_close(torch.from_numpy(logits), expected_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_kv_cache_generation_stops_at_the_end_token_like_transformers(tmp_path: Path) -> None:
+    """Where the end token is the argmax, the ONNX loop given the model's `eos_token_id` stops there as generate
+    does; run on without a stop it equals the torch KV-cache argmax loop. generate with `min_new_tokens` is no greedy
+    reference: it hides the end token (issue 21's SmolLM2 benchmark counted 15/20 prompts because of it)."""
+    from core.compression.exports.onnx import export_onnx_with_past, greedy_generate_onnx
+    from core.compression.runtimes import torch_greedy
+
+    folder = compress([{**G, "bits": 4, "group_size": 32}], tiny_llama, tmp_path / "artifact")
+    loaded = load_compressed(folder)
+    path = export_onnx_with_past(loaded, tmp_path / "onnx", plan_for(folder, loaded))
+    prompt = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        steps = torch_greedy(loaded, prompt, 11)[1]
+    assert greedy_generate_onnx(path, prompt[0].tolist(), 12) == steps
+    loaded.generation_config.eos_token_id = [steps[1], 511]  # the second greedy token ends the text
+    with torch.no_grad():
+        expected = loaded.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                                   do_sample=False, pad_token_id=0)[0, 7:].tolist()
+        hidden = loaded.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                                 min_new_tokens=12, do_sample=False, pad_token_id=0)[0, 7:].tolist()
+    assert expected[-1] == steps[1] and len(expected) < 12
+    assert greedy_generate_onnx(path, prompt[0].tolist(), 12, loaded.generation_config.eos_token_id) == expected
+    assert steps[1] not in hidden and hidden != steps

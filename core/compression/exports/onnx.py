@@ -15,6 +15,7 @@ TorchScript exporter (DATA.md: ~2x slower torch model afterwards), it left fp32 
 here (docs/decisions.md), so no child process and no pickling of the model is needed.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -162,11 +163,14 @@ def export_onnx_with_past(model: nn.Module, folder: Path, nbits: NBitsPlan | Non
     return target
 
 
-def greedy_generate_onnx(path: Path, input_ids: Any, max_new_tokens: int, eos_token_id: int | None = None,
-                         threads: int = 1) -> list[int]:
+def greedy_generate_onnx(path: Path, input_ids: Any, max_new_tokens: int,
+                         eos_token_id: int | Sequence[int] | None = None, threads: int = 1) -> list[int]:
     """Greedy tokens from `export_onnx_with_past`'s file for one prompt (a 1-D sequence of ids): the prompt once,
-    then one token per step with the cache fed back.
-    Example: `greedy_generate_onnx(Path("out/model_with_past.onnx"), tokenizer("Hi").input_ids, 20)`.
+    then one token per step with the cache fed back, stopping after an end token (`eos_token_id`: one id or several,
+    as a generation config holds it; None: never stop early).
+    To compare with transformers, give it the model's `generation_config.eos_token_id` and call `generate` without
+    `min_new_tokens`: that option hides the end token from the argmax, so generate's tokens are no longer greedy.
+    Example: `greedy_generate_onnx(Path("out/model_with_past.onnx"), tokenizer("Hi").input_ids, 20, eos_token_id=2)`.
     """
     import numpy as np
     import onnxruntime
@@ -179,6 +183,7 @@ def greedy_generate_onnx(path: Path, input_ids: Any, max_new_tokens: int, eos_to
         if spec.name.startswith("past_key_values."):
             shape = [1, spec.shape[1], 0, spec.shape[3]]
             feeds[spec.name] = np.zeros(shape, dtype=np.float32)
+    ends = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     step = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
     length, tokens = step.shape[1], []
     presents = [o.name for o in session.get_outputs()][1:]
@@ -187,7 +192,7 @@ def greedy_generate_onnx(path: Path, input_ids: Any, max_new_tokens: int, eos_to
                                             **feeds})
         token = int(logits[0, -1].argmax())
         tokens.append(token)
-        if token == eos_token_id:
+        if token in ends:
             break
         feeds.update({name.replace("present", "past_key_values"): value for name, value in zip(presents, cache,
                                                                                               strict=True)})
