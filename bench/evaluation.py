@@ -100,13 +100,17 @@ def review_sentences() -> list[tuple[str, int]]:
     return rows
 
 
-def sentiment_rows() -> list[dict[str, Any]]:
-    """The 200 sentences as two-choice rows, negative and positive alternating (the file lists the 100 negative
-    ones first), so that the first N rows (`max_samples`) are balanced."""
+def alternating_reviews() -> list[tuple[str, int]]:
+    """The 200 sentences, negative and positive alternating (the file lists the 100 negative ones first), so that
+    the first N rows (`max_samples`) are balanced."""
     reviews = review_sentences()
-    alternating = [row for pair in zip(reviews[:100], reviews[100:], strict=True) for row in pair]
+    return [row for pair in zip(reviews[:100], reviews[100:], strict=True) for row in pair]
+
+
+def sentiment_rows() -> list[dict[str, Any]]:
+    """The 200 sentences as two-choice rows, balanced in any prefix (`alternating_reviews`)."""
     return [{"question": REVIEW_PROMPT.format(sentence=sentence), "choices": CHOICES, "answer": label}
-            for sentence, label in alternating]
+            for sentence, label in alternating_reviews()]
 
 
 def sts_rows() -> list[dict[str, Any]]:

@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,27 @@ BASELINE = ("rtn int8 per channel (bench.quant_smollm2)", 0.252)
 SPACE = {"methods": ["rtn"], "bits": [4, 5, 6, 8], "group_sizes": [64, 128], "symmetric": [True, False],
          "presets": [], "max_protect_share": 0.3, "include_head": True,
          "scan_calibration": {"num_samples": 4, "seq_len": 64}}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What differs between the searches this module runs: the model, the held-out rows, the constraint."""
+
+    name: str  # the docs/benchmarks.md section
+    command: str
+    title: str
+    folder: Callable[[], Path]
+    model_name: str
+    rows: Callable[[int], list[dict[str, Any]]]  # the evaluation rows, given --news-docs
+    metric: str  # the evaluation metric the constraint reads
+    constraint: dict[str, Any]
+    constraint_text: str
+    evaluation_text: str
+    space: dict[str, Any]
+    target: float
+    baseline: tuple[str, float]
+
+
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -57,25 +80,28 @@ def news_rows(documents: int) -> list[dict[str, Any]]:
     return [{"text": line.strip()} for line in lines if line.strip()][:documents]
 
 
-def upload(api: httpx.Client, folder: Path, rows: list[dict[str, Any]], scratch: Path) -> tuple[str, str]:
-    archive = scratch / "smollm2.zip"
+def upload(api: httpx.Client, folder: Path, rows: list[dict[str, Any]], scratch: Path,
+           model_name: str = "SmolLM2-135M-Instruct") -> tuple[str, str]:
+    archive = scratch / "model.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as handle:
         for path in sorted(folder.iterdir()):
             if path.is_file() and not path.name.startswith("."):
                 handle.write(path, path.name)
     with archive.open("rb") as handle:
-        model = checked(api.post("/v1/models", files={"file": ("smollm2.zip", handle, "application/zip")},
-                                 data={"name": "SmolLM2-135M-Instruct"}))
+        model = checked(api.post("/v1/models", files={"file": ("model.zip", handle, "application/zip")},
+                                 data={"name": model_name}))
     payload = "\n".join(json.dumps(row) for row in rows).encode()
-    dataset = checked(api.post("/v1/datasets", files={"file": ("news.jsonl", payload, "application/octet-stream")}))
+    dataset = checked(api.post("/v1/datasets", files={"file": ("held-out.jsonl", payload,
+                                                                "application/octet-stream")}))
     return model["id"], dataset["id"]
 
 
 def run(api: httpx.Client, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
-    model_id, dataset_id = upload(api, smollm2_folder(), news_rows(args.news_docs), scratch)
-    body = {"model_id": model_id, "objective": "min_size",
-            "constraint": {"metric": "perplexity", "max_ratio": MAX_RATIO},
-            "evaluate": {"dataset_id": dataset_id, "metrics": ["perplexity"], "max_samples": args.news_docs},
+    target: Target = args.target
+    rows = target.rows(args.news_docs)
+    model_id, dataset_id = upload(api, target.folder(), rows, scratch, target.model_name)
+    body = {"model_id": model_id, "objective": "min_size", "constraint": target.constraint,
+            "evaluate": {"dataset_id": dataset_id, "metrics": [target.metric], "max_samples": len(rows)},
             "space": space(args), "budget": {"max_trials": args.trials}, "parallelism": 1}
     search = checked(api.post("/v1/searches", json=body))
     while search["status"] == "running":
@@ -90,9 +116,10 @@ def run(api: httpx.Client, args: argparse.Namespace, scratch: Path) -> dict[str,
 
 def space(args: argparse.Namespace) -> dict[str, Any]:
     """The space; `--smoke` scans fewer widths on fewer tokens (the scan is one forward per weight and width)."""
+    full: dict[str, Any] = args.target.space
     if not args.smoke:
-        return SPACE
-    return {**SPACE, "bits": [4, 6, 8], "scan_calibration": {"num_samples": 1, "seq_len": 32}}
+        return full
+    return {**full, "bits": [4, 6, 8], "scan_calibration": {"num_samples": 1, "seq_len": 32}}
 
 
 def screenshot(page_html: str, target: Path) -> None:
@@ -108,39 +135,44 @@ def screenshot(page_html: str, target: Path) -> None:
         browser.close()
 
 
-def checks(result: dict[str, Any]) -> dict[str, bool]:
+def checks(result: dict[str, Any], target: Target) -> dict[str, bool]:
     best = result["search"]["best"] or {}
     size = best.get("size_ratio") or 1.0
-    return {f"a recipe meeting PPL <= {MAX_RATIO}x fp32 within {MAX_TRIALS} trials": bool(best),
-            f"its size <= {TARGET}x the fp32 weight bytes": size <= TARGET,
-            f"at least as small as the baseline ({BASELINE[0]}, {BASELINE[1]}x)": size <= BASELINE[1]}
+    return {f"a recipe meeting {target.constraint_text} within {MAX_TRIALS} trials": bool(best),
+            f"its size <= {target.target}x the fp32 weight bytes": size <= target.target,
+            f"at least as small as the baseline ({target.baseline[0]}, {target.baseline[1]}x)":
+                size <= target.baseline[1]}
 
 
 def section(result: dict[str, Any], args: argparse.Namespace) -> str:
+    target: Target = args.target
     search = result["search"]
     rows = [(t["number"], _label(t), len(t.get("protected") or []), _num(t.get("size_ratio")),
              _num(t.get("value")), _ci(t.get("ci95")), {True: "yes", False: "no"}.get(t.get("feasible"), "—"))
             for t in search["trials"]]
     original = next((t["evaluation"]["original"] for t in search["trials"] if t.get("evaluation")), None)
     best = search["best"] or {}
+    protect_bits = space(args).get("protect_bits", 8)
     lines = [
-        "## Search to a quality budget: SmolLM2-135M, PPL <= 1.10x fp32, smallest recipe",
+        f"## {target.title}",
         "",
-        f"Reproduce: `{COMMAND}`",
+        f"Reproduce: `{target.command}`",
         "",
         f"Machine: {result['machine']}; load average at the end {result['load']} (other jobs shared the CPU).",
         "",
-        f"`POST /v1/searches` through the API and one Celery worker; evaluation: perplexity on the first "
-        f"{args.news_docs} news documents of lee_background.cor (fp32 PPL {_num(original)}); calibration of the scan: "
-        "the default corpus (Wikipedia), held out from the news. Trial 0 is the sensitivity scan (mixed precision); "
-        "later trials come from optuna's TPE (seeded) with the scan's most sensitive weights kept at 8 bits.",
+        f"`POST /v1/searches` through the API and one Celery worker; evaluation: "
+        f"{target.evaluation_text.format(rows=args.news_docs, original=_num(original))}; calibration of the scan: "
+        "the default corpus (Wikipedia), held out from the evaluation rows. Trial 0 is the sensitivity scan (mixed "
+        "precision); later trials come from optuna's TPE (seeded) with the scan's most sensitive weights kept at "
+        f"{protect_bits} bits.",
         "",
-        markdown_table(["trial", "recipe", "weights at 8 bits", "size vs fp32", "PPL vs fp32", "95% CI", "met"], rows),
+        markdown_table(["trial", "recipe", f"weights at {protect_bits} bits", "size vs fp32",
+                        f"{target.metric} (constrained)", "95% CI", "met"], rows),
         "",
-        *[f"- {name}: {'met' if ok else 'NOT met'}" for name, ok in checks(result).items()],
+        *[f"- {name}: {'met' if ok else 'NOT met'}" for name, ok in checks(result, target).items()],
         "",
-        f"Best recipe (trial {best.get('number')}, {_num(best.get('size_ratio'))}x, PPL {_num(best.get('value'))}x "
-        f"fp32): `{json.dumps(best.get('steps'))}`",
+        f"Best recipe (trial {best.get('number')}, {_num(best.get('size_ratio'))}x, {target.metric} "
+        f"{_num(best.get('value'))}): `{json.dumps(best.get('steps'))}`",
         "",
         f"Space: `{json.dumps(space(args))}`" + (" (SMOKE RUN: not the full benchmark)" if args.smoke else ""),
     ]
@@ -165,9 +197,17 @@ def _ci(interval: Any) -> str:
     return "—" if not interval or interval[0] is None else f"[{interval[0]:.4g}, {interval[1]:.4g}]"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--news-docs", type=int, default=NEWS_DOCS)
+SMOLLM2 = Target(
+    name=NAME, command=COMMAND, title="Search to a quality budget: SmolLM2-135M, PPL <= 1.10x fp32, smallest recipe",
+    folder=smollm2_folder, model_name="SmolLM2-135M-Instruct", rows=news_rows, metric="perplexity",
+    constraint={"metric": "perplexity", "max_ratio": MAX_RATIO}, constraint_text=f"PPL <= {MAX_RATIO}x fp32",
+    evaluation_text="perplexity on the first {rows} news documents of lee_background.cor (fp32 PPL {original})",
+    space=SPACE, target=TARGET, baseline=BASELINE)
+
+
+def main(target: Target = SMOLLM2, rows_default: int = NEWS_DOCS, doc: str | None = None) -> int:
+    parser = argparse.ArgumentParser(description=doc or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--news-docs", type=int, default=rows_default, help="evaluation rows")
     parser.add_argument("--trials", type=int, default=MAX_TRIALS)
     parser.add_argument("--screenshot", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="a cheap run: fewer widths scanned on 32 tokens "
@@ -176,11 +216,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also save the raw results here")
     parser.add_argument("--from-json", type=Path, default=None, help="write the section from saved raw results")
     args = parser.parse_args()
+    args.target = target
     result = json.loads(args.from_json.read_text()) if args.from_json else measured(args)
     body = section(result, args)
-    update_section(NAME, body, *([args.out] if args.out else []))
+    update_section(target.name, body, *([args.out] if args.out else []))
     print(body)
-    return 0 if all(checks(result).values()) else 1
+    return 0 if all(checks(result, target).values()) else 1
 
 
 def measured(args: argparse.Namespace) -> dict[str, Any]:
