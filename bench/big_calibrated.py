@@ -9,7 +9,9 @@ child process tree, sampled every 50 ms, against the pre-flight estimate.
 int4 g128, sparsegpt 50%, svd_llm 80% (the offloaded engine), calibrated on 16 x 512 news tokens that never overlap
 the 4096 perplexity tokens. The artifacts are compared bit for bit and by perplexity.
 
-Reproduce: `.venv/bin/python -m bench.big_calibrated` (both parts; `--tinyllama` or `--smollm2` for one).
+Reproduce: `.venv/bin/python -m bench.big_calibrated` (both parts; `--tinyllama` or `--smollm2` for one;
+`--job "sparsegpt 50%"` for one TinyLlama job; `--smollm2-peaks [--layer-by-layer-only]` for the peak-vs-estimate
+table alone; `--out FILE` writes the sections there, not to docs/benchmarks.md).
 """
 
 import argparse
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 
 from bench.big_models import THREADS, TINYLLAMA, measured_child, write_synthetic_llama
-from bench.report import load_average, machine_description, markdown_table, update_section
+from bench.report import BENCHMARKS_DOC, load_average, machine_description, markdown_table, update_section
 
 NAME = "big_calibrated"
 COMMAND = f".venv/bin/python -m bench.{NAME}"
@@ -79,15 +81,17 @@ def estimated_peak(source: Path, step: dict[str, Any], threshold: int = 0) -> in
     return estimate_job(info.facts(), spec.steps, "cpu", threshold).peak_host_bytes
 
 
-def smollm2_peak_rows(tmp: Path) -> list[list[str]]:
-    """Peak RSS of whole SmolLM2 jobs, in memory and over the threshold, against the pre-flight estimate."""
+def smollm2_peak_rows(tmp: Path, in_memory: bool = True) -> list[list[str]]:
+    """Peak RSS of whole SmolLM2 jobs, in memory (unless `in_memory` is False) and over the threshold, against the
+    pre-flight estimate."""
     from bench.smollm2 import smollm2_folder
 
     source = smollm2_folder()
     rows = []
+    runs = ((None, 10**15), (0, 0)) if in_memory else ((0, 0),)
     for label in ("rtn int4 g128", "gptq int4 g128"):
         step = SMOLLM2_STEPS[label]
-        for threshold, estimate_threshold in ((None, 10**15), (0, 0)):
+        for threshold, estimate_threshold in runs:
             result = measured_job(step, source, tmp / "peak", threshold)
             estimate = estimated_peak(source, step, estimate_threshold)
             error = estimate / result["peak_rss"] - 1
@@ -98,7 +102,7 @@ def smollm2_peak_rows(tmp: Path) -> list[list[str]]:
     return rows
 
 
-def write_smollm2_peaks_section(rows: list[list[str]]) -> None:
+def write_smollm2_peaks_section(rows: list[list[str]], doc: Path = BENCHMARKS_DOC) -> None:
     headers = ["job", "engine", "peak RSS GB", "estimate GB", "estimate vs peak", "within 25%"]
     body = (f"## Big models: the pre-flight estimate on SmolLM2-135M\n\nReproduce: `{COMMAND} --smollm2-peaks`\n\n"
             f"Machine: {machine_description()}; load average when it ended: {load_average()}.\n\n"
@@ -106,14 +110,15 @@ def write_smollm2_peaks_section(rows: list[list[str]]) -> None:
             "in memory and over the streaming threshold; gptq calibrates on 16 x 512 tokens of the default corpus. "
             "Peak RSS of the job's process tree sampled every 50 ms; the estimate is what the pre-flight stores "
             "for the job. Memory only: no times are reported.\n\n" + markdown_table(headers, rows))
-    update_section(f"{NAME}_smollm2_peaks", body)
+    update_section(f"{NAME}_smollm2_peaks", body, doc)
 
 
-def tinyllama_rows(tmp: Path) -> list[list[str]]:
+def tinyllama_rows(tmp: Path, labels: list[str]) -> list[list[str]]:
     source = tmp / "tinyllama"
     params = write_synthetic_llama(source, TINYLLAMA["num_hidden_layers"])
     rows = []
-    for label, step in BIG_STEPS.items():
+    for label in labels:
+        step = BIG_STEPS[label]
         result = measured_job(step, source, tmp / label.replace(" ", "-"))
         estimate = estimated_peak(source, step)
         print(label, result, estimate, flush=True)
@@ -178,7 +183,7 @@ def _same_tensors(a: Path, b: Path) -> bool:
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
-def write_tinyllama_section(rows: list[list[str]]) -> None:
+def write_tinyllama_section(rows: list[list[str]], doc: Path = BENCHMARKS_DOC) -> None:
     headers = ["job", "params", "bf16 GB", "engine", "peak RSS GB", "target GB", "met", "estimate GB",
                "estimate vs peak", "wall s", "M params/s", "block cosine min"]
     body = (f"## Big models: gptq and sparsegpt with one block in memory\n\nReproduce: `{COMMAND} --tinyllama`\n\n"
@@ -190,10 +195,10 @@ def write_tinyllama_section(rows: list[list[str]]) -> None:
             "folder has no tokenizer). Peak RSS of the job's process tree sampled every 50 ms; the estimate is what "
             "the pre-flight stores for the job. Random weights make the cosines a check that blocks ran, not a "
             "quality figure (quality is the SmolLM2 section).\n\n" + markdown_table(headers, rows))
-    update_section(f"{NAME}_tinyllama", body)
+    update_section(f"{NAME}_tinyllama", body, doc)
 
 
-def write_smollm2_section(rows: list[list[str]]) -> None:
+def write_smollm2_section(rows: list[list[str]], doc: Path = BENCHMARKS_DOC) -> None:
     headers = ["step", "engine over the threshold", "PPL in memory", "PPL layer by layer", "gap", "bit-identical",
                "within 0.5%"]
     body = (f"## Big models: the layer-by-layer engines match the in-memory one on SmolLM2-135M\n\n"
@@ -205,7 +210,7 @@ def write_smollm2_section(rows: list[list[str]]) -> None:
             "gensim's lee_background.cor, 512-token windows). Perplexity of each artifact loaded back with "
             "`load_compressed`. An equivalence check, not a timing: no times are reported.\n\n"
             + markdown_table(headers, rows))
-    update_section(f"{NAME}_smollm2", body)
+    update_section(f"{NAME}_smollm2", body, doc)
 
 
 def main() -> int:
@@ -215,6 +220,12 @@ def main() -> int:
     parser.add_argument("--tinyllama", action="store_true")
     parser.add_argument("--smollm2", action="store_true")
     parser.add_argument("--smollm2-peaks", action="store_true", help="only the SmolLM2 peak-vs-estimate table")
+    parser.add_argument("--layer-by-layer-only", action="store_true",
+                        help="with --smollm2-peaks: only the jobs over the streaming threshold")
+    parser.add_argument("--job", choices=sorted(BIG_STEPS), action="append",
+                        help="with --tinyllama: only this job (repeatable; default both)")
+    parser.add_argument("--out", type=Path, default=BENCHMARKS_DOC,
+                        help="the markdown file whose sections it writes (a copy to review instead of the docs)")
     args = parser.parse_args()
     if args.child:
         threshold = None if args.child_threshold < 0 else args.child_threshold
@@ -222,14 +233,14 @@ def main() -> int:
         return 0
     if args.smollm2_peaks:
         with tempfile.TemporaryDirectory(prefix="big-calibrated-") as tmp:
-            write_smollm2_peaks_section(smollm2_peak_rows(Path(tmp)))
+            write_smollm2_peaks_section(smollm2_peak_rows(Path(tmp), not args.layer_by_layer_only), args.out)
         return 0
     both = not (args.tinyllama or args.smollm2)
     with tempfile.TemporaryDirectory(prefix="big-calibrated-") as tmp:
         if args.tinyllama or both:
-            write_tinyllama_section(tinyllama_rows(Path(tmp)))
+            write_tinyllama_section(tinyllama_rows(Path(tmp), args.job or list(BIG_STEPS)), args.out)
         if args.smollm2 or both:
-            write_smollm2_section(smollm2_rows(Path(tmp)))
+            write_smollm2_section(smollm2_rows(Path(tmp)), args.out)
     return 0
 
 

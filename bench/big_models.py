@@ -7,9 +7,9 @@ Each compression runs in a child process whose resident memory (summed over its 
 never quality (see docs/DATA.md).
 
 Run: `.venv/bin/python -m bench.big_models`. Writes its section of docs/benchmarks.md. `--7b`: the 7B shape through
-the layer-by-layer engine alone. `--api-7b [--layers N] [--stream-above-bytes B] [--put-mib M]`: a whole 7B job
-through the HTTP API of the embedded stack (chunked upload, job, download, a block-by-block check of the artifact in a
-separate process); only the full 32 layers write its section.
+the layer-by-layer engine alone. `--api-7b [--layers N] [--stream-above-bytes B] [--put-mib M] [--out FILE]`: a whole
+7B job through the HTTP API of the embedded stack (chunked upload, job, download, a block-by-block check of the
+artifact in a separate process); only the full 32 layers write its section (of FILE, docs/benchmarks.md by default).
 """
 
 import argparse
@@ -34,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench.report import load_average, machine_description, markdown_table, update_section
+from bench.report import BENCHMARKS_DOC, load_average, machine_description, markdown_table, update_section
 from cli.stack import stop_processes
 
 NAME = "big_models"
@@ -620,12 +620,14 @@ def main_api_7b(argv: list[str]) -> int:
     parser.add_argument("--stream-above-bytes", type=int, default=2 * GiB,
                         help="MCS_STREAM_ABOVE_BYTES; lower it (e.g. 0) so a small run still goes layer by layer")
     parser.add_argument("--put-mib", type=int, default=PUT_MIB, help="bytes of one PUT request, in MiB")
+    parser.add_argument("--out", type=Path, default=BENCHMARKS_DOC,
+                        help="the markdown file whose section it writes (a copy to review instead of the docs)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="mcs-big-api-") as tmp:
         numbers = run_api_job(Path(tmp), args.layers, args.stream_above_bytes, args.put_mib * 2**20)
     body = api_body(numbers, args.layers, args.stream_above_bytes)
     if args.layers == SEVEN_B["num_hidden_layers"]:
-        update_section(f"{NAME}_api_7b", body)
+        update_section(f"{NAME}_api_7b", body, args.out)
     else:
         print(f"({args.layers} layers: docs/benchmarks.md left as it is; only the full 7B shape writes it)")
     print(body)

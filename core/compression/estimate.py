@@ -22,7 +22,8 @@ GB = 1_000_000_000
 IMPORTS_BYTES = int(0.4 * GB)  # torch + transformers imported in the job process (measured)
 # The before/after measurements: the probe's logits (8 x 64 tokens x the vocabulary, float32) in their copies and the
 # tokenizer. Without it SmolLM2-135M's rtn job (49k vocabulary) was estimated 1.27 GB in memory and 0.72 GB layer
-# by layer against 1.74 and 1.16 measured (bench.big_calibrated --smollm2-peaks).
+# by layer against 1.74 and 1.16 measured (bench.big_calibrated --smollm2-peaks). The in-memory and offloaded terms
+# add it; the streaming engine's measuring term scales with the largest tensor instead (MEASURED_TENSOR_COPIES).
 PROBE_BYTES = int(0.4 * GB)
 FP32_BYTES = 4
 # The in-memory path holds the fp32 model plus the job's measuring copies (reference for latency, reloaded artifact):
@@ -33,9 +34,23 @@ TRAINING_EXTRA_BYTES_PER_PARAM = 3 * FP32_BYTES
 # Calibrated steps (gptq, wanda, asvd, ...) keep activations and a d x d fp32 Hessian per Linear of one block: an
 # upper-side guess of a quarter of the fp32 model.
 CALIBRATION_EXTRA_BYTES_PER_PARAM = 1.0
-# The streaming engine holds one tensor, one output shard and the imports whatever the model's size (1.0-1.2 GB).
+# The streaming engine compresses with an output shard being filled (up to 256 MiB) or, larger at 7B, a tensor kept
+# as it is (embeddings, head) read and upcast to float32 by chunks of rows. In a worker's pool process that costs twice
+# the float32 tensor: the 7B shape's job through the API grew the pool process by 1.03 GB reading its 0.52 GB
+# float32 embeddings, all of it released when they were written out (a bare process, bench.phase_peaks: 0.44 GB; the
+# excess was not traced). SmolLM2 (a tied 28 M-parameter one, a 0.2 GB artifact: one shard pending to the end) 0.2 GB.
 STREAM_SHARD_BYTES = 256 * 1024**2
-MEASURED_BLOCK_COPIES = 1.5
+KEPT_TENSOR_COPIES = 2.0
+# The streaming engine measures (as the offloaded one does) with one module's weights in float32 at a time (read,
+# upcast or decoded by chunks of rows), the largest being the embeddings or the head, next to the probe's logits,
+# which follow the vocabulary as that tensor does: 0.77 GB above the imports at 7B widths (0.52 GB tensor), 0.19 GB
+# on SmolLM2 (0.11).
+MEASURED_TENSOR_COPIES = 1.5
+# The block-offloading engine's measuring term keeps its fit from before db48690 (one float32 block, or half the part
+# outside the blocks, 1.5 times, plus the probe), though it measures one module at a time too: it never sets the
+# TinyLlama shape's peak (saving does), but sets SmolLM2's (0.88 GB against 0.99 measured before db48690), and which
+# phase peaks there was not profiled. Re-fit it from bench.phase_peaks on an offloaded job.
+OFFLOADED_MEASURED_BLOCK_COPIES = 1.5
 # The block-offloading engine (measured on the TinyLlama-1.1B shape, gptq and sparsegpt, CPU): the steps' statistics
 # per element of the block's Hessians (sum of in_features² over its Linears): gptq keeps float32 ones, sparsegpt and
 # svd_llm float64 Gram matrices; the solver's float64 work on the largest of them (~0.6 of the sum for a Llama
@@ -74,6 +89,9 @@ class BlockShape:
     outside_params: int  # parameters outside the blocks (embeddings, head, final norm), a tied one once
     hessian_elements: int  # sum of in_features² over that block's Linear layers (one Hessian each)
     hidden_size: int  # features of the hidden state the blocks pass on
+    # parameters of the model's largest tensor (a Llama's embeddings or head), a tied one counted once; 0 in the
+    # shapes stored before it was recorded: half the part outside the blocks is assumed (an untied Llama's)
+    largest_params: int = 0
 
 
 def block_shape(model: nn.Module) -> BlockShape | None:
@@ -90,7 +108,8 @@ def block_shape(model: nn.Module) -> BlockShape | None:
     return BlockShape(count=len(blocks), params=params,
                       outside_params=sum(p.numel() for p in model.parameters()) - inside,
                       hessian_elements=sum(m.in_features**2 for m in linears),
-                      hidden_size=linears[0].in_features if linears else 0)  # a block's first Linear reads it
+                      hidden_size=linears[0].in_features if linears else 0,  # a block's first Linear reads it
+                      largest_params=max(p.numel() for p in model.parameters()))
 
 
 @dataclass(frozen=True)
@@ -126,7 +145,8 @@ def estimate_job(model: ModelFacts, steps: Sequence[StepLike], device: Literal["
     seconds = _seconds(model, steps, device)
     if engine == "streaming":
         return Estimate(_streaming_peak(model), 0, seconds, engine,
-                        ["streaming engine: one tensor and one output shard in memory at a time"])
+                        ["streaming engine: one tensor and one output shard in memory at a time; measured one "
+                         "layer's float32 weights at a time"])
     if engine == "offloaded" and model.blocks is not None:
         host, gpu = _offloaded_peak(model.blocks, steps, device)
         return Estimate(host, gpu, seconds, engine, [
@@ -151,12 +171,26 @@ def choose_engine(model: ModelFacts, steps: Sequence[StepLike], streaming_thresh
 
 
 def _streaming_peak(model: ModelFacts) -> int:
-    largest = model.largest_tensor_bytes or model.weight_bytes // 40
-    # the tensor being encoded is held as read and as its encoding (measured 1.0-1.2 GB for Llama-7B shapes); the
-    # job's block output cosines then hold one block in float32 and its stored tensors as they are upcast (the 7B
-    # shape's whole job through the API peaked at 2.51 GB)
-    measuring = int(MEASURED_BLOCK_COPIES * FP32_BYTES * model.blocks.params) if model.blocks else 0
-    return IMPORTS_BYTES + STREAM_SHARD_BYTES + 2 * largest + measuring + PROBE_BYTES
+    """The larger of compressing (an output shard filling up, or the largest tensor kept in float32 as it is read)
+    and measuring: both follow the model's largest tensor, never a block."""
+    largest = FP32_BYTES * _largest_tensor_params(model)
+    compressing = max(STREAM_SHARD_BYTES, int(KEPT_TENSOR_COPIES * largest))
+    return IMPORTS_BYTES + max(compressing, _measuring_bytes(largest))
+
+
+def _largest_tensor_params(model: ModelFacts) -> int:
+    """Parameters of the model's largest tensor: recorded in its block shape, else half of the part outside the
+    blocks, else from `largest_tensor_bytes` (or a fortieth of the weights) in the stored dtype."""
+    if model.blocks is not None:
+        return model.blocks.largest_params or model.blocks.outside_params // 2
+    stored = model.largest_tensor_bytes or model.weight_bytes // 40
+    return int(stored * model.num_parameters / max(model.weight_bytes, 1))
+
+
+def _measuring_bytes(largest_fp32_bytes: int) -> int:
+    """The streaming engine's measurements (`execute._measure_streamed`): one module's float32 weights at a time
+    and the probe's logits, both following the largest tensor (embeddings or head) and the vocabulary."""
+    return int(MEASURED_TENSOR_COPIES * largest_fp32_bytes)
 
 
 def _offloaded_peak(blocks: BlockShape, steps: Sequence[StepLike], device: str) -> tuple[int, int]:
@@ -169,7 +203,8 @@ def _offloaded_peak(blocks: BlockShape, steps: Sequence[StepLike], device: str) 
     solver = max(SOLVER_BYTES_PER_HESSIAN_ELEMENT.get(step.tag(), 0) for step in steps) * blocks.hessian_elements
     forward = FORWARD_BYTES_PER_TOKEN_FEATURE * FORWARD_TOKENS * blocks.hidden_size
     compressing = FP32_BYTES * BLOCK_COPIES * blocks.params + carried + stats + max(forward, solver)
-    measuring = FP32_BYTES * MEASURED_BLOCK_COPIES * max(blocks.params, blocks.outside_params // 2) + PROBE_BYTES
+    measuring = (FP32_BYTES * OFFLOADED_MEASURED_BLOCK_COPIES * max(blocks.params, blocks.outside_params // 2)
+                 + PROBE_BYTES)
     saving = FP32_BYTES * SAVED_OUTSIDE_COPIES * blocks.outside_params
     on_device = int(max(compressing, measuring, saving))
     if device == "cuda":
