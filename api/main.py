@@ -34,8 +34,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     removed = remove_stale_scratch(settings)
     if removed:
         log.warning("removed %d stale upload folder(s) left by a stopped API process", removed)
-    app.state.read_engine = make_async_read_engine(settings.database_url, settings.db_pool_size,
-                                                   settings.db_max_overflow)
+    app.state.read_engine = make_async_read_engine(settings.database_url, settings.db_pool_size)
     try:
         yield
     finally:

@@ -25,14 +25,18 @@ def make_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> Engine
     return _ping_when_idle(create_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=10))
 
 
-def make_async_read_engine(url: str, pool_size: int = 10, max_overflow: int = 10) -> AsyncEngine | None:
+def make_async_read_engine(url: str, pool_size: int = 10) -> AsyncEngine | None:
     """An asyncio engine for the reads the API repeats most (the key of every request, job polls), so that they
     cost no thread hop: under CPU contention (a compression job on the same host) waking a thread waits for the
     scheduler, which made three hops most of a poll's 10-20 ms. PostgreSQL only (psycopg is async too); None for
-    SQLite, whose reads stay on threads. Bound to the event loop that uses it: create it in the app's lifespan."""
+    SQLite, whose reads stay on threads. Bound to the event loop that uses it: create it in the app's lifespan.
+
+    No overflow: a read holds its connection for one statement, so waiting for a pooled one is far cheaper than
+    opening one (a server process forked per connection), which is what an overflow connection costs each time the
+    pool is full: with overflow, 16 concurrent polls opened and closed connections all the time."""
     if not url.startswith("postgresql"):
         return None
-    engine = create_async_engine(url, pool_size=pool_size, max_overflow=max_overflow, pool_timeout=10,
+    engine = create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_timeout=10,
                                  isolation_level="AUTOCOMMIT")
     _ping_when_idle(engine.sync_engine)
     return engine
