@@ -571,13 +571,17 @@ store. Targets ≥ {TARGETS['upload_mb_s']} MB/s: local {ok['upload_local']}, S3
 {local['download']['bytes'] / 1e9:.2f} GB at {local['download']['mb_s']:.0f} MB/s ({ok['download']}: target
 ≥ {TARGETS['download_mb_s']} MB/s); reading the model's shards from the page cache here: {base['read_mb_s']:.0f} MB/s.
 
-Where an authenticated read spends its time, from the code (api/ratelimit.py, api/deps.py,
-core/service/db/session.py): the key lookup (a thread hop, a pooled connection whose `pool_pre_ping` costs a round
-trip, one indexed query on the sha256 of the key), the rate limit's Redis script (another thread hop and round
-trip), then the route's own session (a thread hop, a second checkout with its pre-ping, the job with its steps and
-artifacts: three queries, a thread hop to give it back), the metrics middleware and one JSON access line. `/healthz`
-has the middleware alone, so the gap from the bare route to `/healthz` is the middleware and the gap from `/healthz`
-to the job read is authentication, the rate limit and the database.
+Where an authenticated read spends its time (py-spy `--gil` on the API process under wrk, 2026-12-03): until
+2026-12-03 a poll made six thread hops and about twelve database round trips (pre-pings, BEGIN/ROLLBACK, the job's
+steps and artifacts as two more queries); with a compression job on the same cores every hop waited for the
+scheduler, and a poll cost 11-22 ms even alone. Now the key check and the job (one joined statement) run on an
+asyncio engine in autocommit and the rate limit on redis.asyncio: no thread hop, two database round trips and one
+Redis round trip (docs/decisions.md). What is left is CPU in the one Python process: about half in SQLAlchemy's ORM
+for the two statements, half in the event loop (HTTP, FastAPI's dependency solving, the middlewares, pydantic, the
+JSON access line). With the machine quiet (no job running), 16 clients reached 270-370 req/s against 2,300-2,800 for
+`/healthz`; the distillation job above takes both cores from it. The 0.5x target would leave ~0.1 ms of CPU per
+request for a key check, a rate limit and a job read in Python: not reachable in one process here; more uvicorn
+workers scale it with cores, as they scale the bare route.
 """
     return body, met
 
