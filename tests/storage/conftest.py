@@ -7,6 +7,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from cli.stack import free_port, spawn
 from core.service.settings import get_settings
 from core.service.storage.s3 import S3ArtifactStore
+from tests.models import save_model_folder, tiny_bert
 from tests.storage.helpers import AWS_ENV, MiB, s3_settings
 
 
@@ -93,3 +95,17 @@ def use_s3(s3_endpoint: str, s3_bucket: str, s3_prefix: str, monkeypatch: pytest
     yield {"bucket": s3_bucket, "prefix": s3_prefix, "endpoint": s3_endpoint}
     monkeypatch.undo()
     get_settings.cache_clear()
+
+
+@pytest.fixture()
+def small_parts(use_s3, monkeypatch):
+    monkeypatch.setenv("MCS_S3_MULTIPART_CHUNK_BYTES", str(5 * MiB))
+    get_settings.cache_clear()
+    yield use_s3
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def big_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BERT whose weights (11.6 MB) take two full 5 MiB parts and a last one."""
+    return save_model_folder(tiny_bert(vocab_size=45_000), tmp_path_factory.mktemp("big-bert"))

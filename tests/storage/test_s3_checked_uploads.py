@@ -67,20 +67,6 @@ def test_stream_check_refuses_short_long_and_malformed_files():
     assert "not valid JSON" in (streamed(struct.pack("<Q", 4) + b"{no}", 3).problem or "")
 
 
-@pytest.fixture()
-def small_parts(use_s3, monkeypatch):
-    monkeypatch.setenv("MCS_S3_MULTIPART_CHUNK_BYTES", str(5 * MiB))
-    get_settings.cache_clear()
-    yield use_s3
-    get_settings.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def big_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """11.6 MB of weights: two full 5 MiB parts and a last one."""
-    return save_model_folder(tiny_bert(vocab_size=45_000), tmp_path_factory.mktemp("big-bert"))
-
-
 @pytest.fixture(scope="module")
 def nan_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = tiny_bert(vocab_size=45_000)

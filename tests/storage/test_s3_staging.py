@@ -15,24 +15,9 @@ from core.service.settings import get_settings
 from core.service.storage import get_store
 from tests.api.test_uploads import manifest, put, start
 from tests.fixtures.api import leftovers
-from tests.models import save_model_folder, tiny_bert
 from tests.storage.helpers import MiB, object_keys
 
 PIECE = 3 * MiB  # not a multiple of the 5 MiB parts: every PUT leaves a tail
-
-
-@pytest.fixture()
-def small_parts(use_s3, monkeypatch):
-    monkeypatch.setenv("MCS_S3_MULTIPART_CHUNK_BYTES", str(5 * MiB))
-    get_settings.cache_clear()
-    yield use_s3
-    get_settings.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def big_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A BERT whose weights (11.6 MB) take two full 5 MiB parts and a last one."""
-    return save_model_folder(tiny_bert(vocab_size=45_000), tmp_path_factory.mktemp("big-bert"))
 
 
 def multipart_uploads(upload_id: str) -> list[str]:

@@ -1,5 +1,6 @@
 """Mixed-precision round-to-nearest: per-weight code widths chosen from a sensitivity scan under a size budget."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -101,17 +102,7 @@ def whole_model_sensitivities(
 ) -> Sensitivities:
     """1 - output cosine of the whole model with one weight at a time quantized at each width: one forward per
     weight and width (the scan before it went block-local; still used outside the blocks)."""
-    sensitivities: Sensitivities = {}
-    for shared in weights:
-        progress.before(shared.name)
-        original = shared.weight.detach().clone()
-        sensitivities[shared.name] = {}
-        for bits in config.bits:
-            shared.weight.copy_(decode(_rtn(original, bits, config)))
-            sensitivities[shared.name][bits] = _damage(state, input_ids, reference)
-        shared.weight.copy_(original)
-        progress.after(shared.name)
-    return sensitivities
+    return _each_weight_and_width(weights, config, progress, lambda: _damage(state, input_ids, reference))
 
 
 def _damage(state: ModelState, input_ids: torch.Tensor, reference: torch.Tensor) -> float:
@@ -177,17 +168,23 @@ def _local_errors(
 ) -> Sensitivities:
     """Each weight's block-local error at each width: the block rerun on its cached inputs with that weight alone
     quantized."""
-    errors: Sensitivities = {}
+    return _each_weight_and_width(weights, config, progress, lambda: _relative_error(block, calls, targets))
+
+
+def _each_weight_and_width(weights: list[SharedWeight], config: QuantizeMixed, progress: _Progress,
+                           measure: Callable[[], float]) -> Sensitivities:
+    """`measure()` with each weight alone quantized at each width; every weight is restored after its turn."""
+    measured: Sensitivities = {}
     for shared in weights:
         progress.before(shared.name)
         original = shared.weight.detach().clone()
-        errors[shared.name] = {}
+        measured[shared.name] = {}
         for bits in config.bits:
             shared.weight.copy_(decode(_rtn(original, bits, config)))
-            errors[shared.name][bits] = _relative_error(block, calls, targets)
+            measured[shared.name][bits] = measure()
         shared.weight.copy_(original)
         progress.after(shared.name)
-    return errors
+    return measured
 
 
 def _relative_error(block: nn.Module, calls: list[BlockCall], targets: list[torch.Tensor]) -> float:
