@@ -578,10 +578,10 @@ scheduler, and a poll cost 11-22 ms even alone. Now the key check and the job (o
 asyncio engine in autocommit and the rate limit on redis.asyncio: no thread hop, two database round trips and one
 Redis round trip (docs/decisions.md). What is left is CPU in the one Python process: about half in SQLAlchemy's ORM
 for the two statements, half in the event loop (HTTP, FastAPI's dependency solving, the middlewares, pydantic, the
-JSON access line). With the machine quiet (no job running), 16 clients reached 270-370 req/s against 2,300-2,800 for
-`/healthz`; the distillation job above takes both cores from it. The 0.5x target would leave ~0.1 ms of CPU per
-request for a key check, a rate limit and a job read in Python: not reachable in one process here; more uvicorn
-workers scale it with cores, as they scale the bare route.
+JSON access line). With no job running (hand-run wrk, load average 1-3), 16 clients reached 270-370 req/s against
+2,300-2,800 for `/healthz`; the distillation job above takes both cores from it. The 0.5x target would leave
+~0.1 ms of CPU per request for a key check, a rate limit and a job read in Python: not reachable in one process
+here; more uvicorn workers scale it with cores, as they scale the bare route.
 """
     return body, met
 
