@@ -12,7 +12,6 @@ from api.observability import BindTenant, Observe
 from api.ratelimit import Admission, rate_limit_buckets
 from api.routers import artifacts, datasets, events, health, jobs, metrics, models, presets, ui, uploads, webhooks
 from api.routers.evaluations import router as evaluations_router
-from api.routers.imports import router as imports_router
 from api.routers.keys import router as keys_router
 from api.routers.quotas import router as quotas_router
 from api.routers.reports import router as reports_router
@@ -71,7 +70,6 @@ def create_app() -> FastAPI:
     app.include_router(searches_router)
     app.include_router(keys_router)
     app.include_router(quotas_router)
-    app.include_router(imports_router)
     return app
 
 

@@ -43,6 +43,13 @@ class ModelOut(BaseModel):
     size_bytes: int
     sha256: str
     created_at: datetime
+    status: Literal["importing", "ready", "failed"] = Field(
+        description="an upload is ready at once; an import is importing until a worker stored it, or failed")
+    source: str | None = Field(None, description="an import's source; once ready, resolved (hf://org/name@<commit>)")
+    progress: dict[str, Any] | None = Field(
+        None, description="an import's stage (queued, listing, downloading, checking, storing, done) and bytes_done "
+                          "of bytes_total")
+    error: dict[str, Any] | None = Field(None, description="why the import failed: code, message, details")
 
 
 class DatasetOut(BaseModel):

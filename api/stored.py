@@ -23,4 +23,5 @@ def delete_with_files(repo: Any, row: Any, session: Session, store: ArtifactStor
     """Delete the row first (commit), then its files: a crash in between leaves only unreferenced files."""
     repo.delete(row)
     session.commit()
-    store.delete(row.storage_key)
+    if row.storage_key:  # empty: a model deleted while importing (its worker removes what it stored)
+        store.delete(row.storage_key)

@@ -109,6 +109,14 @@ def _client_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
     upload.add_argument("--name", help="default: the folder's or archive's name")
     upload.add_argument("--resume", metavar="UPLOAD_ID", help="continue an interrupted chunked upload (upl_...)")
     upload.set_defaults(run=_client_command(_models_upload))
+    imported = models.add_parser("import", parents=[options], help="import a model the service fetches: "
+                                 "s3://bucket/prefix/ (an allowed bucket) or hf://org/name[@revision] (the workers' "
+                                 "Hugging Face cache); waits until it is ready")
+    imported.add_argument("source", metavar="SOURCE")
+    imported.add_argument("--name", help="default: the resolved source")
+    imported.add_argument("--s3-endpoint-url", help="MinIO or another S3-compatible store (default: AWS)")
+    imported.add_argument("--no-wait", action="store_true", help="return once the import is accepted")
+    imported.set_defaults(run=_client_command(_models_import))
     models.add_parser("list", parents=[options, paging], help="list models").set_defaults(
         run=_client_command(_models_list))
 
@@ -235,14 +243,30 @@ def _models_upload(client: "Client", args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_import(client: "Client", args: argparse.Namespace) -> int:
+    """S3 keys come from the standard AWS variables (never a command-line argument, which `ps` shows)."""
+    s3 = {name: value for name, value in (("endpoint_url", args.s3_endpoint_url or ""),
+                                          ("access_key_id", os.environ.get("AWS_ACCESS_KEY_ID", "")),
+                                          ("secret_access_key", os.environ.get("AWS_SECRET_ACCESS_KEY", "")),
+                                          ("session_token", os.environ.get("AWS_SESSION_TOKEN", ""))) if value}
+    model = client.models.import_from(args.source, args.name, s3=s3 if args.source.startswith("s3://") and s3
+                                      else None, wait=not args.no_wait, progress=_progress(args))
+    if args.json:
+        _print_json(model)
+    else:
+        print(f"model {model.id}: {model.name}, {model.status}" + (
+            f", {model.architecture}, {model.num_parameters:,} parameters" if model.status == "ready" else ""))
+    return 0
+
+
 def _models_list(client: "Client", args: argparse.Namespace) -> int:
     page = client.models.list(page=args.page, page_size=args.page_size)
     if args.json:
         _print_json(page)
         return 0
-    rows = [(m.id, m.name, m.architecture, f"{m.num_parameters:,}", f"{m.created_at:%Y-%m-%d %H:%M}")
+    rows = [(m.id, m.name, m.status, m.architecture, f"{m.num_parameters:,}", f"{m.created_at:%Y-%m-%d %H:%M}")
             for m in page.items]
-    _table(("ID", "NAME", "ARCHITECTURE", "PARAMETERS", "CREATED"), rows, page.total)
+    _table(("ID", "NAME", "STATUS", "ARCHITECTURE", "PARAMETERS", "CREATED"), rows, page.total)
     return 0
 
 

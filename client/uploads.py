@@ -55,6 +55,46 @@ class Models:
                 return self._upload_archive(path, name, shown)
         raise ApiError("no_such_file", f"{path} is neither a model folder nor an archive", {"path": str(path)})
 
+    def import_from(self, source: str, name: str | None = None, *, s3: dict[str, str] | None = None,
+                    wait: bool = True, progress: ProgressArg = True, timeout: float | None = None,
+                    interval: float = 1.0) -> ModelOut:
+        """Import a model the service fetches itself, instead of uploading it: `s3://bucket/prefix/` (a bucket the
+        operator allows; `s3` gives `endpoint_url`, `access_key_id`, `secret_access_key`, `session_token`,
+        `region`, else the operator's import profile) or `hf://org/name[@revision]` from the workers' Hugging Face
+        cache. A worker fetches and validates it; with `wait` this follows it, showing its bytes, and returns the
+        model once ready, or raises the import's error (`ApiError` with its code) when it failed or `timeout` s
+        passed. Without `wait`: the model as accepted (`status` importing)."""
+        body: dict[str, Any] = {"source": source, **({"name": name} if name else {}), **({"s3": s3} if s3 else {})}
+        model = ModelOut.model_validate(self._client.http.json("POST", "/v1/models", json=body, retry=False))
+        if not wait:
+            return model
+        with reporter(progress) as shown:
+            return self._follow_import(model, shown, timeout, interval)
+
+    def _follow_import(self, model: ModelOut, shown: Reporter, timeout: float | None, interval: float) -> ModelOut:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        transfer: Transfer | None = None
+        try:
+            while model.status == "importing":
+                if deadline is not None and time.monotonic() > deadline:
+                    raise ApiError("timeout", f"model {model.id} is still importing after {timeout} s",
+                                   {"model_id": model.id, "progress": model.progress})
+                done, total = (model.progress or {}).get("bytes_done", 0), (model.progress or {}).get("bytes_total")
+                if total and transfer is None:
+                    transfer = shown.transfer(f"importing {model.source}", total)
+                if transfer is not None:
+                    transfer.update(done)
+                time.sleep(interval)
+                model = self.get(model.id)
+        finally:
+            if transfer is not None:
+                transfer.close()
+        if model.status == "failed":
+            error = model.error or {}
+            raise ApiError(error.get("code", "import_failed"), error.get("message", "the import failed"),
+                           {"model_id": model.id, **({"details": error["details"]} if error.get("details") else {})})
+        return model
+
     def get(self, model_id: str) -> ModelOut:
         return ModelOut.model_validate(self._client.http.json("GET", f"/v1/models/{model_id}"))
 

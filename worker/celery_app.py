@@ -27,11 +27,15 @@ DELIVER_WEBHOOK_TASK = "worker.webhooks.deliver_webhook"
 # long job reserves nothing else (prefetch 1, acks_late). For prompt deliveries while every worker is busy, run one
 # more: `mcs worker --queues webhooks --concurrency 4`.
 WEBHOOK_QUEUE = "webhooks"
+IMPORT_MODEL_TASK = "worker.imports.import_model"
+# Every worker takes model imports (fetching a model from a bucket or a local Hugging Face cache: network and disk,
+# no compute) from this queue too; an operator can run dedicated importers: `mcs worker --queues imports`.
+IMPORT_QUEUE = "imports"
 
 
 def create_celery() -> Celery:
     settings = get_settings()
-    celery = Celery("mcs", broker=settings.broker_url, include=["worker.tasks", "worker.webhooks"])
+    celery = Celery("mcs", broker=settings.broker_url, include=["worker.tasks", "worker.webhooks", "worker.imports"])
     celery.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -44,7 +48,7 @@ def create_celery() -> Celery:
         task_time_limit=settings.job_hard_time_limit_s,
         broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue("cpu"), Queue("gpu"), Queue(WEBHOOK_QUEUE)],
+        task_queues=[Queue("cpu"), Queue("gpu"), Queue(WEBHOOK_QUEUE), Queue(IMPORT_QUEUE)],
         task_default_queue=settings.default_queue,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -110,9 +114,10 @@ events.set_delivery_sender(send_deliveries)
 
 
 @celeryd_after_setup.connect
-def take_webhook_deliveries(sender: str, instance: Any, **_: Any) -> None:
-    """Whatever queues a worker was started with (`-Q cpu`), it also consumes the webhook queue."""
+def take_side_queues(sender: str, instance: Any, **_: Any) -> None:
+    """Whatever queues a worker was started with (`-Q cpu`), it also consumes the webhook and import queues."""
     instance.app.amqp.queues.select_add(WEBHOOK_QUEUE)
+    instance.app.amqp.queues.select_add(IMPORT_QUEUE)
 
 
 @setup_logging.connect

@@ -1,40 +1,59 @@
 """Import a model that already sits in a bucket (`s3://bucket/prefix`) or in a local Hugging Face cache
-(`hf://org/name[@revision]`) instead of uploading it: its files are fetched into this host's scratch, validated
-exactly as an upload's (`store_model_folder`) and stored.
+(`hf://org/name[@revision]`) instead of uploading it.
+
+`start_import` (the API, `POST /v1/models` with JSON) checks what needs no reading of the source (its syntax, the
+bucket allow-list, the endpoint, that credentials are given), records the model as `importing` and hands it to a
+worker. `run_import` (the worker, worker/imports.py) fetches the files into that worker's scratch with progress on
+the model's row, validates them exactly as an upload's (`store_model_folder`), stores them and marks the model
+`ready`, or `failed` with the error; a redelivered message finds the model no longer importing and does nothing.
 
 - s3:// reads only the buckets the operator lists (MCS_IMPORT_S3_BUCKETS), with the request's credentials or the
   configured profile (MCS_IMPORT_S3_PROFILE), never the service's own; an endpoint other than AWS must resolve to
-  public addresses (the webhook rule), unless MCS_IMPORT_ALLOW_PRIVATE.
-- hf:// reads the hub cache layout at MCS_HF_MIRROR_DIR (else HF_HUB_CACHE) with `local_files_only`: nothing is
-  downloaded from a hub; a repository or revision not in the cache is a 404.
+  public addresses (the webhook rule), unless MCS_IMPORT_ALLOW_PRIVATE. The request's keys travel to the worker in
+  the task message only (never in the database or a log line: the message's kwargsrepr hides them).
+- hf:// reads the hub cache layout at MCS_HF_MIRROR_DIR (else HF_HUB_CACHE) on the worker, with `local_files_only`:
+  nothing is downloaded from a hub; a repository or revision not in the cache fails the import (not_found).
 Only the top-level files a model folder needs are taken (weights, configs, tokenizer), within the chunked upload's
-caps (MCS_MAX_UPLOAD_FILES, MCS_MAX_UPLOAD_FILE_BYTES, MCS_MAX_MODEL_UPLOAD_BYTES).
+caps (MCS_MAX_UPLOAD_FILES, MCS_MAX_UPLOAD_FILE_BYTES, MCS_MAX_MODEL_UPLOAD_BYTES) and the tenant's stored-bytes quota,
+both checked on the source's listing before anything is fetched.
 """
 
 import fnmatch
 import hashlib
+import logging
 import re
-import shutil
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from sqlalchemy.orm import Session
+
 from core.compression.modelio import plain_file_name
-from core.errors import Forbidden, InvalidRequest, NotFound, PayloadTooLarge, StorageFailed, Unavailable
+from core.errors import Forbidden, InvalidRequest, NotFound, PayloadTooLarge, ServiceError, StorageFailed, Unavailable
 from core.service.chunked_uploads import manifest_sha256
+from core.service.db.models import Model, ModelStatus, new_id
+from core.service.db.repositories import Models
+from core.service.db.session import session_scope
+from core.service.quotas import check_storage
 from core.service.settings import Settings
 from core.service.storage import ArtifactStore
-from core.service.uploads import StoredUpload, scratch_dir, store_model_folder
+from core.service.uploads import StoredUpload, model_fields, scratch_dir, store_model_folder
 from core.service.webhooks import UnsafeUrl, check_public_host
 
+log = logging.getLogger(__name__)
 MODEL_FILES = ("*.safetensors", "*.json", "tokenizer*", "*.model", "vocab*", "merges.txt", "*.tiktoken")
 HF_SOURCE = r"hf://(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})(?:@(?P<rev>[A-Za-z0-9_.-]{1,100}))?"
 S3_SOURCE = r"s3://[a-z0-9][a-z0-9.-]{1,62}(?:/[^?#]*)?"
 # The request schema's pattern too (api/routers/imports.py): the same syntax in Python and in JSON Schema (ECMA)
 SOURCE_PATTERN = f"^(?:{HF_SOURCE.replace('?P<repo>', '').replace('?P<rev>', '')}|{S3_SOURCE})$"
+
+
+PROGRESS_EVERY_S = 1.0  # at most one progress write per second (a 16 GB import would otherwise write thousands)
 
 
 @dataclass(frozen=True)
@@ -54,24 +73,155 @@ class Imported:
     resolved: str  # the source as imported: hf://org/name@<commit>, or the s3:// prefix
 
 
+@dataclass
+class Progress:
+    """An import's stage and bytes, handed to `report` at most once a second and at every change of stage. Safe
+    from several threads (boto3 downloads in its transfer threads). `planned` may refuse the total (a quota)."""
+
+    report: Callable[[dict[str, Any]], None]
+    planned_check: Callable[[int], None] = lambda total: None
+    stage: str = "listing"
+    bytes_done: int = 0
+    bytes_total: int = 0
+    _reported_at: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, "bytes_done": self.bytes_done, "bytes_total": self.bytes_total}
+
+    def enter(self, stage: str) -> None:
+        with self._lock:
+            self.stage = stage
+            self._report()
+
+    def planned(self, total: int) -> None:
+        self.planned_check(total)
+        with self._lock:
+            self.stage, self.bytes_total = "downloading", total
+            self._report()
+
+    def advanced(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_done += nbytes
+            if time.monotonic() - self._reported_at >= PROGRESS_EVERY_S:
+                self._report()
+
+    def _report(self) -> None:
+        self._reported_at = time.monotonic()
+        self.report(self.as_dict())
+
+
+# -- the API's half --------------------------------------------------------------------------------------------------
+
+
+def check_source(source: str, credentials: S3Credentials | None, settings: Settings) -> None:
+    """Refuse, before anything is recorded, what can be refused without reading the source: a malformed source, a
+    bucket not on the allow-list, a private endpoint, an s3:// source without credentials or a profile."""
+    if source.startswith("hf://"):
+        if re.fullmatch(HF_SOURCE, source) is None:
+            raise InvalidRequest("an hf:// source reads hf://org/name or hf://org/name@revision", {"field": "source"})
+    elif source.startswith("s3://"):
+        _s3_source(source, settings)
+        _client(credentials or S3Credentials(), settings)
+    else:
+        raise InvalidRequest("source must be s3://bucket/prefix or hf://org/name[@revision]", {"field": "source"})
+
+
+def start_import(session: Session, tenant_id: str, source: str, name: str | None, credentials: S3Credentials | None,
+                 settings: Settings, enqueue: Callable[[Model, S3Credentials | None], bool]) -> Model:
+    """Record the model as `importing` and hand it to a worker; a broker that refuses withdraws it (503)."""
+    check_source(source, credentials, settings)
+    models = Models(session, tenant_id)
+    row: Model = models.add(id=new_id("mdl"), name=name or source[:200], architecture="", model_type="",
+                            num_parameters=0, size_bytes=0, sha256="", storage_key="", status=ModelStatus.importing,
+                            source=source, progress={"stage": "queued", "bytes_done": 0, "bytes_total": 0})
+    session.commit()
+    if not enqueue(row, credentials):
+        models.delete(row)
+        session.commit()
+        raise Unavailable("the import queue is unreachable, so the import was not started; retry shortly")
+    return row
+
+
+# -- the worker's half -----------------------------------------------------------------------------------------------
+
+
+def run_import(model_id: str, tenant_id: str, credentials: S3Credentials | None, settings: Settings,
+               store: ArtifactStore) -> None:
+    """Fetch, check and store the importing model `model_id`; it ends `ready` or `failed` with the error (a fault
+    that is not the user's is also re-raised, for the worker's log)."""
+    with session_scope() as session:
+        models = Models(session, tenant_id)
+        row = models.get(model_id) if models.exists(model_id) else None
+        if row is None or row.status != ModelStatus.importing:
+            return  # deleted before it started, or a redelivered message of an import that ended
+        source, default_name = row.source or "", row.name == (row.source or "")[:200]
+
+    def report(progress: dict[str, Any]) -> None:
+        with session_scope() as session:
+            Models(session, tenant_id).get(model_id).progress = progress
+
+    def within_quota(total: int) -> None:
+        with session_scope() as session:
+            check_storage(session, tenant_id, total, settings)
+
+    progress = Progress(report, within_quota)
+    try:
+        imported = import_model(source, credentials, model_id, settings, store, progress)
+        _record(model_id, tenant_id, imported, default_name, progress, settings, store)
+    except ServiceError as exc:
+        _fail(model_id, tenant_id, exc.as_dict(), progress)
+    except BaseException as exc:
+        _fail(model_id, tenant_id, {"code": "internal_error", "message": f"the import failed on the worker "
+                                    f"({type(exc).__name__}); it has been logged", "details": None}, progress)
+        raise
+
+
+def _record(model_id: str, tenant_id: str, imported: Imported, default_name: bool, progress: Progress,
+            settings: Settings, store: ArtifactStore) -> None:
+    """The stored model's row, ready; its files are removed unless this commits (nothing is left half-written)."""
+    try:
+        with session_scope() as session:
+            check_storage(session, tenant_id, imported.stored.size_bytes, settings)  # others may have stored since
+            row = Models(session, tenant_id).get(model_id)  # NotFound: deleted while importing
+            for name, value in model_fields(imported.stored).items():
+                setattr(row, name, value)
+            progress.stage = "done"
+            row.status, row.source, row.progress = ModelStatus.ready, imported.resolved, progress.as_dict()
+            row.name = imported.resolved[:200] if default_name else row.name
+    except BaseException:
+        store.delete(imported.stored.storage_key)
+        raise
+
+
+def _fail(model_id: str, tenant_id: str, error: dict[str, Any], progress: Progress) -> None:
+    with session_scope() as session:
+        try:
+            row = Models(session, tenant_id).get(model_id)
+        except NotFound:
+            log.info("model %s was deleted while it was importing", model_id)
+            return
+        row.status, row.error, row.progress = ModelStatus.failed, error, progress.as_dict()
+    log.info("import of model %s failed: %s", model_id, error["code"])
+
+
 def import_model(source: str, credentials: S3Credentials | None, model_id: str, settings: Settings,
-                 store: ArtifactStore) -> Imported:
+                 store: ArtifactStore, progress: Progress) -> Imported:
     """Fetch, validate and store the model at `source`; nothing is left on failure. Its sha256 is a chunked
     upload's: of its manifest (names, sizes and sha256 of its files)."""
     with scratch_dir(settings, "upload") as scratch:
         folder = scratch / "model"
         folder.mkdir()
         if source.startswith("hf://"):
-            resolved = _fetch_hf(source, folder, settings)
-        elif source.startswith("s3://"):
-            resolved = _fetch_s3(source, credentials or S3Credentials(), folder, settings)
+            resolved = _fetch_hf(source, folder, settings, progress)
         else:
-            raise InvalidRequest("source must be s3://bucket/prefix or hf://org/name[@revision]",
-                                 {"field": "source"})
+            resolved = _fetch_s3(source, credentials or S3Credentials(), folder, settings, progress)
+        progress.enter("checking")
         files = sorted(folder.iterdir())
         size = sum(f.stat().st_size for f in files)
         manifest: list[dict[str, Any]] = [{"path": f.name, "size": f.stat().st_size, "sha256": _sha256(f)}
                                           for f in files]
+        progress.enter("storing")
         info, key = store_model_folder(folder, model_id, settings, store)
     stored = StoredUpload(info=info, sha256=manifest_sha256(manifest), size_bytes=size, storage_key=key)
     return Imported(stored, resolved)
@@ -107,7 +257,7 @@ def _check_caps(sizes: dict[str, int], settings: Settings) -> None:
 # -- hf:// --------------------------------------------------------------------------------------------------------
 
 
-def _fetch_hf(source: str, folder: Path, settings: Settings) -> str:
+def _fetch_hf(source: str, folder: Path, settings: Settings, progress: Progress) -> str:
     """Copy the model files of a cached snapshot (resolving its symlinks into the cache's blobs)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -124,16 +274,25 @@ def _fetch_hf(source: str, folder: Path, settings: Settings) -> str:
                        "HF_HUB_CACHE); this service never downloads from the Hub: put the snapshot there first",
                        {"source": source}) from exc
     files = {entry.name: entry for entry in snapshot.iterdir() if _wanted(entry.name) and entry.is_file()}
-    _check_caps({name: path.stat().st_size for name, path in files.items()}, settings)
+    sizes = {name: path.stat().st_size for name, path in files.items()}
+    _check_caps(sizes, settings)
+    progress.planned(sum(sizes.values()))
     for name, path in files.items():
-        shutil.copyfile(path, folder / name)  # follows the snapshot's symlink to its blob
+        _copy(path, folder / name, progress)  # follows the snapshot's symlink to its blob
     return f"hf://{repo}@{snapshot.name}"
+
+
+def _copy(source: Path, target: Path, progress: Progress) -> None:
+    with source.open("rb") as reader, target.open("wb") as writer:
+        while chunk := reader.read(8 << 20):
+            writer.write(chunk)
+            progress.advanced(len(chunk))
 
 
 # -- s3:// --------------------------------------------------------------------------------------------------------
 
 
-def _fetch_s3(source: str, credentials: S3Credentials, folder: Path, settings: Settings) -> str:
+def _fetch_s3(source: str, credentials: S3Credentials, folder: Path, settings: Settings, progress: Progress) -> str:
     """Download the model files directly under the prefix (not deeper), after the allow-list and endpoint checks."""
     bucket, prefix = _s3_source(source, settings)
     client = _client(credentials, settings)
@@ -143,8 +302,9 @@ def _fetch_s3(source: str, credentials: S3Credentials, folder: Path, settings: S
         sizes = {item["Key"][len(listing):]: int(item["Size"]) for page in pages for item in page.get("Contents", [])
                  if _wanted(item["Key"][len(listing):])}
         _check_caps(sizes, settings)
+        progress.planned(sum(sizes.values()))
         for name, size in sizes.items():
-            client.download_file(bucket, f"{listing}{name}", str(folder / name))
+            client.download_file(bucket, f"{listing}{name}", str(folder / name), Callback=progress.advanced)
             if (folder / name).stat().st_size != size:
                 raise Unavailable(f"{name}: got {(folder / name).stat().st_size} bytes, expected {size}")
     return f"s3://{bucket}/{listing}"

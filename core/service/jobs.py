@@ -104,7 +104,7 @@ def check_references(spec: dict[str, Any], datasets: Datasets, models: Models) -
             if key == "dataset_id" and isinstance(value, str):
                 _check_dataset(datasets.get(value), step)
             elif key == "teacher" and isinstance(value, str) and value != "original":
-                models.get(value)
+                models.get_ready(value)
 
 
 def _check_dataset(dataset: Dataset, step: dict[str, Any]) -> None:

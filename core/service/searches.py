@@ -52,7 +52,7 @@ def submit_search(session: Session, tenant_id: str, model_id: str, spec: SearchS
                   settings: Settings) -> Search:
     """Create the search and submit its first trials. A first trial the jobs' own checks refuse (the model, the
     dataset, the queue's workers, quotas) refuses the search with the same error, and nothing is left behind."""
-    model = Models(session, tenant_id).get(model_id)
+    model = Models(session, tenant_id).get_ready(model_id)
     space = spec.space or default_space(model.architecture)
     stored = spec.model_copy(update={"space": space}).model_dump(mode="json")
     search = Search(tenant_id=tenant_id, model_id=model_id, queue=queue, spec=stored, trials=[],

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from core.compression.archive import extract_archive
 from core.compression.modelio import ModelInfo, inspect_model_folder
@@ -93,17 +93,15 @@ def store_model_folder(root: Path, model_id: str, settings: Settings, store: Art
     return info, key
 
 
+def model_fields(stored: StoredUpload) -> dict[str, Any]:
+    """What a stored model folder sets on its row."""
+    return {"architecture": stored.info.architecture, "model_type": stored.info.model_type,
+            "num_parameters": stored.info.num_parameters, "size_bytes": stored.info.weight_bytes,
+            "block_shape": asdict(stored.info.block_shape) if stored.info.block_shape else None,
+            "sha256": stored.sha256, "storage_key": stored.storage_key}
+
+
 def add_model_row(models: Models, model_id: str, name: str, stored: StoredUpload) -> Model:
     """The model's row for a stored upload (the caller commits)."""
-    row: Model = models.add(
-        id=model_id,
-        name=name,
-        architecture=stored.info.architecture,
-        model_type=stored.info.model_type,
-        num_parameters=stored.info.num_parameters,
-        size_bytes=stored.info.weight_bytes,
-        block_shape=asdict(stored.info.block_shape) if stored.info.block_shape else None,
-        sha256=stored.sha256,
-        storage_key=stored.storage_key,
-    )
+    row: Model = models.add(id=model_id, name=name, **model_fields(stored))
     return row

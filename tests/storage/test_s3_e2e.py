@@ -1,11 +1,12 @@
 """End to end on S3 with no shared disk: the API and the worker are separate processes with their own var and
 scratch folders and no artifact folder in common; models, datasets and artifacts travel only through the bucket
 (moto's server). Upload, job (the worker fetches the model and the calibration dataset into its own scratch),
-download through the API and through a presigned redirect."""
+download through the API and through a presigned redirect; a model imported from another bucket by the worker."""
 
 import hashlib
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import httpx
 import pytest
 
 from cli.stack import free_port, spawn, stop_processes, wait_ready
+from client import Client
 from core import load_compressed
 from core.compression import metrics
 from core.service.storage.s3 import S3ArtifactStore
@@ -25,6 +27,7 @@ from tests.storage.helpers import AWS_ENV, object_keys, s3_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 GPTQ = {"type": "quantize", "method": "gptq", "group_size": 32}
+SOURCE_BUCKET = f"mcs-import-{uuid.uuid4().hex[:12]}"  # a tenant's own bucket, which the operator allows imports from
 
 
 class Hosts:
@@ -59,7 +62,8 @@ def hosts(database_url, s3_endpoint, s3_bucket, tmp_path_factory) -> Iterator[tu
     prefix = "e2e"
     hosts = Hosts(tmp_path_factory.mktemp("no-shared-disk"),
                   s3_settings(s3_endpoint, s3_bucket, prefix, s3_multipart_threshold_bytes=str(5 * 1024**2),
-                              s3_multipart_chunk_bytes=str(5 * 1024**2)))
+                              s3_multipart_chunk_bytes=str(5 * 1024**2), import_s3_buckets=SOURCE_BUCKET,
+                              import_allow_private="true"))
     try:
         url = hosts.start()
         with httpx.Client(base_url=url, timeout=60) as client:
@@ -132,3 +136,35 @@ def test_a_redirecting_api_hands_out_presigned_urls(hosts, database_url, tmp_pat
         assert direct.history[0].status_code == 302 and "authorization" not in direct.request.headers  # key not sent on
     finally:
         stop_processes([api2])
+
+
+def test_the_worker_imports_a_model_from_a_bucket_with_progress_and_no_key_in_any_log(hosts, s3_endpoint, tmp_path):
+    """`client.models.import_from` against the real API and worker: the API only accepts, the worker fetches the
+    folder from the tenant's bucket into its own scratch and stores it; a job then runs on it. The request's secret
+    key appears in no log line of either process."""
+    import boto3
+
+    hosts, http = hosts
+    folder = save_model_folder(tiny_llama(), tmp_path / "llama")
+    source = boto3.client("s3", endpoint_url=s3_endpoint)
+    source.create_bucket(Bucket=SOURCE_BUCKET)
+    for file in folder.iterdir():
+        source.upload_file(str(file), SOURCE_BUCKET, f"team/llama/{file.name}")
+    secret = f"secret-{uuid.uuid4().hex}"
+    s3 = {"endpoint_url": s3_endpoint, "access_key_id": "tenant-key", "secret_access_key": secret}
+    with Client(str(http.base_url), http.headers["Authorization"].removeprefix("Bearer ")) as client:
+        accepted = client.models.import_from(f"s3://{SOURCE_BUCKET}/team/llama/", s3=s3, wait=False)
+        assert accepted.status == "importing"
+        model = client.models.import_from(f"s3://{SOURCE_BUCKET}/team/llama/", "llama", s3=s3, progress=False,
+                                          timeout=120, interval=0.2)
+    assert (model.status, model.name, model.architecture) == ("ready", "llama", "LlamaForCausalLM"), model
+    assert model.source == f"s3://{SOURCE_BUCKET}/team/llama/" and model.progress["stage"] == "done"
+    assert model.progress["bytes_done"] == model.progress["bytes_total"] == sum(
+        f.stat().st_size for f in folder.iterdir())
+    assert f"models/{model.id}/tree.json" in object_keys(hosts.store, "models/")
+    job = wait_for(http, http.post("/v1/jobs", json={"model_id": model.id, "steps": [
+        {"type": "quantize", "method": "rtn", "bits": 8}]}).json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+    logs = {name: (hosts.root / name / f"{name}.log").read_text() for name in ("api", "worker")}
+    assert "worker.imports.import_model" in logs["worker"] or model.id in logs["worker"], logs["worker"][-2000:]
+    assert all(secret not in text for text in logs.values())

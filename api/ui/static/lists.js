@@ -9,6 +9,14 @@ let total = 0;
 
 const link = (href, text) => el("a", { href }, text);
 
+// An import shows its bytes so far, or why it failed; an upload is ready.
+function modelStatus(model) {
+  if (model.status === "failed") return `failed: ${(model.error && model.error.message) || "see the API"}`;
+  const progress = model.progress || {};
+  if (model.status !== "importing" || !progress.bytes_total) return model.status;
+  return `importing ${Math.floor((100 * progress.bytes_done) / progress.bytes_total)}% of ${bytes(progress.bytes_total)}`;
+}
+
 const ROWS = {
   jobs: (job) => [
     link(`/ui/jobs/${encodeURIComponent(job.id)}`, job.id),
@@ -19,8 +27,9 @@ const ROWS = {
     when(job.created_at),
   ],
   models: (model) => [
-    model.id, model.name, model.architecture, formatValue(model.num_parameters), bytes(model.size_bytes),
-    when(model.created_at), link(`/ui/submit?model=${encodeURIComponent(model.id)}`, `Compress ${model.name}`),
+    model.id, model.name, modelStatus(model), model.architecture, formatValue(model.num_parameters),
+    bytes(model.size_bytes), when(model.created_at),
+    model.status === "ready" ? link(`/ui/submit?model=${encodeURIComponent(model.id)}`, `Compress ${model.name}`) : "",
   ],
   datasets: (dataset) => [
     dataset.id, dataset.name, dataset.format, formatValue(dataset.num_samples), bytes(dataset.size_bytes),

@@ -12,7 +12,7 @@ function describe() {
 
 async function fillModels() {
   const wanted = new URLSearchParams(location.search).get("model");
-  const { items } = await api("/v1/models?page_size=100");
+  const items = (await api("/v1/models?page_size=100")).items.filter((m) => m.status === "ready");
   const options = items.map((m) => el("option", { value: m.id }, `${m.name} (${m.id}, ${m.architecture})`));
   byId("model-select").replaceChildren(...options);
   if (wanted) byId("model-select").value = wanted;

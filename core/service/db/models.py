@@ -83,6 +83,15 @@ class TenantQuota(Base):
     queued_jobs: Mapped[int | None]
 
 
+class ModelStatus(StrEnum):
+    """An upload's model is `ready` at once; an import (`POST /v1/models` with a source) is `importing` until a
+    worker has fetched, checked and stored it, then `ready` or `failed` (its `error` says why)."""
+
+    importing = "importing"
+    ready = "ready"
+    failed = "failed"
+
+
 class Model(Base):
     __tablename__ = "models"
 
@@ -99,6 +108,13 @@ class Model(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default=ModelStatus.ready, server_default=ModelStatus.ready)
+    # An import's source as resolved (hf://org/name@<commit>, s3://bucket/prefix/); null for an upload.
+    source: Mapped[str | None] = mapped_column(String(1000), nullable=True)
+    # An import's progress ({"stage", "bytes_done", "bytes_total"}) and, when it failed, its error ({"code",
+    # "message", "details"}: the error tree's, core/errors.py).
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class Dataset(Base):

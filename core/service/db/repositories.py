@@ -24,6 +24,7 @@ from core.service.db.models import (
     JobStatus,
     JobStep,
     Model,
+    ModelStatus,
     Search,
     Tenant,
     TenantQuota,
@@ -235,6 +236,17 @@ class _TenantScoped:
         return rows, total
 
 
+def ready(model: Model) -> Model:
+    """The model, if a job may use it: an import still running or failed is a 409 that says so."""
+    if model.status == ModelStatus.importing:
+        raise Conflict(f"model {model.id!r} is still importing; wait until GET /v1/models/{model.id} says ready",
+                       {"model_id": model.id, "status": model.status})
+    if model.status == ModelStatus.failed:
+        raise Conflict(f"model {model.id!r} failed to import ({(model.error or {}).get('message', 'see its error')}); "
+                       "import it again", {"model_id": model.id, "status": model.status})
+    return model
+
+
 class Models(_TenantScoped):
     row_type = Model
     noun = "model"
@@ -247,7 +259,10 @@ class Models(_TenantScoped):
         ) if "\x00" not in model_id else None
         if row is None:
             raise NotFound(f"model {model_id!r} not found")
-        return row
+        return ready(row)
+
+    def get_ready(self, model_id: str) -> Model:
+        return ready(self.get(model_id))
 
     def exists(self, model_id: str) -> bool:
         query = select(Model.id).where(Model.id == model_id, Model.tenant_id == self.tenant_id)
