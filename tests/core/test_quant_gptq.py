@@ -101,3 +101,32 @@ def heavy_tailed(rows: int, columns: int) -> torch.Tensor:
     weight = torch.randn(rows, columns, generator=generator)
     outliers = torch.rand(rows, columns, generator=generator) < 0.02
     return torch.where(outliers, weight * 8, weight)
+
+
+def test_a_full_range_grid_puts_each_groups_extreme_on_the_lowest_code_and_rounds_finer() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(64, 128)
+    weight[0, :32] = torch.linspace(-1, 3, 32)  # the extreme is positive: its scale is negative
+    narrow, full = IntGrid(4, True, "per_group", 32), IntGrid(4, True, "per_group", 32, full_range=True)
+    full_params = grid_params(weight, full)
+    codes = quantize_codes(weight, full_params, full)
+    assert full_params.scale[0, 0] < 0 and codes[0, 31] == 0 and int(codes.max()) <= 15
+    assert float(dequantize_codes(codes, full_params, full)[0, 31]) == pytest.approx(3.0, rel=1e-3)
+    narrow_codes = quantize_codes(weight, grid_params(weight, narrow), narrow)
+    assert bool((codes == 0).any()) and not bool((narrow_codes == 0).any())
+
+    def error(grid: IntGrid) -> float:
+        params = grid_params(weight, grid)
+        return float((dequantize_codes(quantize_codes(weight, params, grid), params, grid) - weight).square().mean())
+
+    assert error(full) < 0.85 * error(narrow)  # 16 levels instead of 15 over the same range
+
+
+def test_gptq_keeps_full_range_codes_and_refuses_it_asymmetric() -> None:
+    torch.manual_seed(0)
+    weight, inputs = torch.randn(32, 64), torch.randn(256, 64)
+    grid = IntGrid(4, True, "per_group", 32, full_range=True)
+    codes, params = gptq_quantize(weight, inputs.T @ inputs, grid, act_order=True, clip_search=True)
+    assert int(codes.min()) == 0 and bool((params.scale < 0).any())
+    with pytest.raises(ValueError, match="symmetric"):
+        IntGrid(4, False, "per_group", 32, full_range=True)

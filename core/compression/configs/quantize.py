@@ -123,7 +123,17 @@ class QuantizeGPTQ(_IntGridFields):
     clip_search: bool = Field(
         default=True, description="shrink each group's range where that lowers its activation-weighted error"
     )
+    full_range: bool = Field(
+        default=False, description="symmetric codes use all 2**bits levels: each group's largest-magnitude weight "
+        "lands exactly on the lowest code, its scale taking that weight's sign (llama.cpp's Q4_0 rounding: one "
+        "level more than max|w| / (2**(bits-1) - 1)); symmetric only")
     calibration: CalibrationData = Field(default_factory=CalibrationData)
+
+    @model_validator(mode="after")
+    def _full_range_is_symmetric(self) -> "QuantizeGPTQ":
+        if self.full_range and not self.symmetric:
+            raise ValueError("full_range applies to symmetric grids only (symmetric: true)")
+        return self
 
 
 class QuantizeFP8(StepConfig):

@@ -73,7 +73,7 @@ def _quantize_block(
     dynamic: bool,
 ) -> torch.Tensor:
     """Quantize the block's columns in order, writing `codes`; returns the errors scaled by 1 / hinv[i, i]."""
-    low, high = (0, grid.levels) if params.zero_point is not None else (1, grid.levels)
+    low, high = (0, grid.levels) if params.zero_point is not None else grid.code_bounds
     width = grid.group_size or hinv.shape[0]
     errors = torch.zeros_like(block.weights)
     for j in range(block.weights.shape[0]):

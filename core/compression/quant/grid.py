@@ -4,6 +4,9 @@ A 2-D weight (out_features x in_features, or vocab x dim for an embedding) is qu
 `group_size` consecutive columns of one row. Codes are unsigned, in [0, 2**bits):
 
     symmetric:  w ~ (code - 2**(bits-1)) * scale, codes 2**(bits-1) +- (2**(bits-1) - 1), scale = max|w| / qmax
+    full range: symmetric with all 2**bits codes: scale = -m / 2**(bits-1), m the group's weight of largest
+                magnitude with its sign, which lands exactly on code 0 (llama.cpp's Q4_0/Q8_0 rounding; scales
+                may be negative). Decoding is the same formula, so the artifact format does not change.
     asymmetric: w ~ (code - zero_point) * scale, integer zero_point, scale = (max - min) / (2**bits - 1)
 
 Scales are float16 (half the overhead of float32; GPTQ and compressed-tensors do the same) and codes are rounded
@@ -28,10 +31,13 @@ class IntGrid:
     symmetric: bool = True
     granularity: Granularity = "per_channel"
     group_size: int | None = None
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be between 2 and 8, got {self.bits}")
+        if self.full_range and not self.symmetric:
+            raise ValueError("full_range applies to symmetric grids only")
         if (self.granularity == "per_group") != (self.group_size is not None):
             raise ValueError(f"granularity {self.granularity!r} and group_size {self.group_size} do not match")
 
@@ -43,6 +49,11 @@ class IntGrid:
     def offset(self) -> int:
         """The code of 0.0 on a symmetric grid."""
         return 2 ** (self.bits - 1)
+
+    @property
+    def code_bounds(self) -> tuple[int, int]:
+        """The lowest and highest unsigned code a symmetric grid uses."""
+        return (0 if self.full_range else 1), self.levels
 
     def group_columns(self, columns: int) -> int:
         """Columns that share one scale: a group, or the whole row."""
@@ -100,6 +111,9 @@ def searched_grid_params(
 
 def params_from_range(low: torch.Tensor, high: torch.Tensor, grid: IntGrid) -> GridParams:
     """Scales and zero points for value ranges [low, high] that contain 0 (padding columns are zeros)."""
+    if grid.symmetric and grid.full_range:
+        extreme = torch.where(high >= -low, high, low)
+        return GridParams(_fp16_scale(-extreme / grid.offset), None)
     if grid.symmetric:
         return GridParams(_fp16_scale(high.maximum(-low) / (grid.offset - 1)), None)
     scale = _fp16_scale((high - low) / grid.levels)
@@ -111,8 +125,8 @@ def quantize_codes(weight: torch.Tensor, params: GridParams, grid: IntGrid) -> t
     """Unsigned codes (uint8, same shape as `weight`) rounded to nearest on the grid of `params`."""
     scale, zero = expand_params(params, grid, weight.shape[1])
     if grid.symmetric:
-        limit = grid.offset - 1
-        return (torch.clamp(torch.round(weight.float() / scale), -limit, limit) + grid.offset).to(torch.uint8)
+        low, high = grid.code_bounds
+        return torch.clamp(torch.round(weight.float() / scale) + grid.offset, low, high).to(torch.uint8)
     return torch.clamp(torch.round(weight.float() / scale) + zero, 0, grid.levels).to(torch.uint8)
 
 
@@ -140,6 +154,7 @@ def _grouped(weight: torch.Tensor, grid: IntGrid) -> torch.Tensor:
 
 
 def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
-    # An all-zero group has no range: scale 1 encodes it as the zero code instead of 0 / 0 = NaN.
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return scale.clamp(FP16_TINY, FP16_MAX).to(torch.float16)
+    # An all-zero group has no range: scale 1 encodes it as the zero code instead of 0 / 0 = NaN. A full-range
+    # grid's scale keeps its sign.
+    magnitude = torch.where(scale != 0, scale.abs(), torch.ones_like(scale)).clamp(FP16_TINY, FP16_MAX)
+    return torch.where(scale < 0, -magnitude, magnitude).to(torch.float16)

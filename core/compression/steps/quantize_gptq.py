@@ -33,7 +33,7 @@ def quantize_gptq_step(state: ModelState, config: QuantizeGPTQ, ctx: StepContext
     Example recipe step: `{"type": "quantize", "method": "gptq", "bits": 4, "granularity": "per_group",
     "group_size": 128, "calibration": {"dataset_id": null, "num_samples": 32, "seq_len": 512}}`.
     """
-    grid = IntGrid(config.bits, config.symmetric, config.granularity, config.columns_per_scale)
+    grid = IntGrid(config.bits, config.symmetric, config.granularity, config.columns_per_scale, config.full_range)
     weights = selected_weights(state.model, config)
     batch = calibration_for(state, config.calibration, ctx)
     stats = _Stats()
