@@ -30,10 +30,10 @@ IDENTITY: list[WorkerIdentity] = []
 
 @worker_ready.connect
 def report_at_start(sender: Any, **_: Any) -> None:
-    # the job queues it serves: every worker also takes the webhook deliveries, which need no capacity
-    from worker.celery_app import WEBHOOK_QUEUE
+    # the job queues it serves: every worker also takes webhook deliveries and model imports, which need no capacity
+    from worker.celery_app import IMPORT_QUEUE, WEBHOOK_QUEUE
 
-    queues = sorted(name for name in sender.app.amqp.queues.consume_from if name != WEBHOOK_QUEUE)
+    queues = sorted(name for name in sender.app.amqp.queues.consume_from if name not in (WEBHOOK_QUEUE, IMPORT_QUEUE))
     IDENTITY[:] = [WorkerIdentity(str(sender.hostname), queues)]
     report_capacity()
 
