@@ -366,7 +366,9 @@ def section(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"{news['overlap']['token_spans']['span_tokens']}-token span.",
         f"- w4a16-gptq ran with `\"overrides\": {{\"calibration\": {{\"num_samples\": {args.gptq_samples}}}}}` "
         f"({args.gptq_samples} × 512 calibration tokens instead of the preset's 256 × 512, which take ~17 min on "
-        "this machine: bench.quant_smollm2 measured 37.97 = 1.149× with 256).",
+        "this machine; with 256, on the first 4,096 tokens of the same file, bench.presets_api measured 1.165× "
+        "through the API on an AMD EPYC and bench.quant_smollm2 1.149× on an Intel Xeon). The sentiment rows below "
+        "show what the 4-bit model loses beyond perplexity.",
         "",
         f"### SmolLM2-135M: sentiment as a multiple-choice task ({args.reviews} of the 200 labelled review "
         "sentences of pang_lee_polarity.cor, half of them positive)",
