@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from core.compression.search import (
@@ -34,6 +35,7 @@ from core.compression.search import (
     sensitivity_of,
     suggest,
 )
+from core.compression.spec import JobSpec
 from core.errors import Conflict, InvalidSpec, ServiceError
 from core.service.db.models import TERMINAL, Job, JobStatus, Search, SearchStatus, utcnow
 from core.service.db.repositories import Jobs, Models, Searches, running_searches
@@ -234,6 +236,7 @@ def _submit_all(session: Session, tenant_id: str, search_id: str, planned: list[
         request = JobRequest(search.model_id or "", spec, search.queue, {"search_id": search_id, "trial": number,
                                                                           **spec})
         try:
+            _check_trial(spec)
             submit_job(session, tenant_id, request, f"search-{search_id}-trial-{number}",
                        _linking(session, tenant_id, search_id, number, enqueue), settings)
         except InvalidSpec as exc:
@@ -249,6 +252,18 @@ def _submit_all(session: Session, tenant_id: str, search_id: str, planned: list[
             _trial_refused(session, tenant_id, search_id, number, exc, end=True)
             return False
     return refused
+
+
+def _check_trial(spec: dict[str, Any]) -> None:
+    """InvalidSpec unless the trial's recipe passes the checks a submitted job's gets at the API: the search writes
+    it, so no request schema has looked at it (a pydantic error here would otherwise leave the trial pending)."""
+    try:
+        JobSpec.model_validate(spec)
+    except ValidationError as exc:
+        problems = [{"field": ".".join(str(part) for part in error["loc"]), "message": error["msg"]}
+                    for error in exc.errors()]
+        raise InvalidSpec(f"the search built an invalid trial recipe: {problems[0]['field']}: "
+                          f"{problems[0]['message']}", problems) from exc
 
 
 def _linking(session: Session, tenant_id: str, search_id: str, number: int, enqueue: Enqueue) -> Enqueue:

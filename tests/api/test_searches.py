@@ -17,10 +17,11 @@ from sqlalchemy import select
 
 from api import queue
 from cli.stack import local_stack
+from core.errors import InvalidSpec
 from core.service.db.models import Job
 from core.service.db.repositories import JobRuns
 from core.service.db.session import session_scope
-from core.service.searches import advance_running_searches
+from core.service.searches import _check_trial, advance_running_searches
 from core.service.settings import get_settings
 from core.service.storage import get_store
 from tests.fixtures.api import zip_folder
@@ -152,6 +153,17 @@ def test_the_sweeper_advances_a_search_whose_trial_ended_without_its_completion_
     assert advance_running_searches(queue.enqueue, get_settings()) == 1  # what every worker's sweeper runs
     trials = finished(client, auth, search["id"])["trials"]
     assert [t["status"] for t in trials] == ["succeeded", "queued"] and trials[0]["size_ratio"] > 0
+
+
+def test_a_trial_recipe_the_api_would_refuse_is_refused_as_invalid_spec() -> None:
+    """The search writes its trials' recipes itself: one that a job submitted over HTTP could not carry becomes an
+    InvalidSpec naming the field (the trial is then recorded refused and planning goes on), not a pydantic error
+    that left the trial pending and the search running forever."""
+    steps = [{"type": "quantize", "method": "rtn", "bits": 4, "exclude": [f"m{i}" for i in range(1025)]}]
+    with pytest.raises(InvalidSpec, match=r"invalid trial recipe: steps\.0\..*exclude") as refused:
+        _check_trial({"steps": steps})
+    assert refused.value.details[0]["field"].endswith("exclude")
+    _check_trial({"steps": [{**steps[0], "exclude": ["m0"]}]})
 
 
 def test_what_cannot_work_is_refused_before_a_search_exists(client: TestClient, auth: dict[str, str],

@@ -22,6 +22,7 @@ from core.compression.search import (
     protected_weights,
     sensitivity_from,
     suggest,
+    trial_recipe,
 )
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext
@@ -110,6 +111,19 @@ def test_a_trial_protects_what_trial_0_found_sensitive_and_its_recipe_runs() -> 
     widths = {name: encoding.meta["bits"] for name, encoding in state.encodings.items()}
     assert set(widths) == set(scan)
     assert all(widths[name] == (8 if name in plan.protected else 2) for name in scan), widths
+
+
+def test_a_trial_may_protect_more_modules_than_a_hand_written_list_would_hold() -> None:
+    """A 7B Llama's 224 Linears, 30% of them protected, are listed by name in the trial's exclude and targets:
+    the recipe is a valid job spec (a 64-entry cap on those lists once left such a trial pending forever)."""
+    names = [f"model.layers.{i}.mlp.{kind}_proj" for i in range(32) for kind in ("gate", "up", "down")]
+    sensitivity = {f"{name}.weight": WeightSensitivity(1, (name,), {4: 0.1, 8: 0.0}) for name in names}
+    protected = list(sensitivity)[:70]
+    steps = trial_recipe({**GRID, "bits": 4}, SPACE, protected, sensitivity)
+    assert len(steps[0]["exclude"]) == 70 and len(steps[1]["targets"]) == 70
+    JobSpec.model_validate({"steps": steps})
+    with pytest.raises(ValidationError, match="at most 1024"):
+        JobSpec.model_validate({"steps": [{**steps[0], "exclude": [f"m{i}" for i in range(1025)]}]})
 
 
 def test_the_sampler_is_seeded_and_never_repeats_a_trial() -> None:
