@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from core.compression.encoding import decode, quantize_rtn
-from core.compression.quant.gptq import gptq_quantize
+from core.compression.quant.gptq import gptq_quantize, refitted_scales
 from core.compression.quant.grid import IntGrid, dequantize_codes, grid_params, quantize_codes, searched_grid_params
 from tests.core.quant_helpers import cosine_vs_fp32, quantize_with
 from tests.models import tiny_bert, tiny_llama, tiny_tokenizer
@@ -130,3 +130,40 @@ def test_gptq_keeps_full_range_codes_and_refuses_it_asymmetric() -> None:
     assert int(codes.min()) == 0 and bool((params.scale < 0).any())
     with pytest.raises(ValueError, match="symmetric"):
         IntGrid(4, False, "per_group", 32, full_range=True)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("grid", [IntGrid(4, False, "per_group", 32), IntGrid(3, True, "per_channel"),
+                                  IntGrid(4, True, "per_group", 32, full_range=True)])
+def test_refitted_scales_lower_the_output_error_and_keep_the_format(grid: IntGrid, act_order: bool) -> None:
+    generator = torch.Generator().manual_seed(5)
+    inputs = torch.randn(512, 8, generator=generator) @ torch.randn(8, 96, generator=generator)  # correlated
+    inputs = inputs + 0.05 * torch.randn(512, 96, generator=generator)
+    weight, hessian = heavy_tailed(24, 96), inputs.T @ inputs
+    base_codes, base = gptq_quantize(weight, hessian, grid, act_order=act_order, clip_search=True)
+    one_codes, one = gptq_quantize(weight, hessian, grid, act_order=act_order, clip_search=True, refit_rounds=1)
+    _, two = gptq_quantize(weight, hessian, grid, act_order=act_order, clip_search=True, refit_rounds=2)
+    assert torch.equal(one_codes, base_codes)  # one round moves the scales only
+    assert one.scale.dtype == torch.float16 and one.scale.shape == base.scale.shape
+    assert bool((torch.sign(one.scale) == torch.sign(base.scale)).all())  # a full-range scale keeps its sign
+    assert (one.zero_point is None) == (base.zero_point is None)
+    if base.zero_point is not None:
+        assert torch.equal(one.zero_point, base.zero_point)
+    errors = [output_error(weight, dequantize_codes(codes, params, grid), inputs)
+              for codes, params in [(base_codes, base), (one_codes, one)]]
+    assert errors[1] < 0.99 * errors[0]
+
+
+def test_refitted_scales_solve_the_least_squares_problem_exactly() -> None:
+    # With the codes fixed, a row's decoded weight is linear in its scales: compare with torch.linalg.lstsq on X.
+    generator = torch.Generator().manual_seed(6)
+    inputs, weight = torch.randn(300, 64, generator=generator), torch.randn(3, 64, generator=generator)
+    grid = IntGrid(4, False, "per_group", 16)
+    params = grid_params(weight, grid)
+    codes = quantize_codes(weight, params, grid)
+    fitted = refitted_scales(weight, inputs.T @ inputs, codes, params, grid, dampening=1e-9)
+    centred = codes.float() - params.zero_point.float().repeat_interleave(16, dim=1)
+    for row in range(3):
+        basis = torch.stack([torch.where(torch.arange(64) // 16 == g, centred[row], 0.0) for g in range(4)], dim=1)
+        exact = torch.linalg.lstsq((inputs @ basis).double(), (inputs @ weight[row]).double()[:, None]).solution
+        assert torch.allclose(fitted.scale[row].float(), exact[:, 0].float(), rtol=2e-3)

@@ -123,6 +123,11 @@ class QuantizeGPTQ(_IntGridFields):
     clip_search: bool = Field(
         default=True, description="shrink each group's range where that lowers its activation-weighted error"
     )
+    refit_rounds: int = Field(
+        default=0, ge=0, le=4, description="rounds of re-solving each row's scales for the codes GPTQ chose (least "
+        "squares in the input Hessian; same format, lower output error), each round after the first re-running "
+        "GPTQ on the refitted scales: 2 cut SmolLM2's layer error 3-7% for twice GPTQ's time"
+    )
     full_range: bool = Field(
         default=False, description="symmetric codes use all 2**bits levels: each group's largest-magnitude weight "
         "lands exactly on the lowest code, its scale taking that weight's sign (llama.cpp's Q4_0 rounding: one "

@@ -10,8 +10,18 @@ Without it, a group's scale is found when its first column is reached, from the 
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
-from core.compression.quant.grid import GridParams, IntGrid, grid_params, searched_grid_params
+from core.compression.quant.grid import (
+    FP16_MAX,
+    FP16_TINY,
+    GridParams,
+    IntGrid,
+    dequantize_codes,
+    expand_params,
+    grid_params,
+    searched_grid_params,
+)
 from core.compression.quant.threads import one_torch_thread
 
 CHOLESKY_RETRIES = 6
@@ -35,27 +45,53 @@ def gptq_quantize(
     block_columns: int = 128,
     act_order: bool = False,
     clip_search: bool = False,
+    refit_rounds: int = 0,
 ) -> tuple[torch.Tensor, GridParams]:
     """Unsigned codes (rows x columns, uint8) and grid params for `weight`, minimising ‖(W - Q) X‖² rather than
-    ‖W - Q‖². Example: `codes, params = gptq_quantize(linear.weight, hessian, IntGrid(4, True, "per_group", 128))`.
+    ‖W - Q‖². Each of `refit_rounds` re-solves the scales for the codes chosen (`refitted_scales`); a round after
+    the first runs GPTQ again on the refitted scales first, so the codes can follow them.
+    Example: `codes, params = gptq_quantize(linear.weight, hessian, IntGrid(4, True, "per_group", 128))`.
     """
+    args = (grid, dampening, block_columns, act_order, clip_search)
     with torch.no_grad(), one_torch_thread():  # thousands of tiny ops per layer
-        return _gptq(weight, hessian, grid, dampening, block_columns, act_order, clip_search)
+        codes, params = _gptq(weight, hessian, *args)
+    if grid.granularity == "per_tensor" or not refit_rounds:
+        return codes, params  # per tensor: one scale for the whole tensor, nothing for a per-row refit to move
+    best = (codes, params, output_error(weight, dequantize_codes(codes, params, grid), hessian))
+    for round_ in range(refit_rounds):
+        with torch.no_grad():
+            if round_:
+                with one_torch_thread():
+                    codes, params = _gptq(weight, hessian, *args, fixed=params)
+            params = refitted_scales(weight, hessian, codes, params, grid, dampening)
+            error = output_error(weight, dequantize_codes(codes, params, grid), hessian)
+        if error < best[2]:  # a round is not always an improvement (without act_order, say): keep the best
+            best = (codes, params, error)
+    return best[0], best[1]
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """GPTQ's objective ‖(W - Q)X‖² = tr((W - Q) H (W - Q)ᵀ), H = X Xᵀ summed over the calibration tokens."""
+    delta = weight.detach().float() - quantized
+    return float(((delta @ hessian.float()) * delta).sum())
 
 
 def _gptq(
     weight: torch.Tensor, hessian: torch.Tensor, grid: IntGrid, dampening: float, block_columns: int, act_order: bool,
-    clip_search: bool,
+    clip_search: bool, fixed: GridParams | None = None,
 ) -> tuple[torch.Tensor, GridParams]:
     w, diag = weight.detach().float().clone(), torch.diag(hessian.detach()).double()
     dead = diag == 0  # inputs that were always zero: their weights cannot matter, so they go to 0
     diag[dead] = 1
     w[:, dead] = 0
-    # Static scales; without act_order each group's are replaced when reached.
-    params = searched_grid_params(w, grid, diag) if clip_search else grid_params(w, grid)
+    # Static scales (or the `fixed` ones given); without act_order each group's are replaced when reached.
+    if fixed is not None:
+        params = GridParams(fixed.scale.clone(), None if fixed.zero_point is None else fixed.zero_point.clone())
+    else:
+        params = searched_grid_params(w, grid, diag) if clip_search else grid_params(w, grid)
     order = torch.argsort(diag, descending=True) if act_order else torch.arange(w.shape[1], device=w.device)
     w, hinv = w[:, order], _inverse_cholesky(_float64_hessian(hessian, dead, order if act_order else None), dampening)
-    dynamic = grid.granularity == "per_group" and not act_order
+    dynamic = grid.granularity == "per_group" and not act_order and fixed is None
     codes = torch.zeros(w.shape[1], w.shape[0], dtype=torch.uint8, device=w.device)
     step = _block_width(grid, block_columns) if dynamic else block_columns
     importance = diag[order].float() if clip_search and dynamic else None
@@ -66,6 +102,54 @@ def _gptq(
         errors = _quantize_block(block, hinv[start:end, start:end], codes[start:end], params, grid, start, dynamic)
         w[:, end:] -= errors.T @ hinv[start:end, end:]  # lazy batch update of the columns after the block
     return codes.T[:, torch.argsort(order)].contiguous(), params
+
+
+def refitted_scales(
+    weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, params: GridParams, grid: IntGrid,
+    dampening: float, chunk_elements: int = 1 << 24,
+) -> GridParams:
+    """The scales that minimise ‖(W - Q) X‖² for the codes GPTQ chose, zero points kept.
+
+    GPTQ picks codes against scales fixed before it (the clip search's), so once the codes are known each row's
+    decoded weight Σ_g s_g (q_g - z_g) is linear in its scales: they solve a G x G least-squares system in the
+    (damped) input Hessian, G the row's groups. The codes and the stored format do not change. A refitted scale
+    that is not finite, changes sign or moves by more than 2x is not trusted and the old one is kept.
+    """
+    w, h = weight.detach().float(), hessian.detach().float()
+    damp = dampening * float(torch.diag(h).mean())
+    width = grid.group_columns(w.shape[1])
+    pad = -w.shape[1] % width
+    # H padded to whole groups (zero rows and columns for the padding), then (columns, groups, group columns)
+    h_groups = F.pad(h, (0, pad, 0, pad)).view(w.shape[1] + pad, -1, width)
+    groups = h_groups.shape[1]
+    rows_per_chunk = max(1, chunk_elements // ((w.shape[1] + pad) * groups))
+    old = params.scale.float()
+    fresh = old.clone()
+    for start in range(0, w.shape[0], rows_per_chunk):
+        rows = slice(start, min(start + rows_per_chunk, w.shape[0]))
+        fresh[rows] = _solve_rows(w[rows], codes[rows], params, grid, rows, h, h_groups, damp, pad)
+    trusted = torch.isfinite(fresh) & (fresh * old > 0) & ((fresh / old - 1.25).abs() <= 0.75)
+    scale = torch.where(trusted, fresh, old)
+    return GridParams(torch.where(scale < 0, -scale.abs().clamp(FP16_TINY, FP16_MAX),
+                                  scale.abs().clamp(FP16_TINY, FP16_MAX)).to(torch.float16), params.zero_point)
+
+
+def _solve_rows(
+    w: torch.Tensor, codes: torch.Tensor, params: GridParams, grid: IntGrid, rows: slice, h: torch.Tensor,
+    h_groups: torch.Tensor, damp: float, pad: int,
+) -> torch.Tensor:
+    """Least-squares scales for a chunk of rows: M s = v with M[g, g'] = b_gᵀ H b_g' and v[g] = b_gᵀ H w, b_g the
+    row's codes minus zero point on group g's columns (zeros elsewhere)."""
+    sub = GridParams(params.scale[rows], None if params.zero_point is None else params.zero_point[rows])
+    _, zero = expand_params(sub, grid, w.shape[1])
+    b = F.pad(codes.float() - zero, (0, pad)).view(w.shape[0], h_groups.shape[1], -1)  # (rows, groups, width)
+    hb = torch.einsum("igk,rgk->rig", h_groups, b)  # (rows, columns + pad, groups): H b_g for each group
+    m = torch.einsum("rgk,rgkh->rgh", b, hb.view(*b.shape, -1))
+    m.diagonal(dim1=1, dim2=2).add_(damp * b.square().sum(dim=2))
+    v = (F.pad(w @ h + damp * w, (0, pad)).view_as(b) * b).sum(dim=2)
+    ridge = 1e-9 * m.diagonal(dim1=1, dim2=2).mean(dim=1).clamp(min=1e-30)
+    m.diagonal(dim1=1, dim2=2).add_(ridge[:, None])
+    return torch.linalg.solve(m.double(), v.double()).float()
 
 
 def _quantize_block(

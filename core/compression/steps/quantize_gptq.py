@@ -9,7 +9,7 @@ from core.compression.configs.quantize import QuantizeGPTQ
 from core.compression.corpus import CalibrationBatch
 from core.compression.encoding import decode, packed_int_encoding, quantize_packed_int
 from core.compression.quant.calibration_tokens import calibration_for
-from core.compression.quant.gptq import gptq_quantize
+from core.compression.quant.gptq import gptq_quantize, output_error
 from core.compression.quant.grid import IntGrid, dequantize_codes
 from core.compression.quant.layerwise import BlockCall, first_block_calls, input_hessians, transformer_blocks
 from core.compression.quant.weights import quantize_metrics, selected_weights, store_decoded
@@ -108,19 +108,14 @@ def _quantize_block(
     for name, module in linears.items():
         weight, hessian = module.weight, hessians.pop(name)
         codes, params = gptq_quantize(
-            weight, hessian, grid, config.dampening, config.block_columns, config.act_order, config.clip_search
+            weight, hessian, grid, config.dampening, config.block_columns, config.act_order, config.clip_search,
+            config.refit_rounds,
         )
-        stats.gptq_error += _output_error(weight, dequantize_codes(codes, params, grid), hessian)
-        stats.rtn_error += _output_error(weight, decode(quantize_packed_int(weight, grid)), hessian)
+        stats.gptq_error += output_error(weight, dequantize_codes(codes, params, grid), hessian)
+        stats.rtn_error += output_error(weight, decode(quantize_packed_int(weight, grid)), hessian)
         encoding = keep_sparse(state, name, packed_int_encoding(codes, params, grid))
         state.encodings[name] = store_decoded(weight, encoding)
     return set(linears)
-
-
-def _output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
-    """‖(W - Q)X‖² = tr((W - Q) H (W - Q)ᵀ) with H = X Xᵀ summed over calibration tokens."""
-    delta = weight.float() - quantized
-    return float(((delta @ hessian) * delta).sum())
 
 
 @torch.no_grad()
