@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from bench.gguf_smollm2 import EMBEDDING_INT8
 from bench.gguf_smollm2 import RECIPES as GGUF_RECIPES
 from bench.report import load_average, machine_description, markdown_table, update_section
 from bench.smollm2 import EVAL_TOKENS, EVAL_WINDOW, news_token_ids, smollm2_folder
@@ -41,17 +40,19 @@ from core.compression.exports.gguf import GGUF_FILE, export_gguf
 from core.compression.metrics import perplexity
 from core.compression.modelio import load_model
 from core.compression.pipeline import run_pipeline
+from core.compression.presets import PRESETS
 from core.compression.spec import JobSpec
 from core.compression.state import ModelState, StepContext
 
 NAME = "llamacpp_smollm2"
 COMMAND = f".venv/bin/python -m bench.{NAME}"
 THREADS = 2
-GPTQ, INT8 = "gptq int4 g32 full-range symmetric (+ rtn int8 g32 embedding)", "rtn int8 g32"
-# bench.gguf_smollm2's gptq recipe with all 16 codes (Q4_0's own rounding, as llama.cpp's quantizer uses them)
-RECIPES = {**GGUF_RECIPES, GPTQ: [{**GGUF_RECIPES["gptq int4 g32 symmetric (+ rtn int8 g32 embedding)"][0],
-                                   "full_range": True}, EMBEDDING_INT8]}
+GPTQ, INT8 = "the gguf-q4 preset: gptq int4 g32 full-range symmetric (+ rtn int8 g32 embedding)", "rtn int8 g32"
+# The gguf-q4 preset: gptq on all 16 codes (Q4_0's own rounding, as llama.cpp's quantizer uses them)
+RECIPES = {INT8: GGUF_RECIPES[INT8], GPTQ: PRESETS["gguf-q4"].steps}
 PROMPT_TOKENS, DECODE_TOKENS, RUNS = 64, 128, 3
+# 32 windows of the news text: over the 8 windows of EVAL_TOKENS the CI of ours / llama.cpp's Q4_0 was ±3%
+PPL_TOKENS = 4 * EVAL_TOKENS
 TARGETS = {"ppl_vs_torch": 0.01, "decode_vs_f16": 1.5}
 
 
@@ -80,7 +81,7 @@ def main() -> int:
 
     torch.set_num_threads(THREADS)
     folder = smollm2_folder()
-    tokens = news_token_ids(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    tokens = news_token_ids(AutoTokenizer.from_pretrained(folder, local_files_only=True), limit=PPL_TOKENS)
     prompt = tokens[:PROMPT_TOKENS].tolist()
     with tempfile.TemporaryDirectory(prefix="bench-llamacpp-") as tmp:
         work = Path(tmp)
@@ -125,7 +126,8 @@ def our_gguf(name: str, folder: Path, work: Path, tokens: torch.Tensor) -> tuple
     """The recipe's artifact exported to GGUF (bit-exact, checked by export_gguf), and its perplexity in PyTorch."""
     state = ModelState(model=load_model(folder))
     run_pipeline(state, JobSpec(steps=RECIPES[name], export=["gguf"]).steps, StepContext())
-    artifact = save_compressed(state, work / name.split()[0], {"benchmark": NAME}, source_dir=folder)
+    folder_name = "gptq" if name == GPTQ else "int8"
+    artifact = save_compressed(state, work / folder_name, {"benchmark": NAME}, source_dir=folder)
     del state
     path = export_gguf(artifact, artifact / GGUF_FILE).path
     return path, perplexity(load_compressed(artifact), tokens)
@@ -214,7 +216,7 @@ threads. Load average while timing: {load}.
 
 - Same run, same machine: the F16 GGUF is the baseline of every speed ratio. Decode: greedy, a {PROMPT_TOKENS}-token
   prompt then {DECODE_TOKENS} tokens one `eval` at a time, median of {RUNS} runs.
-- PPL: first {EVAL_TOKENS} tokens of gensim's `lee_background.cor`, {EVAL_WINDOW}-token windows, the same token ids
+- PPL: first {PPL_TOKENS} tokens of gensim's `lee_background.cor`, {EVAL_WINDOW}-token windows, the same token ids
   in llama.cpp (logits of every position) and in PyTorch. llama.cpp's CPU kernels quantize activations to 8 bits
   for Q4_0/Q8_0 dot products, which is the small difference from PyTorch.
 - llama.cpp's own Q4_0 (`llama_model_quantize`, as `llama-quantize ... Q4_0`) keeps the tied embedding/output
