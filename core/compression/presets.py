@@ -97,9 +97,9 @@ PRESETS = {preset.name: preset for preset in [
              "full_range": True, "refit_rounds": REFIT_ROUNDS, "exclude": ["model.embed_tokens", "lm_head"],
              "calibration": {"num_samples": 128, "seq_len": 512}},
             GGUF_EMBEDDING],
-           "SmolLM2-135M: model.gguf 91.7 MB, 0.170x the fp32 weights, perplexity 39.99 in PyTorch (1.21x fp32) and "
-           "40.03 in llama.cpp, below llama.cpp's own Q4_0 (40.14); decode 1.97x the F16 GGUF "
-           "(bench.llamacpp_smollm2)",
+           "SmolLM2-135M: model.gguf 91.7 MB, 0.170x the fp32 weights, perplexity 36.58 in PyTorch (1.19x fp32) and "
+           "36.69 in llama.cpp, 0.975x llama.cpp's own Q4_0 (37.62; 95% CI 0.960-0.992 over 32 windows); decode "
+           "1.70x the F16 GGUF (bench.llamacpp_smollm2)",
            export=["gguf"]),
     Preset("gguf-q8", "a GGUF file for llama.cpp / Ollama (Llama-family causal LMs): int8 in groups of 32 (Q8_0) "
            "on every Linear and the embedding, round to nearest, no calibration",
