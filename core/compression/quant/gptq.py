@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from core.compression.quant.grid import (
-    FP16_MAX,
-    FP16_TINY,
     GridParams,
     IntGrid,
     dequantize_codes,
     expand_params,
+    fp16_scale,
     grid_params,
     searched_grid_params,
 )
@@ -129,9 +128,7 @@ def refitted_scales(
         rows = slice(start, min(start + rows_per_chunk, w.shape[0]))
         fresh[rows] = _solve_rows(w[rows], codes[rows], params, grid, rows, h, h_groups, damp, pad)
     trusted = torch.isfinite(fresh) & (fresh * old > 0) & ((fresh / old - 1.25).abs() <= 0.75)
-    scale = torch.where(trusted, fresh, old)
-    return GridParams(torch.where(scale < 0, -scale.abs().clamp(FP16_TINY, FP16_MAX),
-                                  scale.abs().clamp(FP16_TINY, FP16_MAX)).to(torch.float16), params.zero_point)
+    return GridParams(fp16_scale(torch.where(trusted, fresh, old)), params.zero_point)
 
 
 def _solve_rows(

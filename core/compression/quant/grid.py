@@ -113,10 +113,10 @@ def params_from_range(low: torch.Tensor, high: torch.Tensor, grid: IntGrid) -> G
     """Scales and zero points for value ranges [low, high] that contain 0 (padding columns are zeros)."""
     if grid.symmetric and grid.full_range:
         extreme = torch.where(high >= -low, high, low)
-        return GridParams(_fp16_scale(-extreme / grid.offset), None)
+        return GridParams(fp16_scale(-extreme / grid.offset), None)
     if grid.symmetric:
-        return GridParams(_fp16_scale(high.maximum(-low) / (grid.offset - 1)), None)
-    scale = _fp16_scale((high - low) / grid.levels)
+        return GridParams(fp16_scale(high.maximum(-low) / (grid.offset - 1)), None)
+    scale = fp16_scale((high - low) / grid.levels)
     zero_point = torch.clamp(torch.round(-low / scale.float()), 0, grid.levels)
     return GridParams(scale, zero_point.to(torch.uint8))
 
@@ -153,7 +153,8 @@ def _grouped(weight: torch.Tensor, grid: IntGrid) -> torch.Tensor:
     return padded.view(weight.shape[0], -1, width)
 
 
-def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+def fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """`scale` as the float16 the artifact stores, sign kept, magnitude clamped to float16's range."""
     # An all-zero group has no range: scale 1 encodes it as the zero code instead of 0 / 0 = NaN. A full-range
     # grid's scale keeps its sign.
     magnitude = torch.where(scale != 0, scale.abs(), torch.ones_like(scale)).clamp(FP16_TINY, FP16_MAX)
