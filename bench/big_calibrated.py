@@ -1,13 +1,14 @@
-"""Issue 17, the calibrated steps on big models: gptq and sparsegpt with one decoder block in memory at a time
-(`core/compression/offload.py`), and the offloaded engine against the in-memory one on the real SmolLM2-135M.
+"""Issue 17, the calibrated steps on big models: gptq, sparsegpt and SmoothQuant W8A8 with one decoder block in
+memory at a time (`core/compression/offload.py`), and the offloaded engine against the in-memory one on the real
+SmolLM2-135M.
 
-`--tinyllama`: gptq int4 g128 and sparsegpt 50%, each with 16 x 512 calibration tokens, as whole jobs (`execute_job`
-over the streaming threshold: compression, block-by-block write, block cosines, zip) on a synthetic Llama of the
-TinyLlama-1.1B shape in bf16 shards (random weights; no tokenizer, so seeded random calibration ids). Peak RSS of the
-child process tree, sampled every 50 ms, against the pre-flight estimate.
+`--tinyllama`: gptq int4 g128, sparsegpt 50% and smoothquant W8A8, each with 16 x 512 calibration tokens, as whole
+jobs (`execute_job` over the streaming threshold: compression, block-by-block write, block cosines, zip) on a
+synthetic Llama of the TinyLlama-1.1B shape in bf16 shards (random weights; no tokenizer, so seeded random calibration
+ids). Peak RSS of the child process tree, sampled every 50 ms, against the pre-flight estimate.
 `--smollm2`: SmolLM2-135M (fp32 folder) compressed by both engines: rtn int4 g128 (the streaming engine) and gptq
-int4 g128, sparsegpt 50%, svd_llm 80% (the offloaded engine), calibrated on 16 x 512 news tokens that never overlap
-the 4096 perplexity tokens. The artifacts are compared bit for bit and by perplexity.
+int4 g128, sparsegpt 50%, smoothquant W8A8, svd_llm 80% (the offloaded engine), calibrated on 16 x 512 news tokens
+that never overlap the 4096 perplexity tokens. The artifacts are compared bit for bit and by perplexity.
 
 Reproduce: `.venv/bin/python -m bench.big_calibrated` (both parts; `--tinyllama` or `--smollm2` for one;
 `--job "sparsegpt 50%"` for one TinyLlama job; `--smollm2-peaks [--layer-by-layer-only]` for the peak-vs-estimate
@@ -35,6 +36,8 @@ INT4_G128 = {"bits": 4, "granularity": "per_group", "group_size": 128}
 BIG_STEPS = {
     "gptq int4 g128": {"type": "quantize", "method": "gptq", **INT4_G128, "calibration": CALIBRATION},
     "sparsegpt 50%": {"type": "prune", "method": "sparsegpt", "sparsity": 0.5, "calibration": CALIBRATION},
+    # the w8a8-smoothquant preset's step on the same calibration size
+    "smoothquant W8A8": {"type": "quantize", "method": "smoothquant", "alpha": 0.75, "calibration": CALIBRATION},
 }
 PEAK_TARGET = 2.5e9
 SMOLLM2_STEPS = {
@@ -186,7 +189,8 @@ def _same_tensors(a: Path, b: Path) -> bool:
 def write_tinyllama_section(rows: list[list[str]], doc: Path = BENCHMARKS_DOC) -> None:
     headers = ["job", "params", "bf16 GB", "engine", "peak RSS GB", "target GB", "met", "estimate GB",
                "estimate vs peak", "wall s", "M params/s", "block cosine min"]
-    body = (f"## Big models: gptq and sparsegpt with one block in memory\n\nReproduce: `{COMMAND} --tinyllama`\n\n"
+    body = (f"## Big models: gptq, sparsegpt and SmoothQuant with one block in memory\n\n"
+            f"Reproduce: `{COMMAND} --tinyllama`\n\n"
             f"Machine: {machine_description()}; load average when it ended: {load_average()}.\n\n"
             "Whole jobs (`execute_job` over the streaming threshold: calibrated compression with one decoder block in "
             "memory at a time, the block-by-block write of the artifact, the block output cosines and the zip) on a "

@@ -1,5 +1,5 @@
-"""Blocks offloaded to disk: the calibrated steps (gptq, wanda, sparsegpt, asvd, svd_llm) on a model larger than
-memory, run by the same handlers as in memory.
+"""Blocks offloaded to disk: the calibrated steps (gptq, wanda, sparsegpt, asvd, svd_llm, the W8A8 steps) on a model
+larger than memory, run by the same handlers as in memory.
 
 The model is built with its parameters on the meta device and its buffers real (rotary tables are computed, not
 stored). Everything outside the repeated blocks (embeddings, final norm, lm_head) is read from the shards in
@@ -16,6 +16,7 @@ statistics (GPTQ's Hessians), not the model.
 
 import json
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,36 @@ class DiskBlocks:
                 self.load(part, module, state)
                 self.in_forward[part] = module
         return load
+
+    @contextmanager
+    def whole_model_passes(self, state: ModelState) -> Iterator[None]:
+        """While active, a forward pass reads each block that is not in memory when the pass reaches it and
+        discards it after (read-only passes: the calibration statistics of the W8A8 steps); a block a runner has
+        loaded is left to the runner."""
+        hooks = []
+        for name, block in self.blocks(state.model):
+            hooks.append(block.register_forward_pre_hook(self._block_reader(name, state)))
+            hooks.append(block.register_forward_hook(self._block_dropper(name, state)))
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self._drop_forward_parts(state)
+
+    def _block_reader(self, name: str, state: ModelState) -> Callable[[nn.Module, Any], None]:
+        def load(block: nn.Module, args: Any) -> None:
+            if any(param.is_meta for param in block.parameters()):
+                self.load(name, block, state)
+                self.in_forward[name] = block
+        return load
+
+    def _block_dropper(self, name: str, state: ModelState) -> Callable[[nn.Module, Any, Any], None]:
+        def drop(block: nn.Module, args: Any, output: Any) -> None:
+            if self.in_forward.pop(name, None) is not None:
+                self.discard(name, block, state)
+                return_freed_memory()
+        return drop
 
     def _drop_forward_parts(self, state: ModelState) -> None:
         for part, module in self.in_forward.items():
@@ -194,9 +225,14 @@ def not_loaded(module: nn.Module) -> set[str]:
 
 
 def unload_block(block: nn.Module) -> None:
-    """Return the block's parameters to the meta device, keeping the Parameter objects."""
+    """Return the block's parameters to the meta device, keeping the Parameter objects. Modules that keep a copy
+    derived from their weights (the int8 modules' packed kernel weight) drop it through their `drop_kernel`."""
     for param in block.parameters():
         swap_tensors(param, nn.Parameter(torch.empty_like(param, device="meta"), param.requires_grad))
+    for module in block.modules():
+        drop_kernel = getattr(module, "drop_kernel", None)
+        if callable(drop_kernel):
+            drop_kernel()
 
 
 def _on_meta(encoding: Encoding) -> Encoding:

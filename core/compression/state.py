@@ -1,6 +1,7 @@
 """What flows through a pipeline: the model, how its weights are packed, the context a step runs in."""
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -50,6 +51,8 @@ class BlockResidency(Protocol):
 
     def block_of(self, model: nn.Module, name: str) -> tuple[str, nn.Module] | None: ...
 
+    def whole_model_passes(self, state: "ModelState") -> AbstractContextManager[None]: ...
+
 
 @dataclass
 class ModelState:
@@ -70,6 +73,14 @@ def model_device(model: nn.Module) -> torch.device:
     whose blocks are offloaded keeps its parameters on the meta device until they are read), else the CPU."""
     tensors = [*model.parameters(), *model.buffers()]
     return next((tensor.device for tensor in tensors if not tensor.is_meta), torch.device("cpu"))
+
+
+def whole_model_passes(state: ModelState) -> AbstractContextManager[None]:
+    """Forward passes of the whole model inside the `with` (read-only: calibration statistics) read each offloaded
+    block when the pass reaches it and let it go, unchanged, after it; in memory there is nothing to do.
+
+    Example: `with whole_model_passes(state): channel_absmax(state.model, names, input_ids, ctx)`."""
+    return nullcontext() if state.blocks is None else state.blocks.whole_model_passes(state)
 
 
 def load_block(state: ModelState, name: str, block: nn.Module) -> None:

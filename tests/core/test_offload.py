@@ -13,8 +13,15 @@ from fastapi.testclient import TestClient
 from core.compression import offload
 from core.compression.configs.decompose import DecomposeSVDLLM
 from core.compression.configs.prune import PruneMagnitude, PruneSparseGPT
-from core.compression.configs.quantize import QuantizeDynamic, QuantizeGPTQ, QuantizeMixed, QuantizeRTN
+from core.compression.configs.quantize import (
+    QuantizeDynamic,
+    QuantizeGPTQ,
+    QuantizeMixed,
+    QuantizeRTN,
+    QuantizeSmoothQuant,
+)
 from core.compression.estimate import ModelFacts, choose_engine
+from core.compression.int8.layers import Int8Linear
 from core.compression.offload import DiskBlocks, offloaded_state, save_offloaded
 from core.compression.pipeline import run_pipeline
 from core.compression.state import ModelState, StepContext
@@ -47,6 +54,15 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
         {"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_channel"}],
     "sparsegpt, then rtn int4 g32": [
         SPARSEGPT, {"type": "quantize", "method": "rtn", "bits": 4, "granularity": "per_group", "group_size": 32}],
+    "W8A8 dynamic": [{"type": "quantize", "method": "dynamic"}],
+    "W8A8 static, mse observer (two calibration passes)": [
+        {"type": "quantize", "method": "static", "observer": "mse", "calibration": CALIBRATION}],
+    "W8A8 smoothquant, folded into the norms and layers": [
+        {"type": "quantize", "method": "smoothquant", "alpha": 0.75, "calibration": CALIBRATION}],
+    "W8A8 smoothquant, static activations": [
+        {"type": "quantize", "method": "smoothquant", "activations": "static", "calibration": CALIBRATION}],
+    "gptq, then W8A8 dynamic on the untouched layers": [
+        {**GPTQ, "targets": ["*.mlp.*"]}, {"type": "quantize", "method": "dynamic", "targets": ["*.self_attn.*"]}],
 }
 
 
@@ -139,6 +155,26 @@ def test_only_one_block_is_in_memory_at_a_time(bf16_llama: Path, tmp_path: Path,
     assert all(p.is_meta for p in state.model.parameters())
 
 
+def test_w8a8_calibration_passes_read_one_block_at_a_time_and_keep_no_packed_kernels(
+        bf16_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    held: list[int] = []  # blocks in memory after each block load
+    load = DiskBlocks.load
+
+    def counting_load(self: DiskBlocks, name: str, block: torch.nn.Module, state: ModelState) -> None:
+        load(self, name, block, state)
+        if self.in_blocks(name):
+            held.append(sum(not all(p.is_meta for p in b.parameters()) for _, b in self.blocks(state.model)))
+
+    monkeypatch.setattr(DiskBlocks, "load", counting_load)
+    state = offloaded_state(bf16_llama, tmp_path / "blocks")
+    run_pipeline(state, [QuantizeSmoothQuant(activations="static", calibration=CALIBRATION)], StepContext())
+    # 2 blocks: absmax, range and histogram passes read each once per pass; folding and installing visit each once
+    assert held == [1] * 10
+    int8 = [module for module in state.model.modules() if isinstance(module, Int8Linear)]
+    assert len(int8) == 14 and all(module._kernel.packed is None for module in int8)  # fbgemm's copies let go
+    assert all(p.is_meta for p in state.model.parameters())
+
+
 def test_a_cancelled_offloaded_job_stops_between_blocks(tied_llama: Path, tmp_path: Path) -> None:
     state = offloaded_state(tied_llama, tmp_path / "blocks")
     asked: list[int] = []
@@ -167,7 +203,8 @@ def test_a_model_without_repeated_blocks_is_refused(tmp_path: Path) -> None:
     ([PruneSparseGPT, QuantizeRTN], False, "offloaded"),
     ([PruneMagnitude], False, "offloaded"),
     ([QuantizeMixed], False, "in_memory"),  # its sensitivity scan runs the whole model once per weight and width
-    ([QuantizeDynamic], False, "in_memory"),
+    ([QuantizeDynamic], False, "offloaded"),
+    ([QuantizeGPTQ, QuantizeSmoothQuant], False, "offloaded"),
     ([QuantizeGPTQ], True, "in_memory"),
 ])
 def test_the_engine_follows_the_steps_traits(steps: list[type], exports: bool, engine: str) -> None:

@@ -210,7 +210,7 @@ class _Int8ActivationFields(StepConfig):
     executed by torch's x86 (fbgemm) int8 GEMM. Only `nn.Linear` modules are converted; a Linear whose weight is
     tied to another module (e.g. lm_head sharing the embedding) stays float."""
 
-    traits = INT8_ACTIVATIONS
+    traits = INT8_ACTIVATIONS.by_block()
 
     granularity: Literal["per_tensor", "per_channel"] = Field(
         default="per_channel", description="one weight scale per output channel, or one per tensor"

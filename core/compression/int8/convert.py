@@ -1,5 +1,7 @@
 """Which Linear modules a W8A8 step converts, and how one float Linear becomes an int8 module in the model state."""
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -8,7 +10,7 @@ from core.compression.encoding import quantize_rtn
 from core.compression.int8.layers import DYNAMIC_REWRITE, STATIC_REWRITE, Int8Linear, StaticInt8Linear
 from core.compression.rewrites import apply_rewrite
 from core.compression.select import Selection, select_modules
-from core.compression.state import ModelState, Rewrite, StepReport, size_metrics
+from core.compression.state import ModelState, Rewrite, StepReport, each_in_memory, size_metrics
 
 
 def select_linears(model: nn.Module, config: _Int8ActivationFields) -> Selection[nn.Linear]:
@@ -16,6 +18,12 @@ def select_linears(model: nn.Module, config: _Int8ActivationFields) -> Selection
     and stays float: the int8 module has no float `weight` for transformers to tie on load, and quantizing the
     shared tensor would change the embedding too."""
     return select_modules(model, config, (nn.Linear,), tied="skipped")
+
+
+def each_linear(state: ModelState, linears: dict[str, nn.Linear]) -> Iterator[tuple[str, nn.Linear]]:
+    """(name, Linear) of `linears` in model order, its block in memory while it is yielded (an offloaded model
+    keeps what the caller changed or installed when the block is let go)."""
+    return each_in_memory(state, list(linears.items()), lambda item: item[0])
 
 
 @torch.no_grad()

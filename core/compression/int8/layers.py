@@ -72,6 +72,16 @@ class Int8Linear(nn.Module):
             self._kernel.packed = torch.ops.quantized.linear_prepack(
                 _quantized_weight(self.qweight, self.weight_scale), None if self.bias is None else self.bias.detach())
 
+    def drop_kernel(self) -> None:
+        """Let the packed weight go (the block engines call this when the codes leave memory); the next forward
+        packs it again from the codes then in memory."""
+        self._kernel.packed = None
+
+    def _packed(self) -> Any:
+        if self._kernel.packed is None:
+            self.repack()
+        return self._kernel.packed
+
     def _factored(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_factor is None else x * self.input_factor
 
@@ -98,7 +108,7 @@ class DynamicInt8Linear(Int8Linear):
         x = self._factored(x)
         if torch.compiler.is_exporting():  # fbgemm's packed weight cannot be traced: export an op ONNX can map
             return torch.ops.mcs.int8_linear_dynamic(x, self.qweight, self.weight_scale, self.bias)
-        return torch.ops.quantized.linear_dynamic(x, self._kernel.packed, self.reduce_range or not _VNNI)
+        return torch.ops.quantized.linear_dynamic(x, self._packed(), self.reduce_range or not _VNNI)
 
 
 class StaticInt8Linear(Int8Linear):
@@ -120,7 +130,7 @@ class StaticInt8Linear(Int8Linear):
             return torch.ops.mcs.int8_linear_static(x, self.qweight, self.weight_scale, self.bias, self.input_scale,
                                                     self.input_zero_point)
         scale, zero_point = float(self.input_scale), int(self.input_zero_point)
-        packed = self._kernel.packed
+        packed = self._packed()
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(x, scale, zero_point, packed)
 
 

@@ -27,6 +27,7 @@ class FoldGroup:
     consumers: list[str]
     repeat: int = 1
     head_dim: int = 1
+    layer: str = ""  # the decoder layer holding producer and consumers
 
 
 def llama_fold_groups(model: nn.Module) -> list[FoldGroup]:
@@ -41,10 +42,10 @@ def llama_fold_groups(model: nn.Module) -> list[FoldGroup]:
         heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         groups += [
-            FoldGroup(f"{name}.input_layernorm", [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]),
-            FoldGroup(f"{name}.post_attention_layernorm", [f"{mlp}.gate_proj", f"{mlp}.up_proj"]),
-            FoldGroup(f"{attn}.v_proj", [f"{attn}.o_proj"], heads // (kv_heads or heads), head_dim),
-            FoldGroup(f"{mlp}.up_proj", [f"{mlp}.down_proj"]),
+            FoldGroup(f"{name}.input_layernorm", [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"], layer=name),
+            FoldGroup(f"{name}.post_attention_layernorm", [f"{mlp}.gate_proj", f"{mlp}.up_proj"], layer=name),
+            FoldGroup(f"{attn}.v_proj", [f"{attn}.o_proj"], heads // (kv_heads or heads), head_dim, name),
+            FoldGroup(f"{mlp}.up_proj", [f"{mlp}.down_proj"], layer=name),
         ]
     return groups
 

@@ -1,7 +1,7 @@
 """Dynamic W8A8 quantization: int8 Linear modules whose activations are quantized per input at run time."""
 
 from core.compression.configs.quantize import QuantizeDynamic
-from core.compression.int8.convert import install_int8, int8_report, linear_bytes, select_linears
+from core.compression.int8.convert import each_linear, install_int8, int8_report, linear_bytes, select_linears
 from core.compression.int8.cpu import cpu_has_vnni
 from core.compression.registry import register_step
 from core.compression.state import ModelState, StepContext, StepReport
@@ -18,7 +18,7 @@ def quantize_dynamic_step(state: ModelState, config: QuantizeDynamic, ctx: StepC
     """
     selection = select_linears(state.model, config)
     original_bytes = linear_bytes(selection)
-    for index, (name, linear) in enumerate(selection.modules.items()):
+    for index, (name, linear) in enumerate(each_linear(state, selection.modules)):
         if ctx.should_stop():
             raise JobCancelled(f"cancelled while quantizing, before {name}")
         install_int8(state, name, linear, config)

@@ -5,11 +5,11 @@ from torch import nn
 
 from core.compression.configs.quantize import QuantizeStatic, _CalibratedInt8Fields
 from core.compression.int8.calibrate import calibration_ids, range_stats
-from core.compression.int8.convert import install_int8, int8_report, linear_bytes, select_linears
+from core.compression.int8.convert import each_linear, install_int8, int8_report, linear_bytes, select_linears
 from core.compression.int8.observers import choose_range, qparams
 from core.compression.registry import register_step
 from core.compression.select import Selection
-from core.compression.state import ModelState, StepContext, StepReport
+from core.compression.state import ModelState, StepContext, StepReport, whole_model_passes
 
 
 @register_step(QuantizeStatic)
@@ -38,8 +38,9 @@ def install_static(state: ModelState, selection: Selection[nn.Linear], config: _
     `factors` are runtime input factors (SmoothQuant) of some Linears, applied before observing."""
     bins = None if config.observer == "minmax" else config.bins
     names = {name: factors.get(name) for name in selection.modules}
-    stats = range_stats(state.model, names, input_ids, bins, ctx)
-    for name, linear in selection.modules.items():
+    with whole_model_passes(state):
+        stats = range_stats(state.model, names, input_ids, bins, ctx)
+    for name, linear in each_linear(state, selection.modules):
         low, high = choose_range(stats[name], config.observer, config.percentile)
         input_qparams = qparams(low, high, config.static_reduce_range())
         install_int8(state, name, linear, config, input_qparams=input_qparams, input_factor=factors.get(name))

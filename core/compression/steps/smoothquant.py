@@ -1,15 +1,17 @@
 """SmoothQuant W8A8: migrate activation outliers into the weights, then run int8 x int8 Linears."""
 
+from itertools import groupby
+
 import torch
 from torch import nn
 
 from core.compression.configs.quantize import QuantizeSmoothQuant
 from core.compression.int8.calibrate import calibration_ids, channel_absmax
-from core.compression.int8.convert import install_int8, int8_report, linear_bytes, select_linears
+from core.compression.int8.convert import each_linear, install_int8, int8_report, linear_bytes, select_linears
 from core.compression.int8.smoothing import FoldGroup, fold, llama_fold_groups, smoothing_scale, to_producer
 from core.compression.registry import register_step
 from core.compression.select import Selection
-from core.compression.state import ModelState, StepContext, StepReport
+from core.compression.state import ModelState, StepContext, StepReport, each_in_memory, whole_model_passes
 from core.compression.steps.quantize_static import install_static
 
 
@@ -25,14 +27,15 @@ def smoothquant_step(state: ModelState, config: QuantizeSmoothQuant, ctx: StepCo
     original_bytes = linear_bytes(selection)
     batch = calibration_ids(state, config.calibration, ctx)
     names = list(selection.modules)
-    act_absmax = channel_absmax(state.model, names, batch.input_ids, ctx)
+    with whole_model_passes(state):
+        act_absmax = channel_absmax(state.model, names, batch.input_ids, ctx)
     ctx.report(0.3, "activation maxima measured")
-    folded = _fold_groups(state.model, selection, act_absmax, config.alpha)
-    factors = _runtime_factors(selection, act_absmax, folded, config) if config.runtime_smoothing else {}
+    folded = _fold_groups(state, selection, act_absmax, config.alpha)
+    factors = _runtime_factors(state, selection, act_absmax, folded, config) if config.runtime_smoothing else {}
     if config.activations == "static":
         install_static(state, selection, config, batch.input_ids, factors, ctx)
     else:
-        for name, linear in selection.modules.items():
+        for name, linear in each_linear(state, selection.modules):
             install_int8(state, name, linear, config, input_factor=factors.get(name))
     report = int8_report(state, selection, original_bytes)
     report.metrics.update({"linears_folded": len(folded), "linears_runtime_smoothed": len(factors)})
@@ -40,14 +43,18 @@ def smoothquant_step(state: ModelState, config: QuantizeSmoothQuant, ctx: StepCo
     return report
 
 
-def _fold_groups(model: nn.Module, selection: Selection[nn.Linear], act_absmax: dict[str, torch.Tensor],
+def _fold_groups(state: ModelState, selection: Selection[nn.Linear], act_absmax: dict[str, torch.Tensor],
                  alpha: float) -> set[str]:
-    """Fold smoothing into every Llama-style group whose consumers are all selected; the consumers' names."""
+    """Fold smoothing into every Llama-style group whose consumers are all selected, a decoder layer at a time;
+    the consumers' names."""
     selected = set(selection.modules)
-    groups = [group for group in llama_fold_groups(model) if set(group.consumers) <= selected]
-    scales = [_group_scale(model, group, act_absmax, alpha) for group in groups]  # all from the original weights
-    for group, scale in zip(groups, scales, strict=True):
-        fold(model, group, scale)
+    groups = [group for group in llama_fold_groups(state.model) if set(group.consumers) <= selected]
+    layers = [list(in_layer) for _, in_layer in groupby(groups, key=lambda group: group.layer)]
+    for in_layer in each_in_memory(state, layers, lambda in_layer: in_layer[0].consumers[0]):
+        # all of a layer's scales from its original weights: v_proj is a consumer of one group, producer of another
+        scales = [_group_scale(state.model, group, act_absmax, alpha) for group in in_layer]
+        for group, scale in zip(in_layer, scales, strict=True):
+            fold(state.model, group, scale)
     return {name for group in groups for name in group.consumers}
 
 
@@ -59,14 +66,13 @@ def _group_scale(model: nn.Module, group: FoldGroup, act_absmax: dict[str, torch
 
 
 @torch.no_grad()
-def _runtime_factors(selection: Selection[nn.Linear], act_absmax: dict[str, torch.Tensor], folded: set[str],
-                     config: QuantizeSmoothQuant) -> dict[str, torch.Tensor]:
+def _runtime_factors(state: ModelState, selection: Selection[nn.Linear], act_absmax: dict[str, torch.Tensor],
+                     folded: set[str], config: QuantizeSmoothQuant) -> dict[str, torch.Tensor]:
     """Smooth the Linears that could not be folded: scale their weight columns by s now, and return 1/s as the
     input factor their int8 module applies at run time."""
     factors = {}
-    for name, linear in selection.modules.items():
-        if name in folded:
-            continue
+    unfolded = {name: linear for name, linear in selection.modules.items() if name not in folded}
+    for name, linear in each_linear(state, unfolded):
         scale = smoothing_scale(act_absmax[name], [linear.weight], config.alpha)
         linear.weight.mul_(scale)
         factors[name] = 1.0 / scale
