@@ -95,6 +95,12 @@ def release_block(state: ModelState, name: str, block: nn.Module) -> None:
         state.blocks.release(name, block, state)
 
 
+def discard_block(state: ModelState, name: str, block: nn.Module) -> None:
+    """Let block `name` go without keeping what changed (after a read-only visit; a no-op in memory)."""
+    if state.blocks is not None:
+        state.blocks.discard(name, block, state)
+
+
 Item = TypeVar("Item")
 
 

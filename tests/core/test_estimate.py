@@ -42,7 +42,8 @@ def test_large_rtn_streams_in_about_a_gigabyte() -> None:
 
 def test_streaming_needs_every_step_to_stream_and_a_model_above_the_threshold() -> None:
     assert estimate_job(llama(7e9), [QuantizeRTN, QuantizeGPTQ], "cpu", 2 * GIB).engine == "offloaded"
-    assert estimate_job(llama(7e9), [QuantizeRTN, QuantizeMixed], "cpu", 2 * GIB).engine == "in_memory"
+    assert estimate_job(llama(7e9), [QuantizeRTN, QuantizeMixed], "cpu", 2 * GIB).engine == "offloaded"
+    assert estimate_job(llama(7e9), [QuantizeRTN, Distill], "cpu", 2 * GIB).engine == "in_memory"
     assert estimate_job(llama(0.5e9), [QuantizeRTN], "cpu", 2 * GIB).engine == "in_memory"
 
 

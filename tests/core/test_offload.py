@@ -54,6 +54,9 @@ RECIPES: dict[str, list[dict[str, Any]]] = {
         {"type": "quantize", "method": "kmeans", "bits": 4, "granularity": "per_channel"}],
     "sparsegpt, then rtn int4 g32": [
         SPARSEGPT, {"type": "quantize", "method": "rtn", "bits": 4, "granularity": "per_group", "group_size": 32}],
+    "mixed 4/8 bits (a whole-model sensitivity scan)": [
+        {"type": "quantize", "method": "mixed", "bits": [4, 8], "budget": {"avg_bits": 6.0},
+         "granularity": "per_group", "group_size": 32, "calibration": CALIBRATION}],
     "W8A8 dynamic": [{"type": "quantize", "method": "dynamic"}],
     "W8A8 static, mse observer (two calibration passes)": [
         {"type": "quantize", "method": "static", "observer": "mse", "calibration": CALIBRATION}],
@@ -202,7 +205,7 @@ def test_a_model_without_repeated_blocks_is_refused(tmp_path: Path) -> None:
     ([QuantizeRTN], False, "streaming"),
     ([PruneSparseGPT, QuantizeRTN], False, "offloaded"),
     ([PruneMagnitude], False, "offloaded"),
-    ([QuantizeMixed], False, "in_memory"),  # its sensitivity scan runs the whole model once per weight and width
+    ([QuantizeMixed], False, "offloaded"),
     ([QuantizeDynamic], False, "offloaded"),
     ([QuantizeGPTQ, QuantizeSmoothQuant], False, "offloaded"),
     ([QuantizeGPTQ], True, "in_memory"),

@@ -173,6 +173,8 @@ class QuantizeMixed(_IntGridFields):
     "granularity": "per_group", "group_size": 64}`
     """
 
+    traits = WEIGHT_ONLY.by_block()
+
     type: Literal["quantize"] = "quantize"
     method: Literal["mixed"] = "mixed"
     bits: list[Annotated[int, Field(ge=2, le=8)]] = Field(default_factory=lambda: [4, 8], min_length=2, max_length=7)

@@ -1,6 +1,6 @@
 """Mixed-precision round-to-nearest: per-weight code widths chosen from a sensitivity scan under a size budget."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +14,16 @@ from core.compression.quant.layerwise import BlockCall, first_block_calls, trans
 from core.compression.quant.weights import encode_each, quantize_metrics, selected_weights, tied_notes
 from core.compression.registry import register_step
 from core.compression.select import SharedWeight
-from core.compression.state import Encoding, ModelState, StepContext, StepReport
+from core.compression.state import (
+    Encoding,
+    ModelState,
+    StepContext,
+    StepReport,
+    discard_block,
+    each_in_memory,
+    load_block,
+    whole_model_passes,
+)
 from core.errors import JobCancelled
 
 Sensitivities = dict[str, dict[int, float]]
@@ -62,7 +71,8 @@ def _scan(
 ) -> Sensitivities:
     """Each weight's sensitivity at each width (see the handler's docstring); restores every weight. Weights inside
     the transformer blocks are measured on their block alone, the others (embeddings, the head) on the whole model."""
-    reference = model_outputs(state.model, {"input_ids": input_ids})
+    with whole_model_passes(state):
+        reference = model_outputs(state.model, {"input_ids": input_ids})
     progress = _Progress(ctx, len(weights))
     found = transformer_blocks(state.model)
     by_block = _weights_by_block(weights, found[1] if found else None, found[0] if found else "")
@@ -70,7 +80,7 @@ def _scan(
     outside = [shared for shared in weights if shared.name not in inside]
     sensitivities = whole_model_sensitivities(state, outside, config, input_ids, reference, progress)
     if found is not None and by_block:
-        sensitivities |= _block_sensitivities(state, found[1], by_block, config, input_ids, reference, progress)
+        sensitivities |= _block_sensitivities(state, found, by_block, config, input_ids, reference, progress)
     return {shared.name: sensitivities[shared.name] for shared in weights}
 
 
@@ -102,11 +112,13 @@ def whole_model_sensitivities(
 ) -> Sensitivities:
     """1 - output cosine of the whole model with one weight at a time quantized at each width: one forward per
     weight and width (the scan before it went block-local; still used outside the blocks)."""
-    return _each_weight_and_width(weights, config, progress, lambda: _damage(state, input_ids, reference))
+    in_memory = each_in_memory(state, weights, lambda shared: shared.name, keep=False)  # each weight is restored
+    return _each_weight_and_width(in_memory, config, progress, lambda: _damage(state, input_ids, reference))
 
 
 def _damage(state: ModelState, input_ids: torch.Tensor, reference: torch.Tensor) -> float:
-    cosine = output_cosine(reference, model_outputs(state.model, {"input_ids": input_ids}))
+    with whole_model_passes(state):  # an offloaded model's other blocks are read as the pass reaches them
+        cosine = output_cosine(reference, model_outputs(state.model, {"input_ids": input_ids}))
     return max(1.0 - cosine, 0.0)
 
 
@@ -136,7 +148,7 @@ def _block_index(module: str, prefix: str, count: int) -> int | None:
 @torch.no_grad()
 def _block_sensitivities(
     state: ModelState,
-    blocks: nn.ModuleList,
+    found: tuple[str, nn.ModuleList],
     by_block: dict[int, list[SharedWeight]],
     config: QuantizeMixed,
     input_ids: torch.Tensor,
@@ -144,10 +156,13 @@ def _block_sensitivities(
     progress: _Progress,
 ) -> Sensitivities:
     """Run the float model once up to the first block (the block runner GPTQ uses), then each block on its
-    float inputs: its float outputs once, then each of its weights quantized alone at each width, block only."""
+    float inputs: its float outputs once, then each of its weights quantized alone at each width, block only.
+    Every weight is restored, so an offloaded block is let go unchanged."""
+    prefix, blocks = found
     calls = first_block_calls(state.model, blocks[0], input_ids, BATCH_SIZE)
     sensitivities: Sensitivities = {}
     for index, block in enumerate(blocks[: max(by_block) + 1]):
+        load_block(state, f"{prefix}.{index}", block)
         targets = [call.run(block) for call in calls]
         if index in by_block:
             local = _local_errors(block, by_block[index], config, calls, targets, progress)
@@ -155,6 +170,7 @@ def _block_sensitivities(
             sensitivities |= {name: {bits: scale * error for bits, error in by_width.items()}
                               for name, by_width in local.items()}
         calls = [call.with_hidden(target) for call, target in zip(calls, targets, strict=True)]
+        discard_block(state, f"{prefix}.{index}", block)
     return sensitivities
 
 
@@ -171,7 +187,7 @@ def _local_errors(
     return _each_weight_and_width(weights, config, progress, lambda: _relative_error(block, calls, targets))
 
 
-def _each_weight_and_width(weights: list[SharedWeight], config: QuantizeMixed, progress: _Progress,
+def _each_weight_and_width(weights: Iterable[SharedWeight], config: QuantizeMixed, progress: _Progress,
                            measure: Callable[[], float]) -> Sensitivities:
     """`measure()` with each weight alone quantized at each width; every weight is restored after its turn."""
     measured: Sensitivities = {}
