@@ -91,6 +91,7 @@ def test_offloaded_jobs_write_the_in_memory_artifact(tied_llama: Path, tmp_path:
     assert offloaded["before"]["parameters"] == in_memory["before"]["parameters"]
     assert _step_metrics(tmp_path / "offloaded") == _step_metrics(tmp_path / "in-memory")
     assert offloaded["output_cosine"] == pytest.approx(in_memory["output_cosine"], abs=1e-6)
+    assert offloaded["after"]["block_output_cosine_min"] > 0.5  # each block of the artifact ran
     assert not (tmp_path / "offloaded" / "blocks").exists()
 
 

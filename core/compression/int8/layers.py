@@ -50,8 +50,9 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         self.register_buffer("input_factor", torch.ones(in_features) if smoothed else None)
         self._kernel = _PackedWeight()
-        # Packed by set_weight (conversion) or after load_state_dict (artifact load): never from placeholder zeros.
-        self.register_load_state_dict_post_hook(lambda module, keys: module.repack())
+        # Packed by set_weight (conversion), or at the first forward after a load_state_dict (artifact load, or a
+        # block engine reading some of a block's modules): never from placeholder zeros or meta tensors.
+        self.register_load_state_dict_post_hook(lambda module, keys: module.drop_kernel())
 
     @torch.no_grad()
     def set_weight(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
