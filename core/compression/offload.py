@@ -1,5 +1,5 @@
-"""Blocks offloaded to disk: the calibrated steps (gptq, wanda, sparsegpt, asvd, svd_llm, the W8A8 steps) on a model
-larger than memory, run by the same handlers as in memory.
+"""Blocks offloaded to disk: the calibrated steps (gptq, wanda, sparsegpt, asvd, svd_llm, mixed, the W8A8 steps) on a
+model larger than memory, run by the same handlers as in memory.
 
 The model is built with its parameters on the meta device and its buffers real (rotary tables are computed, not
 stored). Everything outside the repeated blocks (embeddings, final norm, lm_head) is read from the shards in
@@ -102,7 +102,7 @@ class DiskBlocks:
     @contextmanager
     def whole_model_passes(self, state: ModelState) -> Iterator[None]:
         """While active, a forward pass reads each block that is not in memory when the pass reaches it and
-        discards it after (read-only passes: the calibration statistics of the W8A8 steps); a block a runner has
+        discards it after (read-only passes: the W8A8 steps' statistics, mixed's reference); a block a runner has
         loaded is left to the runner."""
         hooks = []
         for name, block in self.blocks(state.model):
