@@ -54,7 +54,7 @@ SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "report-deep
 STREAM_COMMAND = ".venv/bin/python -m bench.evaluation --streamed"
 STREAM_LAYERS = 4  # TinyLlama widths with SmolLM2's 49,152-token vocabulary: 0.38 B parameters, 0.75 GB in bf16
 NEWS_DOCS = 64  # lee_background.cor documents: 14,896 SmolLM2 tokens, 30 perplexity windows of 512
-GPTQ_SAMPLES = 32  # w4a16-gptq's calibration windows (the preset's 256 x 512 take ~17 min here; 32 x 512 ~2 min)
+GPTQ_SAMPLES = 32  # w4a16-gptq's calibration windows (the preset's 64, with its scale tuning, take ~15 min here)
 CHOICES = ["negative", "positive"]
 # Four hand-written shots, none from the evaluated file (so no evaluated row is also a prompt's example): zero-shot
 # ("Is this movie review positive or negative?") SmolLM2-135M always answered "negative" (0.50 on balanced rows);
@@ -365,10 +365,9 @@ def section(result: dict[str, Any], args: argparse.Namespace) -> str:
         f"{news['overlap']['token_spans']['windows']} of {news['overlap']['token_spans']['of']} windows share a "
         f"{news['overlap']['token_spans']['span_tokens']}-token span.",
         f"- w4a16-gptq ran with `\"overrides\": {{\"calibration\": {{\"num_samples\": {args.gptq_samples}}}}}` "
-        f"({args.gptq_samples} × 512 calibration tokens instead of the preset's 256 × 512, which take ~17 min on "
-        "this machine; with 256, on the first 4,096 tokens of the same file, bench.presets_api measured 1.165× "
-        "through the API on an AMD EPYC and bench.quant_smollm2 1.149× on an Intel Xeon). The sentiment rows below "
-        "show what the 4-bit model loses beyond perplexity.",
+        f"({args.gptq_samples} × 512 calibration tokens instead of the preset's 64 × 512; bench.presets_api "
+        "measures the preset as it is through the API on the first 4,096 tokens of the same file). The sentiment "
+        "rows below show what the 4-bit model loses beyond perplexity.",
         "",
         f"### SmolLM2-135M: sentiment as a multiple-choice task ({args.reviews} of the 200 labelled review "
         "sentences of pang_lee_polarity.cor, half of them positive)",

@@ -36,6 +36,7 @@ GPTQ = {"type": "quantize", "method": "gptq", "bits": 4, "granularity": "per_gro
 SPARSEGPT = {"type": "prune", "method": "sparsegpt", "sparsity": 0.5, "calibration": CALIBRATION}
 RECIPES: dict[str, list[dict[str, Any]]] = {
     "gptq int4 g32": [GPTQ],
+    "gptq int4 g32, scales tuned on the block outputs": [{**GPTQ, "reconstruct": {"epochs": 1, "lr": 0.01}}],
     "sparsegpt 50%": [SPARSEGPT],
     "sparsegpt 2:4 with block reconstruction": [
         {**SPARSEGPT, "pattern": "2:4", "reconstruct": {"epochs": 1}}],

@@ -1,11 +1,16 @@
 """GPTQ: reduces to round-to-nearest without correlations, beats it with them, and on tiny models with data."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from torch import nn
 
 from core.compression.encoding import decode, quantize_rtn
+from core.compression.metrics import probe_inputs
 from core.compression.quant.gptq import gptq_quantize, refitted_scales
 from core.compression.quant.grid import IntGrid, dequantize_codes, grid_params, quantize_codes, searched_grid_params
+from tests.core.pruning_helpers import assert_reload_identical, outputs, run_steps
 from tests.core.quant_helpers import cosine_vs_fp32, quantize_with
 from tests.models import tiny_bert, tiny_llama, tiny_tokenizer
 
@@ -167,3 +172,30 @@ def test_refitted_scales_solve_the_least_squares_problem_exactly() -> None:
         basis = torch.stack([torch.where(torch.arange(64) // 16 == g, centred[row], 0.0) for g in range(4)], dim=1)
         exact = torch.linalg.lstsq((inputs @ basis).double(), (inputs @ weight[row]).double()[:, None]).solution
         assert torch.allclose(fitted.scale[row].float(), exact[:, 0].float(), rtol=2e-3)
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_llama])
+def test_block_tuning_of_gptq_scales_lowers_the_error_and_keeps_the_codes(build, tmp_path: Path) -> None:
+    reference = build()
+    inputs = probe_inputs(reference)
+    expected = outputs(reference, inputs)
+    step = {"type": "quantize", "method": "gptq", "bits": 3, "group_size": 16, "include_embeddings": False,
+            "exclude": ["lm_head", "pooler*"], "calibration": {"num_samples": 16, "seq_len": 32}}
+    one_shot, _ = run_steps(build(), step)
+    tuned, [report] = run_steps(build(), {**step, "reconstruct": {"epochs": 4, "lr": 1e-2}})
+    assert report.metrics["reconstruction_error_ratio"] < 0.9
+    assert report.metrics["reconstruction_blocks_kept"] >= 1
+    errors = [float((outputs(s.model, inputs) - expected).pow(2).mean()) for s in (one_shot, tuned)]
+    assert errors[1] < 0.9 * errors[0]
+    for name, encoding in tuned.encodings.items():
+        before = one_shot.encodings[name]
+        if ".0." not in name:  # later blocks see the tuned blocks' outputs, so GPTQ picks other codes there
+            continue
+        assert torch.equal(encoding.tensors["qweight"], before.tensors["qweight"])
+        ratio = encoding.tensors["scale"].float() / before.tensors["scale"].float()
+        assert ratio.min() >= 0.5 and ratio.max() <= 2.0
+    assert any(not torch.equal(e.tensors["scale"], one_shot.encodings[n].tensors["scale"])
+               for n, e in tuned.encodings.items())
+    assert all(isinstance(p, nn.Parameter) for p in tuned.model.parameters())  # parametrizations removed
+    assert not any("parametrizations" in name for name, _ in tuned.model.named_parameters())
+    assert_reload_identical(tuned, tmp_path, inputs)

@@ -30,11 +30,12 @@ class Calibrated(StepConfig):
 
 
 class Reconstruction(BaseModel):
-    """Block-wise reconstruction after a calibrated prune or decompose: within each transformer block, the weights of
-    the compressed layers (the kept weights of pruned layers, pruned ones held at zero; both factors of factored
-    layers) are trained with Adam so that the block's outputs on its calibration inputs match the uncompressed
-    model's outputs of that block. Needs only the calibration text, no labels; a block whose error would grow keeps
-    its one-shot weights. The calibration windows become training text here: keep them apart from evaluation text.
+    """Block-wise reconstruction after a calibrated prune, decompose or gptq: within each transformer block, the
+    weights of the compressed layers (the kept weights of pruned layers, pruned ones held at zero; both factors of
+    factored layers; for gptq, a factor on each group's scale, codes and zero points fixed) are trained with Adam so
+    that the block's outputs on its calibration inputs match the uncompressed model's outputs of that block. Needs
+    only the calibration text, no labels; a block whose error would grow keeps its one-shot weights. The calibration
+    windows become training text here: keep them apart from evaluation text.
 
     Example: `"reconstruct": {"epochs": 2, "lr": 3e-4}`.
     """

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.compression.configs.base import COMPRESSED_TENSORS, GGUF, ONNX, ExportFormat, StepConfig, Traits
-from core.compression.configs.calibration import CalibrationData
+from core.compression.configs.calibration import CalibrationData, Reconstruction
 from core.compression.export_rules import gguf_grid_refusal
 
 # Weight-only methods: weights become integer codes, a k-means codebook or fp8; activations stay float.
@@ -133,6 +133,10 @@ class QuantizeGPTQ(_IntGridFields):
         "lands exactly on the lowest code, its scale taking that weight's sign (llama.cpp's Q4_0 rounding: one "
         "level more than max|w| / (2**(bits-1) - 1)); symmetric only")
     calibration: CalibrationData = Field(default_factory=CalibrationData)
+    reconstruct: Reconstruction | None = Field(
+        default=None, description="after GPTQ, train each group's scale (codes and zero points fixed) so that each "
+        "block's outputs match the uncompressed model's (off by default; costs forward and backward passes)"
+    )
 
     @model_validator(mode="after")
     def _full_range_is_symmetric(self) -> "QuantizeGPTQ":

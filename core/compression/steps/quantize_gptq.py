@@ -1,6 +1,6 @@
 """GPTQ: Hessian-aware, error-compensating weight quantization on calibration data, one block at a time."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -10,12 +10,14 @@ from core.compression.corpus import CalibrationBatch
 from core.compression.encoding import decode, packed_int_encoding, quantize_packed_int
 from core.compression.quant.calibration_tokens import calibration_for
 from core.compression.quant.gptq import gptq_quantize, output_error
-from core.compression.quant.grid import IntGrid, dequantize_codes
+from core.compression.quant.grid import GridParams, IntGrid, dequantize_codes
 from core.compression.quant.layerwise import BlockCall, first_block_calls, input_hessians, transformer_blocks
+from core.compression.quant.scale_tuning import tune_scales
 from core.compression.quant.weights import quantize_metrics, selected_weights, store_decoded
 from core.compression.registry import register_step
 from core.compression.select import SharedWeight
 from core.compression.sparsity.masks import keep_sparse
+from core.compression.sparsity.reconstruct import ReconstructionResult, reconstruction_metrics
 from core.compression.state import ModelState, StepContext, StepReport, each_in_memory, load_block, release_block
 from core.errors import JobCancelled
 
@@ -47,10 +49,12 @@ def quantize_gptq_step(state: ModelState, config: QuantizeGPTQ, ctx: StepContext
 
 @dataclass
 class _Stats:
-    """The GPTQ objective ‖(W - Q)X‖² summed over layers, for GPTQ and for round-to-nearest on the same grid."""
+    """The GPTQ objective ‖(W - Q)X‖² summed over layers, for GPTQ and for round-to-nearest on the same grid; the
+    block errors of the scale tuning (`reconstruct`)."""
 
     gptq_error: float = 0.0
     rtn_error: float = 0.0
+    tuned: list[ReconstructionResult] = field(default_factory=list)
 
 
 def _gptq_blocks(
@@ -69,15 +73,29 @@ def _gptq_blocks(
     prefix, blocks = found
     by_weight = {id(shared.weight): shared for shared in weights}
     calls = first_block_calls(state.model, blocks[0], input_ids, BATCH_SIZE)
+    # With `reconstruct`, the uncompressed model's own stream runs beside the quantized one: its block outputs are
+    # what the scale tuning aims at.
+    dense = calls if config.reconstruct is not None else None
     done: set[str] = set()
     for index, block in enumerate(blocks):
         if ctx.should_stop():
             raise JobCancelled(f"cancelled while quantizing, before block {index}")
-        load_block(state, f"{prefix}.{index}", block)
-        linears = _block_linears(block, f"{prefix}.{index}", by_weight)
-        done |= _quantize_block(state, config, grid, linears, block, calls, stats)
+        name = f"{prefix}.{index}"
+        load_block(state, name, block)
+        linears = _block_linears(block, name, by_weight)
+        targets = _outputs(block, dense) if dense is not None else None
+        quantized = _quantize_block(config, grid, linears, block, calls, stats)
+        if targets is not None and config.reconstruct is not None and quantized:
+            params, result = tune_scales(name, block, quantized, grid, calls, targets, config.reconstruct,
+                                         config.calibration.seed)
+            quantized = {weight: (module, codes, params[weight]) for weight, (module, codes, _) in quantized.items()}
+            stats.tuned.append(result)
+        _store(state, grid, quantized)
+        done |= set(linears)
         calls = _next_calls(block, calls)
-        release_block(state, f"{prefix}.{index}", block)
+        if dense is not None and targets is not None:
+            dense = [call.with_hidden(target) for call, target in zip(dense, targets, strict=True)]
+        release_block(state, name, block)
         ctx.report((index + 1) / len(blocks), f"quantized block {index + 1} of {len(blocks)}")
     return done
 
@@ -92,19 +110,24 @@ def _block_linears(block: nn.Module, prefix: str, by_weight: dict[int, SharedWei
     return linears
 
 
+Quantized = dict[str, tuple[nn.Linear, torch.Tensor, GridParams]]  # weight name -> module, codes, grid params
+
+
 @torch.no_grad()
 def _quantize_block(
-    state: ModelState,
     config: QuantizeGPTQ,
     grid: IntGrid,
     linears: dict[str, nn.Linear],
     block: nn.Module,
     calls: list[BlockCall],
     stats: _Stats,
-) -> set[str]:
+) -> Quantized:
+    """GPTQ's codes and params for each of the block's `linears`; the float weights are left as they are (the
+    later layers' Hessians come from the same float block, as in GPTQ)."""
     with input_hessians(linears) as hessians:
         for call in calls:
             call.run(block)
+    quantized: Quantized = {}
     for name, module in linears.items():
         weight, hessian = module.weight, hessians.pop(name)
         codes, params = gptq_quantize(
@@ -113,9 +136,21 @@ def _quantize_block(
         )
         stats.gptq_error += output_error(weight, dequantize_codes(codes, params, grid), hessian)
         stats.rtn_error += output_error(weight, decode(quantize_packed_int(weight, grid)), hessian)
+        quantized[name] = (module, codes, params)
+    return quantized
+
+
+@torch.no_grad()
+def _store(state: ModelState, grid: IntGrid, quantized: Quantized) -> None:
+    """Record each weight's encoding and overwrite the weight with what it decodes to."""
+    for name, (module, codes, params) in quantized.items():
         encoding = keep_sparse(state, name, packed_int_encoding(codes, params, grid))
-        state.encodings[name] = store_decoded(weight, encoding)
-    return set(linears)
+        state.encodings[name] = store_decoded(module.weight, encoding)
+
+
+@torch.no_grad()
+def _outputs(block: nn.Module, calls: list[BlockCall]) -> list[torch.Tensor]:
+    return [call.run(block) for call in calls]
 
 
 @torch.no_grad()
@@ -141,6 +176,8 @@ def _report(
         calibration_tokens=batch.input_ids.numel(),
         gptq_vs_rtn_output_error=stats.gptq_error / stats.rtn_error if stats.rtn_error else 1.0,
     )
+    if stats.tuned:
+        metrics.update(reconstruction_metrics(stats.tuned))
     notes = [*batch.notes, f"{len(in_blocks)} Linear weights inside transformer blocks quantized with GPTQ"]
     if outside:
         notes.append(f"{len(outside)} weights outside the blocks use round-to-nearest: {', '.join(outside[:8])}")
