@@ -135,7 +135,7 @@ def result_row(name: str, job: Any) -> tuple[list[str], bool]:
             f"≤ {target}×: {'met' if met else 'NOT met'}"], met
 
 
-def section(jobs: dict[str, Any], rows: list[list[str]], hard_limit_s: int) -> str:
+def section(jobs: dict[str, Any], rows: list[list[str]], hard_limit_s: int, concurrency: int) -> str:
     steps = "\n".join(f"  - `{name}`: `{json.dumps(PRESETS[name].steps)}`" for name in jobs)
     table = markdown_table(["preset", "fp32 PPL", "artifact PPL", "vs fp32 (95% CI)", "target"], rows)
     return f"""## Presets through the API on SmolLM2-135M (quality only)
@@ -156,9 +156,8 @@ artifact measured by the worker in 512-token windows, the CI resamples windows).
 - `sparse50-sparsegpt` ran with `overrides: {{"calibration": {{"dataset_id": ...}}}}`: the calibration set of
   bench.prune_smollm2 (the lee_background documents after the evaluation tokens with a 64-token margin, then the
   default corpus's Wikipedia articles) uploaded as a JSONL dataset.
-- Both jobs ran at once, one torch thread each, with the worker's hard time limit raised to {hard_limit_s} s
-  (`MCS_JOB_HARD_TIME_LIMIT_S`): at the default 3600 s both were stopped a third of the way (30 blocks) on this shared
-  machine, their pre-flight estimate (136 s) being far too low to raise the limit itself.
+- The worker ran {concurrency} job(s) at a time, one torch thread each, its hard time limit raised to
+  {hard_limit_s} s (`MCS_JOB_HARD_TIME_LIMIT_S`) so that a slow shared machine does not stop a job.
 - Preset steps at the time of the run:
 {steps}
 - What the jobs' notes said was left out by default:
@@ -182,7 +181,7 @@ def main(argv: list[str]) -> int:
         with stack as (url, key), Client(url, key, timeout=600) as mcs:
             jobs = submit_all(mcs, folder, tmp, args.only)
     results = [result_row(name, job) for name, job in jobs.items()]
-    body = section(jobs, [row for row, _ in results], args.hard_limit_s)
+    body = section(jobs, [row for row, _ in results], args.hard_limit_s, args.concurrency)
     print(body)
     if args.write:
         update_section(NAME, body)
