@@ -15,6 +15,7 @@ from typing import Literal
 from torch import nn
 
 from core.compression.configs.base import StepConfig
+from core.compression.configs.calibration import Reconstruction
 
 Engine = Literal["in_memory", "streaming", "offloaded"]
 
@@ -60,6 +61,7 @@ SOLVER_BYTES_PER_HESSIAN_ELEMENT = {"quantize:gptq": 10, "prune:sparsegpt": 10, 
                                     "decompose:asvd": 4}
 DEFAULT_CALIBRATION_TOKENS = 32 * 512  # the calibration block's defaults, assumed when only a step's class is given
 ACTIVATION_COPIES = 2  # a block's inputs and its outputs, carried to the next block
+RECONSTRUCT_ACTIVATION_COPIES = 2  # block reconstruction also carries the float model's stream and its block outputs
 BLOCK_COPIES = 1.3  # the float32 block plus the stored tensor being upcast
 # The artifact's part outside the blocks is written together (tied weights are stored once): in float32, in the
 # output shard pending and as that shard's serialised bytes (measured 1.98 GB on the TinyLlama shape, 0.52 GB parts).
@@ -198,7 +200,8 @@ def _offloaded_peak(blocks: BlockShape, steps: Sequence[StepLike], device: str) 
     block, the carried activations and the steps' statistics, plus the larger of the two transients (a block's
     forward on a mini-batch, a solver's float64 work on the largest Hessian). Measuring: one block, or the
     embeddings or head (about half the part outside the blocks of an untied Llama), read and upcast."""
-    carried = ACTIVATION_COPIES * _carried_tokens(steps) * blocks.hidden_size * FP32_BYTES
+    copies = ACTIVATION_COPIES + (RECONSTRUCT_ACTIVATION_COPIES if any(_reconstructs(step) for step in steps) else 0)
+    carried = copies * _carried_tokens(steps) * blocks.hidden_size * FP32_BYTES
     stats = max(STATISTICS_BYTES_PER_HESSIAN_ELEMENT.get(step.tag(), 0) for step in steps) * blocks.hessian_elements
     solver = max(SOLVER_BYTES_PER_HESSIAN_ELEMENT.get(step.tag(), 0) for step in steps) * blocks.hessian_elements
     forward = FORWARD_BYTES_PER_TOKEN_FEATURE * FORWARD_TOKENS * blocks.hidden_size
@@ -237,6 +240,11 @@ def _calibration_tokens(step: StepLike) -> int:
     return data.num_samples * data.seq_len if data is not None else DEFAULT_CALIBRATION_TOKENS
 
 
+def _reconstructs(step: StepLike) -> Reconstruction | None:
+    """The step's block reconstruction settings, or None (a bare class never reconstructs)."""
+    return None if isinstance(step, type) else getattr(step, "reconstruct", None)
+
+
 def _carried_tokens(steps: Sequence[StepLike]) -> int:
     return max((_calibration_tokens(step) for step in steps if _calibrated(step)), default=DEFAULT_CALIBRATION_TOKENS)
 
@@ -257,7 +265,7 @@ def _step_seconds(num_parameters: int, step: StepLike) -> float:
     if kind != "calibrated":
         return num_parameters * SECONDS_PER_PARAM[kind]
     tokens = _calibration_tokens(step)
-    reconstruct = None if isinstance(step, type) else getattr(step, "reconstruct", None)
+    reconstruct = _reconstructs(step)
     epochs = reconstruct.epochs if reconstruct is not None else 0
     return num_parameters * tokens * (CALIBRATED_SECONDS_PER_PARAM_TOKEN
                                       + epochs * RECONSTRUCT_SECONDS_PER_PARAM_TOKEN_EPOCH)

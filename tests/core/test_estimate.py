@@ -130,3 +130,14 @@ def test_a_small_model_over_the_threshold_within_25_percent_of_its_measured_peak
         estimate = estimate_job(facts, [step], "cpu", streaming_threshold=0)
         assert estimate.engine == engine
         assert abs(estimate.peak_host_bytes - measured) / measured < 0.25
+
+
+def test_block_reconstruction_counts_the_float_stream_and_its_targets() -> None:
+    blocks = BlockShape(count=22, params=44_044_288, outside_params=131_074_048, hessian_elements=56_885_248,
+                        hidden_size=2048)
+    facts = ModelFacts(num_parameters=1_100_048_384, weight_bytes=2_200_096_768, blocks=blocks)
+    gptq = {"type": "quantize", "method": "gptq", "calibration": {"num_samples": 64, "seq_len": 512}}
+    plain, tuned = (estimate_job(facts, [QuantizeGPTQ.model_validate(step)], "cpu", streaming_threshold=2 * 10**9)
+                    for step in (gptq, {**gptq, "reconstruct": {"epochs": 2}}))
+    assert tuned.peak_host_bytes - plain.peak_host_bytes == 2 * 64 * 512 * 2048 * 4  # two more float32 streams
+    assert tuned.seconds > plain.seconds
