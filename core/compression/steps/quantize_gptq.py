@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from core.compression.configs.calibration import Reconstruction
 from core.compression.configs.quantize import QuantizeGPTQ
 from core.compression.corpus import CalibrationBatch
 from core.compression.encoding import decode, packed_int_encoding, quantize_packed_int
@@ -86,10 +87,7 @@ def _gptq_blocks(
         targets = _outputs(block, dense) if dense is not None else None
         quantized = _quantize_block(config, grid, linears, block, calls, stats)
         if targets is not None and config.reconstruct is not None and quantized:
-            params, result = tune_scales(name, block, quantized, grid, calls, targets, config.reconstruct,
-                                         config.calibration.seed)
-            quantized = {weight: (module, codes, params[weight]) for weight, (module, codes, _) in quantized.items()}
-            stats.tuned.append(result)
+            quantized = _tuned(config, config.reconstruct, grid, name, block, quantized, calls, targets, stats)
         _store(state, grid, quantized)
         done |= set(linears)
         calls = _next_calls(block, calls)
@@ -138,6 +136,23 @@ def _quantize_block(
         stats.rtn_error += output_error(weight, decode(quantize_packed_int(weight, grid)), hessian)
         quantized[name] = (module, codes, params)
     return quantized
+
+
+def _tuned(
+    config: QuantizeGPTQ,
+    reconstruct: Reconstruction,
+    grid: IntGrid,
+    name: str,
+    block: nn.Module,
+    quantized: Quantized,
+    calls: list[BlockCall],
+    targets: list[torch.Tensor],
+    stats: _Stats,
+) -> Quantized:
+    """`quantized` with its scales tuned so that the block's outputs on `calls` match `targets`."""
+    params, result = tune_scales(name, block, quantized, grid, calls, targets, reconstruct, config.calibration.seed)
+    stats.tuned.append(result)
+    return {weight: (module, codes, params[weight]) for weight, (module, codes, _) in quantized.items()}
 
 
 @torch.no_grad()
