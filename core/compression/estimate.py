@@ -68,6 +68,10 @@ BLOCK_COPIES = 1.3  # the float32 block plus the stored tensor being upcast
 SAVED_OUTSIDE_COPIES = 3
 FORWARD_TOKENS = 8 * 512  # gptq's mini-batch of 8 windows
 FORWARD_BYTES_PER_TOKEN_FEATURE = 72  # attention and MLP intermediates of one forward (measured 0.6 GB at 4096 x 2048)
+# Block reconstruction's backward keeps the forward's intermediates and their gradients: gptq with `reconstruct` on
+# the TinyLlama shape peaked 0.55 GB above plain gptq while compressing (2.35 vs 1.80 GB, bench.phase_peaks, 6 layers,
+# 16 x 512 tokens, 2026-12-05), 0.13 GB of it the two extra streams, the rest 0.7x the forward's transient.
+RECONSTRUCT_FORWARD_FACTOR = 1.7
 CUDA_CONTEXT_BYTES = int(0.5 * GB)
 # Seconds per parameter and step, on a CPU worker; a GPU runs the same step about 10x faster (guesses on the safe side).
 # The pool process has torch imported already; loading and saving the weights are in the per-parameter cost.
@@ -200,11 +204,13 @@ def _offloaded_peak(blocks: BlockShape, steps: Sequence[StepLike], device: str) 
     block, the carried activations and the steps' statistics, plus the larger of the two transients (a block's
     forward on a mini-batch, a solver's float64 work on the largest Hessian). Measuring: one block, or the
     embeddings or head (about half the part outside the blocks of an untied Llama), read and upcast."""
-    copies = ACTIVATION_COPIES + (RECONSTRUCT_ACTIVATION_COPIES if any(_reconstructs(step) for step in steps) else 0)
+    reconstructs = any(_reconstructs(step) for step in steps)
+    copies = ACTIVATION_COPIES + (RECONSTRUCT_ACTIVATION_COPIES if reconstructs else 0)
     carried = copies * _carried_tokens(steps) * blocks.hidden_size * FP32_BYTES
     stats = max(STATISTICS_BYTES_PER_HESSIAN_ELEMENT.get(step.tag(), 0) for step in steps) * blocks.hessian_elements
     solver = max(SOLVER_BYTES_PER_HESSIAN_ELEMENT.get(step.tag(), 0) for step in steps) * blocks.hessian_elements
     forward = FORWARD_BYTES_PER_TOKEN_FEATURE * FORWARD_TOKENS * blocks.hidden_size
+    forward *= RECONSTRUCT_FORWARD_FACTOR if reconstructs else 1.0
     compressing = FP32_BYTES * BLOCK_COPIES * blocks.params + carried + stats + max(forward, solver)
     measuring = (FP32_BYTES * OFFLOADED_MEASURED_BLOCK_COPIES * max(blocks.params, blocks.outside_params // 2)
                  + PROBE_BYTES)

@@ -132,12 +132,15 @@ def test_a_small_model_over_the_threshold_within_25_percent_of_its_measured_peak
         assert abs(estimate.peak_host_bytes - measured) / measured < 0.25
 
 
-def test_block_reconstruction_counts_the_float_stream_and_its_targets() -> None:
+def test_block_reconstruction_within_25_percent_of_its_measured_peak() -> None:
+    # bench.phase_peaks on 6 TinyLlama-shape layers, 16 x 512 tokens (2026-12-05): gptq peaked at 2.12 GB (saving),
+    # gptq with reconstruct at 2.35 GB (compressing: two more float32 streams and the backward's intermediates)
     blocks = BlockShape(count=22, params=44_044_288, outside_params=131_074_048, hessian_elements=56_885_248,
                         hidden_size=2048)
     facts = ModelFacts(num_parameters=1_100_048_384, weight_bytes=2_200_096_768, blocks=blocks)
-    gptq = {"type": "quantize", "method": "gptq", "calibration": {"num_samples": 64, "seq_len": 512}}
+    gptq = {"type": "quantize", "method": "gptq", "calibration": {"num_samples": 16, "seq_len": 512}}
     plain, tuned = (estimate_job(facts, [QuantizeGPTQ.model_validate(step)], "cpu", streaming_threshold=2 * 10**9)
-                    for step in (gptq, {**gptq, "reconstruct": {"epochs": 2}}))
-    assert tuned.peak_host_bytes - plain.peak_host_bytes == 2 * 64 * 512 * 2048 * 4  # two more float32 streams
-    assert tuned.seconds > plain.seconds
+                    for step in (gptq, {**gptq, "reconstruct": {"epochs": 1}}))
+    assert abs(plain.peak_host_bytes / (2.12 * GB) - 1) <= 0.25
+    assert abs(tuned.peak_host_bytes / (2.35 * GB) - 1) <= 0.25
+    assert tuned.peak_host_bytes > plain.peak_host_bytes and tuned.seconds > plain.seconds
