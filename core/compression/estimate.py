@@ -209,8 +209,8 @@ def _offloaded_peak(blocks: BlockShape, steps: Sequence[StepLike], device: str) 
     carried = copies * _carried_tokens(steps) * blocks.hidden_size * FP32_BYTES
     stats = max(STATISTICS_BYTES_PER_HESSIAN_ELEMENT.get(step.tag(), 0) for step in steps) * blocks.hessian_elements
     solver = max(SOLVER_BYTES_PER_HESSIAN_ELEMENT.get(step.tag(), 0) for step in steps) * blocks.hessian_elements
-    forward = FORWARD_BYTES_PER_TOKEN_FEATURE * FORWARD_TOKENS * blocks.hidden_size
-    forward *= RECONSTRUCT_FORWARD_FACTOR if reconstructs else 1.0
+    forward = (FORWARD_BYTES_PER_TOKEN_FEATURE * FORWARD_TOKENS * blocks.hidden_size
+               * (RECONSTRUCT_FORWARD_FACTOR if reconstructs else 1.0))
     compressing = FP32_BYTES * BLOCK_COPIES * blocks.params + carried + stats + max(forward, solver)
     measuring = (FP32_BYTES * OFFLOADED_MEASURED_BLOCK_COPIES * max(blocks.params, blocks.outside_params // 2)
                  + PROBE_BYTES)
