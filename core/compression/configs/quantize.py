@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.compression.configs.base import COMPRESSED_TENSORS, GGUF, ONNX, ExportFormat, StepConfig, Traits
-from core.compression.configs.calibration import CalibrationData, Reconstruction
+from core.compression.configs.calibration import CalibrationData, Reconstructing
 from core.compression.export_rules import gguf_grid_refusal
 
 # Weight-only methods: weights become integer codes, a k-means codebook or fp8; activations stay float.
@@ -100,7 +100,7 @@ class QuantizeKMeans(StepConfig):
     include_embeddings: bool = True
 
 
-class QuantizeGPTQ(_IntGridFields):
+class QuantizeGPTQ(_IntGridFields, Reconstructing):
     """GPTQ: quantizes each Linear column by column on an integer grid and spreads each column's rounding error over
     the columns not yet quantized, weighted by the inverse Hessian of the layer's inputs on calibration data.
     Transformer blocks are processed one at a time on the outputs of the already quantized blocks. Embeddings and
@@ -132,11 +132,6 @@ class QuantizeGPTQ(_IntGridFields):
         default=False, description="symmetric codes use all 2**bits levels: each group's largest-magnitude weight "
         "lands exactly on the lowest code, its scale taking that weight's sign (llama.cpp's Q4_0 rounding: one "
         "level more than max|w| / (2**(bits-1) - 1)); symmetric only")
-    calibration: CalibrationData = Field(default_factory=CalibrationData)
-    reconstruct: Reconstruction | None = Field(
-        default=None, description="after GPTQ, train each group's scale (codes and zero points fixed) so that each "
-        "block's outputs match the uncompressed model's (off by default; costs forward and backward passes)"
-    )
 
     @model_validator(mode="after")
     def _full_range_is_symmetric(self) -> "QuantizeGPTQ":

@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from core.compression.configs.calibration import Reconstruction
 from core.compression.configs.quantize import QuantizeGPTQ
 from core.compression.corpus import CalibrationBatch
 from core.compression.encoding import decode, packed_int_encoding, quantize_packed_int
@@ -86,8 +85,8 @@ def _gptq_blocks(
         linears = _block_linears(block, name, by_weight)
         targets = _outputs(block, dense) if dense is not None else None
         quantized = _quantize_block(config, grid, linears, block, calls, stats)
-        if targets is not None and config.reconstruct is not None and quantized:
-            quantized = _tuned(config, config.reconstruct, grid, name, block, quantized, calls, targets, stats)
+        if targets is not None:
+            quantized = _tuned(config, grid, name, block, quantized, calls, targets, stats)
         _store(state, grid, quantized)
         done |= set(linears)
         calls = _next_calls(block, calls)
@@ -140,7 +139,6 @@ def _quantize_block(
 
 def _tuned(
     config: QuantizeGPTQ,
-    reconstruct: Reconstruction,
     grid: IntGrid,
     name: str,
     block: nn.Module,
@@ -149,8 +147,12 @@ def _tuned(
     targets: list[torch.Tensor],
     stats: _Stats,
 ) -> Quantized:
-    """`quantized` with its scales tuned so that the block's outputs on `calls` match `targets`."""
-    params, result = tune_scales(name, block, quantized, grid, calls, targets, reconstruct, config.calibration.seed)
+    """`quantized` with its scales tuned so that the block's outputs on `calls` match `targets` (as it is without
+    `reconstruct` or without quantized layers)."""
+    if config.reconstruct is None or not quantized:
+        return quantized
+    params, result = tune_scales(name, block, quantized, grid, calls, targets, config.reconstruct,
+                                 config.calibration.seed)
     stats.tuned.append(result)
     return {weight: (module, codes, params[weight]) for weight, (module, codes, _) in quantized.items()}
 
